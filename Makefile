@@ -1,0 +1,39 @@
+# One command per chore. `make help` lists them.
+PY ?= python3
+PROTO_SRC := protos/dht/v1/dht.proto
+PROTO_OUT := dht/_proto
+
+.PHONY: help proto proto-check lint typecheck test test-unit test-integration test-system bench cluster
+
+help:
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+proto: ## regenerate the protobuf/gRPC code under dht/_proto from protos/
+	$(PY) -m grpc_tools.protoc -I$(PROTO_OUT)=protos --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO_SRC)
+
+proto-check: ## fail if dht/_proto is not what protos/ generates
+	$(PY) scripts/check_proto.py
+
+lint: ## ruff lint + format check
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+typecheck: ## mypy --strict on dht/
+	$(PY) -m mypy dht
+
+test: ## the whole suite, as CI runs it
+	bash scripts/test.sh
+
+test-unit: ## unit tests only (no sockets)
+	$(PY) -m pytest tests/unit
+
+test-integration: ## real nodes over gRPC on loopback, in-process
+	$(PY) -m pytest tests/integration
+
+test-system: ## real processes and faults, one at a time
+	$(PY) -m pytest -p no:xdist tests/system
+
+bench: ## benchmarks (never part of the test suite)
+	$(PY) -m dht bench
+
+cluster: ## a local 1-PoP cluster of 3 nodes
+	$(PY) -m dht cluster --pops 1 --nodes-per-pop 3

@@ -1,0 +1,5 @@
+import sys
+
+from dht.cli import main
+
+sys.exit(main())

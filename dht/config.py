@@ -1,0 +1,238 @@
+"""Node configuration: one validated, frozen object (STYLE habit 7).
+
+Sources, later wins: the profile's defaults, a TOML file (``--config``), command-line
+flags. Units are in the field names. Every default says why it is what it is.
+
+Example file (all keys optional except ``node_id`` and ``pop``)::
+
+    node_id = "ams-1"
+    pop = "ams"
+    host = "127.0.0.1"
+    grpc_port = 7101
+    admin_port = 8101
+    replication_factor = 3
+    [pops]               # PoP name -> small integer id used on the wire
+    ams = 1
+    fra = 2
+    [[peers]]            # the other nodes of this PoP (static membership)
+    node_id = "ams-2"
+    address = "127.0.0.1:7102"
+    admin_address = "127.0.0.1:8102"
+    [ttl]
+    embryonic_s = 10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dht.errors import ConfigError
+from dht.placement import DEFAULT_PARTITIONS, DEFAULT_VNODES, Member
+from dht.record import TtlPolicy
+from dht.store import StoreLimits
+
+PROFILES = ("local", "docker", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """PEM files. With ``ca_file`` the server requires client certificates (mutual TLS)
+    and clients verify the server against it."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    pop: str
+    # PoP name -> wire id (1..65535). Every PoP a request may name must be listed.
+    pops: Mapping[str, int] = field(default_factory=dict)
+    # Where to listen; port 0 = pick a free port (tests, `dht cluster`).
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    # -1 disables the admin endpoint.
+    admin_port: int = 0
+    # The host other nodes and clients dial; defaults to ``host`` (set it when listening
+    # on 0.0.0.0, e.g. the docker profile).
+    advertise_host: str | None = None
+    # The other nodes of this PoP (static membership in this version).
+    peers: tuple[Member, ...] = ()
+    # 4096 partitions: fine-grained enough that a node's share is within a few percent
+    # of the mean with 256 vnodes, small enough that the table is 24 KiB at rf 3.
+    num_partitions: int = DEFAULT_PARTITIONS
+    # Copies of each partition inside the PoP (capped at the node count).
+    replication_factor: int = 3
+    vnodes: int = DEFAULT_VNODES
+    ttl: TtlPolicy = field(default_factory=TtlPolicy)
+    limits: StoreLimits = field(default_factory=StoreLimits)
+    # 10k keys * 40 bytes = 400 KB, far below gRPC's 4 MiB default message limit.
+    max_batch_keys: int = 10_000
+    # Remote HLC stamps further ahead than this are rejected; tombstones outlive the
+    # records they end by this much.
+    max_clock_offset_ms: int = 500
+    # Expiry purge: a slice of the table every interval, never the whole table at once.
+    purge_interval_s: float = 0.5
+    purge_budget: int = 50_000
+    # Bound on a forwarded (one-hop) call to the owning node.
+    forward_timeout_ms: int = 2_000
+    # Graceful stop: in-flight calls get this long before they are cancelled.
+    shutdown_grace_s: float = 5.0
+    tls: TlsConfig | None = None
+    # Required (as "Authorization: Bearer TOKEN") by mutating admin calls; None disables
+    # them.
+    admin_token: str | None = None
+    profile: str = "local"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def pop_id(self) -> int:
+        return self.pops[self.pop]
+
+    @property
+    def advertised(self) -> str:
+        return self.advertise_host or self.host
+
+    def pop_name(self, pop_id: int) -> str | None:
+        for name, i in self.pops.items():
+            if i == pop_id:
+                return name
+        return None
+
+
+def validate(cfg: NodeConfig) -> None:
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if not cfg.node_id:
+        bad("node_id must not be empty")
+    if not cfg.pops:
+        bad("pops must name at least this node's PoP")
+    if cfg.pop not in cfg.pops:
+        bad(f"pop {cfg.pop!r} is not in pops {dict(cfg.pops)}")
+    ids = list(cfg.pops.values())
+    if len(set(ids)) != len(ids):
+        bad(f"pop ids must be unique: {dict(cfg.pops)}")
+    for name, i in cfg.pops.items():
+        if not 1 <= i <= 65535:
+            bad(f"pop id for {name!r} is {i}: want 1..65535")
+    for name, port in (("grpc_port", cfg.grpc_port), ("admin_port", cfg.admin_port)):
+        if not -1 <= port <= 65535:
+            bad(f"{name} {port} outside 0..65535 (-1 disables admin)")
+    if cfg.replication_factor < 1:
+        bad("replication_factor must be >= 1")
+    if not 1 <= cfg.num_partitions <= 65535:
+        bad("num_partitions must be in 1..65535")
+    if not 1 <= cfg.max_batch_keys <= 50_000:
+        bad("max_batch_keys must be in 1..50000 (50k keys = 2 MB, half gRPC's message limit)")
+    t = cfg.ttl
+    if t.embryonic_ms < 1_000:
+        bad("ttl.embryonic_s must be >= 1 (DESIGN: >= 10 s in production)")
+    if not 0 < t.min_ms <= t.max_ms:
+        bad("ttl bounds need 0 < min_s <= max_s")
+    lim = cfg.limits
+    if lim.max_records > lim.hard_max_records:
+        bad("limits.max_records must not exceed limits.hard_max_records")
+    if not 0 <= lim.prefix_v4 <= 32 or not 0 <= lim.prefix_v6 <= 128:
+        bad("affinity/quota prefixes: prefix_v4 in 0..32, prefix_v6 in 0..128")
+    peer_ids = [p.node_id for p in cfg.peers]
+    if cfg.node_id in peer_ids:
+        bad(f"peers must not include this node ({cfg.node_id})")
+    if len(set(peer_ids)) != len(peer_ids):
+        bad(f"duplicate peer ids: {peer_ids}")
+    if cfg.profile not in PROFILES:
+        bad(f"profile {cfg.profile!r}: want one of {PROFILES}")
+
+
+def _profile_defaults(profile: str) -> dict[str, Any]:
+    if profile == "docker":
+        # Listen on every interface of the container; peers dial the service name.
+        return {"host": "0.0.0.0", "grpc_port": 7000, "admin_port": 8000}
+    if profile == "test":
+        # Short purge interval so expiry is observable quickly; generous forward timeout
+        # as slack for stalls of a few hundred ms on 2-core CI machines.
+        return {"purge_interval_s": 0.1, "forward_timeout_ms": 5_000, "shutdown_grace_s": 2.0}
+    return {}
+
+
+_TTL_KEYS = {
+    "embryonic_s": "embryonic_ms",
+    "established_tcp_s": "established_tcp_ms",
+    "established_udp_s": "established_udp_ms",
+    "min_s": "min_ms",
+    "max_s": "max_ms",
+}
+
+
+def build_config(values: Mapping[str, Any]) -> NodeConfig:
+    """Build a NodeConfig from plain values (a parsed TOML file merged with flags).
+
+    Accepts ``ttl`` as a table of ``*_s`` seconds, ``limits`` as a table, ``peers`` as a
+    list of tables or ``id=host:port`` strings, ``tls`` as a table."""
+    v = dict(_profile_defaults(str(values.get("profile", "local"))))
+    v.update({k: val for k, val in values.items() if val is not None})
+    known = {f.name for f in dataclasses.fields(NodeConfig)}
+    unknown = sorted(set(v) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+    if "node_id" not in v or "pop" not in v:
+        raise ConfigError("node_id and pop are required")
+    if not v.get("pops"):
+        v["pops"] = {v["pop"]: 1}
+    v["pops"] = {str(k): int(i) for k, i in dict(v["pops"]).items()}
+    v["peers"] = tuple(parse_peer(p) for p in v.get("peers", ()))
+    max_offset = int(v.get("max_clock_offset_ms", 500))
+    ttl_in = v.get("ttl", {})
+    if isinstance(ttl_in, Mapping):
+        ttl_fields: dict[str, int] = {}
+        for key, val in ttl_in.items():
+            if key not in _TTL_KEYS:
+                raise ConfigError(f"unknown ttl key {key!r}: want {sorted(_TTL_KEYS)}")
+            ttl_fields[_TTL_KEYS[key]] = round(float(val) * 1000)
+        v["ttl"] = TtlPolicy(tombstone_extra_ms=max_offset, **ttl_fields)
+    lim_in = v.get("limits", {})
+    if isinstance(lim_in, Mapping):
+        try:
+            v["limits"] = StoreLimits(**dict(lim_in))
+        except TypeError as e:
+            raise ConfigError(f"limits: {e}") from None
+    tls_in = v.get("tls")
+    if isinstance(tls_in, Mapping):
+        v["tls"] = TlsConfig(**dict(tls_in))
+    return NodeConfig(**v)
+
+
+def parse_peer(spec: Any) -> Member:
+    """A peer as a table {node_id, address, admin_address} or "id=host:port[,admin]"."""
+    if isinstance(spec, Member):
+        return spec
+    if isinstance(spec, Mapping):
+        try:
+            return Member(str(spec["node_id"]), str(spec["address"]), str(spec.get("admin_address", "")))
+        except KeyError as e:
+            raise ConfigError(f"peer {dict(spec)} lacks {e}") from None
+    text = str(spec)
+    node_id, sep, rest = text.partition("=")
+    if not sep or not node_id or not rest:
+        raise ConfigError(f"peer {text!r}: want ID=HOST:PORT[,ADMIN_HOST:PORT]")
+    address, _, admin = rest.partition(",")
+    return Member(node_id, address, admin)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None

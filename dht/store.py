@@ -1,0 +1,668 @@
+"""The in-memory flow record store of one node (DESIGN sections 4 and 5).
+
+Layout, capacity and quota only: every decision about a record is made by the pure
+functions of :mod:`dht.record` (``decide_*`` and ``merge``), so the store cannot disagree
+with the rules it is tested against.
+
+Why this layout: a Python object per record costs 120-200 bytes (BASELINES.md), so there
+is none. Each address family has one table in the style of CPython's compact dict:
+
+* ``entries``: one packed numpy structured array, one 48-byte (IPv4) or 72-byte (IPv6) row
+  per record: the key's hash, the record fields and the key itself, compacted to 13 bytes
+  (proto, client v4, cport, service v4, sport) or 37 bytes (the same with v6 addresses).
+  One row per record rather than a column per field, because a lookup at 1M records is
+  bound by random memory accesses: a row is one or two cache lines, columns would be nine.
+  Grown by 1.5x into zero-filled anonymous mmaps: untouched tail pages cost no RSS, and
+  the array grown out of goes straight back to the OS (see ``_zeros``).
+  ``state == 0`` marks a free row; free rows are reused through a numpy free stack.
+* ``index``: an open-addressing ``int32`` array (power-of-two size, linear probing, -1
+  empty, -2 deleted) pointing into ``entries``. Rebuilt, vectorised, when used plus deleted
+  slots pass 0.7 of its size; sized to at most half full after a rebuild. At 1M records
+  that is 2^21 slots, 8 bytes per record.
+
+So a record costs ~56 bytes (IPv4) or ~80 bytes (IPv6) plus growth slack.
+
+Lookups are vectorised (probe all keys of a batch in lock-step). Mutations loop per key in
+Python but read the batch's existing rows in one vectorised gather and write them back in
+one vectorised scatter at the end; inside the loop a batch-local dict of pending records
+makes duplicate keys in one batch behave as if applied in order.
+
+Not thread-safe: one store per node, used from its event loop. No call blocks on I/O.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from dht import wire
+from dht.record import (
+    Acting,
+    Decision,
+    HybridClock,
+    Record,
+    State,
+    Status,
+    TtlPolicy,
+    decide_claim,
+    decide_confirm,
+    decide_refresh,
+    decide_release,
+    merge,
+)
+from dht.wire import KeyArray, ResultArray, U64Array
+
+I64Array = npt.NDArray[np.int64]
+U8Array = npt.NDArray[np.uint8]
+BoolArray = npt.NDArray[np.bool_]
+
+_EMPTY = -1
+_DELETED = -2
+_MAX_LOAD = 0.7
+_MIN_INDEX = 1024
+_MIN_ENTRIES = 1024
+_MMAP_MIN_BYTES = 1 << 20
+_REBUILD_CHUNK = 1 << 14
+_STATES = (State.NONE, State.EMBRYONIC, State.ESTABLISHED, State.RELEASED)
+_FAMILIES = ("ipv4", "ipv6")
+
+# Positions of the compact key's bytes inside the 40-byte canonical key (wire.KEY_DTYPE):
+# proto, client address, client port, service address, service port. IPv4 keeps only the
+# last 4 bytes of each IPv4-mapped address; the ::ffff: prefix is put back on export.
+_V4_COLUMNS = np.array([1, 14, 15, 16, 17, 18, 19, 32, 33, 34, 35, 36, 37], dtype=np.intp)
+_V6_COLUMNS = np.arange(1, 38, dtype=np.intp)
+
+_RECORD_FIELDS = (
+    "owner_pop",
+    "owner_server",
+    "state",
+    "birth_hlc",
+    "birth_pop",
+    "generation",
+    "expiry_ms",
+)
+
+Op = Literal["claim", "confirm", "refresh", "release"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """Capacity and quota of one node's store (DESIGN section 5).
+
+    ``max_records``: new embryonic claims are refused (REFUSED_FULL) at this many records.
+    ``hard_max_records``: replicated records (and confirms that would create a record) are
+    refused past this; the node then reports not-ready.
+    ``embryonic_quota_per_prefix``: embryonic records per client prefix (/prefix_v4 of an
+    IPv4 client, /prefix_v6 of an IPv6 client), so a SYN flood cannot fill the table.
+    """
+
+    max_records: int = 5_000_000
+    hard_max_records: int = 6_000_000
+    embryonic_quota_per_prefix: int = 1000
+    prefix_v4: int = 32
+    prefix_v6: int = 64
+
+
+def _prefix_mask(bits: int, nbytes: int) -> U8Array:
+    mask = np.zeros(nbytes, dtype=np.uint8)
+    full, rest = divmod(bits, 8)
+    mask[:full] = 0xFF
+    if rest:
+        mask[full] = (0xFF << (8 - rest)) & 0xFF
+    return mask
+
+
+def _zeros(n: int, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """``np.zeros``, but a large array gets its own anonymous mmap, so its pages go back
+    to the OS the moment it is dropped. From the heap they would not: after the first big
+    free, glibc raises its mmap threshold (up to 32 MiB) and the arrays a table grows out
+    of stay in the heap as RSS (measured: 121 instead of 60 bytes per record at 1M)."""
+    nbytes = n * dtype.itemsize
+    if nbytes < _MMAP_MIN_BYTES:
+        return np.zeros(n, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)
+
+
+class _Table:
+    """One address family: the entry rows, the index over them, and the bookkeeping
+    (state counts, embryonic count per client prefix) kept exact on every change."""
+
+    def __init__(self, family: str, columns: npt.NDArray[np.intp], addr_len: int, bits: int):
+        self.family = family
+        self.columns = columns
+        self.width = len(columns)
+        self.addr_len = addr_len
+        self.prefix = _prefix_mask(bits, addr_len)
+        self.dtype = np.dtype(
+            [
+                ("hash", "<u8"),
+                ("birth_hlc", "<u8"),
+                ("expiry_ms", "<i8"),
+                ("generation", "<u4"),
+                ("owner_pop", "<u2"),
+                ("owner_server", "<u2"),
+                ("birth_pop", "<u2"),
+                ("state", "u1"),
+                ("key", "u1", (self.width,)),
+            ]
+        )
+        self.entries: npt.NDArray[np.void] = np.zeros(_MIN_ENTRIES, dtype=self.dtype)
+        self.high = 0  # rows [0, high) have been handed out at least once
+        self.used = 0  # rows holding a record (live, tombstone or expired)
+        self.free = np.zeros(_MIN_ENTRIES, dtype=np.int32)
+        self.nfree = 0
+        self.index = np.full(_MIN_INDEX, _EMPTY, dtype=np.int32)
+        self.filled = 0  # index slots not EMPTY (entries + DELETED markers)
+        self.cursor = 0  # purge position in [0, high)
+        self.state_counts = [0, 0, 0, 0]
+        self.embryos: dict[bytes, int] = {}
+
+    # ------------------------------------------------------------------ keys
+
+    def compact(self, keys: KeyArray) -> U8Array:
+        raw = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, wire.KEY_SIZE)
+        return raw[:, self.columns]
+
+    def canonical(self, compact: U8Array) -> U8Array:
+        """Compact keys back to (n, 40) canonical key bytes."""
+        raw = np.zeros((len(compact), wire.KEY_SIZE), dtype=np.uint8)
+        raw[:, 0] = wire.KIND_FLOW
+        raw[:, self.columns] = compact
+        if self.family == "ipv4":
+            raw[:, 12:14] = 0xFF  # the ::ffff: of the client's IPv4-mapped address
+            raw[:, 30:32] = 0xFF  # and of the service's
+        return raw
+
+    def prefixes(self, compact: U8Array) -> U8Array:
+        """Client addresses masked to the quota prefix, one row per key."""
+        return compact[:, 1 : 1 + self.addr_len] & self.prefix
+
+    # ------------------------------------------------------------------ index
+
+    def find(self, hashes: U64Array, compact: U8Array) -> I64Array:
+        """Row of each key, -1 when absent. All keys probe in lock-step: each round reads
+        one slot per still-unresolved key, compares the hash, then the key bytes."""
+        n = len(hashes)
+        found = np.full(n, -1, dtype=np.int64)
+        mask = len(self.index) - 1
+        pos = (hashes & np.uint64(mask)).astype(np.int64)
+        todo = np.arange(n)
+        entries = self.entries
+        while todo.size:
+            row = self.index[pos[todo]]
+            hit = row >= 0
+            if hit.any():
+                ti, tr = todo[hit], row[hit]
+                same = entries["hash"][tr] == hashes[ti]
+                ti, tr = ti[same], tr[same]
+                same = (entries["key"][tr] == compact[ti]).all(axis=1)
+                found[ti[same]] = tr[same]
+            todo = todo[(row != _EMPTY) & (found[todo] < 0)]
+            pos[todo] = (pos[todo] + 1) & mask
+        return found
+
+    def _slots_of(self, rows: I64Array, hashes: U64Array) -> I64Array:
+        """Index slot holding each of ``rows`` (all present)."""
+        mask = len(self.index) - 1
+        pos = (hashes & np.uint64(mask)).astype(np.int64)
+        slots = np.empty(len(rows), dtype=np.int64)
+        todo = np.arange(len(rows))
+        while todo.size:
+            here = self.index[pos[todo]] == rows[todo]
+            slots[todo[here]] = pos[todo[here]]
+            todo = todo[~here]
+            pos[todo] = (pos[todo] + 1) & mask
+        return slots
+
+    @staticmethod
+    def _insert(index: npt.NDArray[np.int32], rows: I64Array, hashes: U64Array) -> int:
+        """Put new (absent) keys' rows into ``index``; returns how many EMPTY slots it
+        used. Keys racing for one free slot all write it; numpy keeps one of the writes,
+        reading back tells who won, and the others probe on."""
+        mask = len(index) - 1
+        pos = (hashes & np.uint64(mask)).astype(np.int64)
+        todo = np.arange(len(rows))
+        taken_empty = 0
+        while todo.size:
+            slot = pos[todo]
+            before = index[slot]
+            free = before < 0
+            placed = np.zeros(len(todo), dtype=np.bool_)
+            if free.any():
+                fi, fs = todo[free], slot[free]
+                index[fs] = rows[fi]
+                won = index[fs] == rows[fi]
+                taken_empty += int(np.count_nonzero(before[free][won] == _EMPTY))
+                placed[free] = won
+            todo = todo[~placed]
+            pos[todo] = (pos[todo] + 1) & mask
+        return taken_empty
+
+    def index_add(self, rows: I64Array, hashes: U64Array) -> None:
+        if self.filled + len(rows) > _MAX_LOAD * len(self.index):
+            self._rebuild()  # the new rows are already marked used, so it picks them up
+        else:
+            self.filled += self._insert(self.index, rows, hashes)
+
+    def _rebuild(self) -> None:
+        """Rehash every used row into a fresh index at most half full; drops the DELETED
+        markers left by purges. Works in chunks so the temporaries stay small: glibc keeps
+        big freed temporaries in the heap as RSS (measured: +16 bytes per record at 1M)."""
+        size = _MIN_INDEX
+        while size < 2 * self.used:
+            size *= 2
+        index = _zeros(size, np.dtype(np.int32))
+        index.fill(_EMPTY)
+        self.filled = 0
+        for start in range(0, self.high, _REBUILD_CHUNK):
+            part = self.entries[start : start + _REBUILD_CHUNK]
+            rows = np.flatnonzero(part["state"] != 0)
+            self.filled += self._insert(index, rows + start, part["hash"][rows])
+        self.index = index
+
+    # ------------------------------------------------------------------ rows
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more records without reallocating inside a batch."""
+        need = self.high + max(0, n - self.nfree)
+        if need > len(self.entries):
+            grown = _zeros(max(need, len(self.entries) * 3 // 2), self.dtype)
+            grown[: self.high] = self.entries[: self.high]
+            self.entries = grown
+
+    def alloc(self) -> int:
+        self.used += 1
+        if self.nfree:
+            self.nfree -= 1
+            return int(self.free[self.nfree])
+        self.high += 1
+        return self.high - 1
+
+    def release_rows(self, rows: I64Array) -> None:
+        """Forget the records in ``rows`` (their bookkeeping is already updated)."""
+        self.index[self._slots_of(rows, self.entries["hash"][rows])] = _DELETED
+        self.entries["state"][rows] = 0
+        end = self.nfree + len(rows)
+        if end > len(self.free):
+            grown = _zeros(max(end, 2 * len(self.free)), np.dtype(np.int32))
+            grown[: self.nfree] = self.free[: self.nfree]
+            self.free = grown
+        self.free[self.nfree : end] = rows
+        self.nfree = end
+        self.used -= len(rows)
+
+    def records(self, rows: I64Array) -> list[Record]:
+        got = self.entries[rows]
+        cols = [got[f].tolist() for f in _RECORD_FIELDS]
+        return [
+            Record(op, os, _STATES[st], bh, bp, g, ex)
+            for op, os, st, bh, bp, g, ex in zip(*cols, strict=True)
+        ]
+
+    def write(self, rows: I64Array, recs: list[Record]) -> None:
+        e = self.entries
+        e["owner_pop"][rows] = [r.owner_pop for r in recs]
+        e["owner_server"][rows] = [r.owner_server for r in recs]
+        e["state"][rows] = [int(r.state) for r in recs]
+        e["birth_hlc"][rows] = [r.birth_hlc for r in recs]
+        e["birth_pop"][rows] = [r.birth_pop for r in recs]
+        e["generation"][rows] = [r.generation for r in recs]
+        e["expiry_ms"][rows] = [r.expiry_ms for r in recs]
+
+    def count_state(self, old: State, new: State, prefix: Callable[[], bytes]) -> None:
+        """Keep the state counts and the embryonic count per prefix exact."""
+        if old == new:
+            return
+        if old != State.NONE:
+            self.state_counts[old] -= 1
+        self.state_counts[new] += 1
+        if old == State.EMBRYONIC:
+            self._uncount_embryo(prefix())
+        elif new == State.EMBRYONIC:
+            key = prefix()
+            self.embryos[key] = self.embryos.get(key, 0) + 1
+
+    def _uncount_embryo(self, key: bytes) -> None:
+        left = self.embryos[key] - 1
+        if left:
+            self.embryos[key] = left
+        else:
+            del self.embryos[key]
+
+    def purge(self, start: int, stop: int, now_ms: int) -> int:
+        part = self.entries[start:stop]
+        rows = np.flatnonzero((part["state"] != 0) & (part["expiry_ms"] <= now_ms)) + start
+        if not rows.size:
+            return 0
+        states = self.entries["state"][rows]
+        for s, n in enumerate(np.bincount(states, minlength=4).tolist()):
+            self.state_counts[s] -= n
+        for p in self.prefixes(self.entries["key"][rows[states == State.EMBRYONIC]]):
+            self._uncount_embryo(p.tobytes())
+        self.release_rows(rows)
+        return len(rows)
+
+
+class _Batch:
+    """One family's share of one mutating call: existing rows read up front, new and
+    changed records held here (so later duplicates of a key see them), written at end."""
+
+    def __init__(self, table: _Table, keys: KeyArray, hashes: U64Array) -> None:
+        self.table = table
+        self.hashes = hashes
+        self.compact = table.compact(keys)
+        self.protocols: list[int] = keys["proto"].tolist()
+        rows = table.find(hashes, self.compact)
+        present = rows >= 0
+        self.stored: list[Record | None] = [None] * len(rows)
+        for j, rec in zip(
+            np.flatnonzero(present).tolist(), table.records(rows[present]), strict=True
+        ):
+            self.stored[j] = rec
+        self.rows: list[int] = rows.tolist()
+        self.prefixes = table.prefixes(self.compact)
+        # Only a batch with a repeated hash can create a key and then meet it again.
+        self.fresh: dict[bytes, int] | None = {} if len(np.unique(hashes)) < len(hashes) else None
+        self.new_rows: list[int] = []
+        self.new_at: list[int] = []
+        self.pending: dict[int, Record] = {}
+        table.reserve(len(rows))
+
+    def existing(self, j: int) -> tuple[int, Record | None]:
+        row = self.rows[j]
+        if row < 0 and self.fresh is not None:
+            row = self.fresh.get(self.compact[j].tobytes(), -1)
+        if row < 0:
+            return row, None
+        pending = self.pending.get(row)
+        return row, pending if pending is not None else self.stored[j]
+
+    def prefix(self, j: int) -> bytes:
+        return bytes(self.prefixes[j].tobytes())
+
+    def put(self, j: int, row: int, old: Record | None, rec: Record) -> None:
+        if row < 0:
+            row = self.table.alloc()
+            self.new_rows.append(row)
+            self.new_at.append(j)
+            if self.fresh is not None:
+                self.fresh[self.compact[j].tobytes()] = row
+        self.table.count_state(
+            State.NONE if old is None else old.state, rec.state, lambda: self.prefix(j)
+        )
+        self.pending[row] = rec
+
+    def flush(self) -> None:
+        t = self.table
+        if self.pending:
+            t.write(np.fromiter(self.pending, np.int64), list(self.pending.values()))
+        if self.new_rows:
+            rows = np.array(self.new_rows, dtype=np.int64)
+            at = np.array(self.new_at, dtype=np.int64)
+            t.entries["hash"][rows] = self.hashes[at]
+            t.entries["key"][rows] = self.compact[at]
+            t.index_add(rows, self.hashes[at])
+
+
+class _Answers:
+    """Per-key results collected as Python lists, written as columns at the end."""
+
+    def __init__(self, n: int) -> None:
+        self.out = wire.new_results(n)
+        self.at: list[int] = []
+        self.status: list[int] = []
+        self.shown_at: list[int] = []
+        self.shown: list[Record] = []
+
+    def add(self, i: int, status: Status, rec: Record | None) -> None:
+        self.at.append(i)
+        self.status.append(status)
+        if rec is not None:
+            self.shown_at.append(i)
+            self.shown.append(rec)
+
+    def done(self) -> ResultArray:
+        out = self.out
+        out["status"][self.at] = self.status
+        at, recs = self.shown_at, self.shown
+        if at:
+            for field in _RECORD_FIELDS:
+                out[field][at] = [int(getattr(r, field)) for r in recs]
+        return out
+
+
+class FlowStore:
+    """All flow records of one node. Every op takes ``keys`` (validated ``wire.KEY_DTYPE``
+    rows) and their ``hashes`` (``wire.key_hashes``) and answers one ``wire.RESULT_DTYPE``
+    row per key, in order (the ``partition`` column is left to the node)."""
+
+    def __init__(self, policy: TtlPolicy, limits: StoreLimits, clock: HybridClock) -> None:
+        self._policy = policy
+        self._limits = limits
+        self._clock = clock
+        self._tables = (
+            _Table("ipv4", _V4_COLUMNS, 4, limits.prefix_v4),
+            _Table("ipv6", _V6_COLUMNS, 16, limits.prefix_v6),
+        )
+        self._purge_table = 0
+        self._hard_refused = False
+        self.expirations = 0
+        self.refusals: dict[str, int] = {"full": 0, "quota": 0, "hard": 0}
+
+    def __len__(self) -> int:
+        return self._tables[0].used + self._tables[1].used
+
+    @property
+    def over_hard_limit(self) -> bool:
+        """A replicated record was refused and the store is still at its hard ceiling."""
+        return self._hard_refused and len(self) >= self._limits.hard_max_records
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return {
+            (t.family, s.name.lower()): t.state_counts[s] for t in self._tables for s in _STATES[1:]
+        }
+
+    def _split(self, keys: KeyArray) -> Iterator[tuple[_Table, npt.NDArray[np.intp]]]:
+        v4 = wire.is_mapped_v4(keys["caddr"])
+        for table, sel in zip(self._tables, (np.flatnonzero(v4), np.flatnonzero(~v4)), strict=True):
+            if sel.size:
+                yield table, sel
+
+    # ------------------------------------------------------------------ reads
+
+    def lookup(self, keys: KeyArray, hashes: U64Array, now_ms: int) -> ResultArray:
+        """Vectorised ``decide_lookup``: OK with the record if live, else NOT_FOUND."""
+        out = wire.new_results(len(keys))
+        out["status"] = Status.NOT_FOUND
+        for t, sel in self._split(keys):
+            rows = t.find(hashes[sel], t.compact(keys[sel]))
+            hit = rows >= 0
+            got = t.entries[rows[hit]]
+            live = (got["state"] != State.RELEASED) & (got["expiry_ms"] > now_ms)
+            at, got = sel[hit][live], got[live]
+            out["status"][at] = Status.OK
+            for field in _RECORD_FIELDS:
+                out[field][at] = got[field]
+        return out
+
+    def get(self, key: bytes, now_ms: int | None = None) -> Record | None:
+        """The stored copy of one 40-byte key, tombstones and expired copies included;
+        with ``now_ms``, None once the copy has expired."""
+        keys = wire.decode_keys(key, max_keys=1)
+        for t, _ in self._split(keys):
+            rows = t.find(wire.key_hashes(key), t.compact(keys))
+            if rows[0] >= 0:
+                rec = t.records(rows)[0]
+                if now_ms is None or rec.expiry_ms > now_ms:
+                    return rec
+        return None
+
+    def export(
+        self, hashes_filter: Callable[[U64Array], BoolArray] | None = None
+    ) -> tuple[KeyArray, U64Array, list[Record]]:
+        """Every stored copy (tombstones and expired ones too) as canonical keys, hashes
+        and records; ``hashes_filter`` selects by hash (e.g. one partition)."""
+        keys, hashes, recs = [], [], []
+        for t in self._tables:
+            rows = np.flatnonzero(t.entries["state"][: t.high] != 0)
+            h = t.entries["hash"][rows]
+            if hashes_filter is not None:
+                pick = hashes_filter(h)
+                rows, h = rows[pick], h[pick]
+            keys.append(t.canonical(t.entries["key"][rows]))
+            hashes.append(h)
+            recs.extend(t.records(rows))
+        # Concatenated as bytes: numpy would turn the big-endian ports of KEY_DTYPE rows
+        # native-endian when concatenating structured arrays.
+        raw = np.concatenate(keys).reshape(-1).view(wire.KEY_DTYPE)
+        return raw, np.concatenate(hashes), recs
+
+    # ------------------------------------------------------------------ writes
+
+    def claim(
+        self,
+        keys: KeyArray,
+        hashes: U64Array,
+        *,
+        pop: int,
+        server: int,
+        ttl_ms: int | None,
+        now_ms: int,
+    ) -> ResultArray:
+        return self._mutate(
+            "claim", keys, hashes, pop=pop, server=server, ttl_ms=ttl_ms, now_ms=now_ms
+        )
+
+    def confirm(
+        self,
+        keys: KeyArray,
+        hashes: U64Array,
+        *,
+        pop: int,
+        server: int,
+        ttl_ms: int | None,
+        now_ms: int,
+    ) -> ResultArray:
+        return self._mutate(
+            "confirm", keys, hashes, pop=pop, server=server, ttl_ms=ttl_ms, now_ms=now_ms
+        )
+
+    def refresh(
+        self, keys: KeyArray, hashes: U64Array, *, pop: int, ttl_ms: int | None, now_ms: int
+    ) -> ResultArray:
+        return self._mutate(
+            "refresh", keys, hashes, pop=pop, server=0, ttl_ms=ttl_ms, now_ms=now_ms
+        )
+
+    def release(self, keys: KeyArray, hashes: U64Array, *, pop: int, now_ms: int) -> ResultArray:
+        return self._mutate("release", keys, hashes, pop=pop, server=0, ttl_ms=None, now_ms=now_ms)
+
+    def _mutate(
+        self,
+        op: Op,
+        keys: KeyArray,
+        hashes: U64Array,
+        *,
+        pop: int,
+        server: int,
+        ttl_ms: int | None,
+        now_ms: int,
+    ) -> ResultArray:
+        answers = _Answers(len(keys))
+        acting = {p: Acting(pop, server, p, now_ms, ttl_ms) for p in wire.PROTOCOL_NAMES}
+        policy = self._policy
+        for t, sel in self._split(keys):
+            batch = _Batch(t, keys[sel], hashes[sel])
+            for j, i in enumerate(sel.tolist()):
+                row, old = batch.existing(j)
+                act = acting[batch.protocols[j]]
+                d: Decision
+                if op in {"claim", "confirm"}:
+                    # A birth stamp only for a record this call may create (decide_claim
+                    # and decide_confirm create exactly when nothing live is stored).
+                    creating = old is None or not old.live(now_ms)
+                    birth = self._clock.now() if creating else 0
+                    decide = decide_claim if op == "claim" else decide_confirm
+                    d = decide(old, act, policy, birth)
+                elif op == "refresh":
+                    d = decide_refresh(old, act, policy)
+                else:
+                    d = decide_release(old, act, policy)
+                refusal = self._refusal(op, d, batch=batch, j=j, row=row, old=old)
+                if refusal is not None:
+                    answers.add(i, refusal, None)
+                    continue
+                if d.store is not None:
+                    batch.put(j, row, old, d.store)
+                answers.add(i, d.status, d.shown)
+            batch.flush()
+        return answers.done()
+
+    def _refusal(
+        self, op: Op, d: Decision, *, batch: _Batch, j: int, row: int, old: Record | None
+    ) -> Status | None:
+        """Capacity and quota (DESIGN section 5): only a claim creating an embryonic
+        record is refused by the soft limit and the quota; a confirm that needs a new row
+        is refused only at the hard ceiling. Owners' refreshes are never refused."""
+        if d.status != Status.CREATED:
+            return None
+        limits = self._limits
+        if op == "claim":
+            if len(self) >= limits.max_records:
+                self.refusals["full"] += 1
+                return Status.REFUSED_FULL
+            # A re-claim over this key's own expired embryo does not add an embryo.
+            mine = old is not None and old.state == State.EMBRYONIC
+            if (
+                batch.table.embryos.get(batch.prefix(j), 0) - mine
+                >= limits.embryonic_quota_per_prefix
+            ):
+                self.refusals["quota"] += 1
+                return Status.REFUSED_QUOTA
+        elif row < 0 and len(self) >= limits.hard_max_records:
+            self.refusals["hard"] += 1
+            return Status.REFUSED_FULL
+        return None
+
+    def merge_in(self, keys: KeyArray, hashes: U64Array, records: Sequence[Record]) -> int:
+        """Apply copies from replicas or other PoPs with :func:`dht.record.merge`. Always
+        applied up to ``hard_max_records``; returns how many new keys were refused."""
+        refused = 0
+        for t, sel in self._split(keys):
+            batch = _Batch(t, keys[sel], hashes[sel])
+            for j, i in enumerate(sel.tolist()):
+                row, old = batch.existing(j)
+                rec = records[i] if old is None else merge(old, records[i])
+                if rec == old:
+                    continue
+                if row < 0 and len(self) >= self._limits.hard_max_records:
+                    refused += 1
+                    continue
+                batch.put(j, row, old, rec)
+            batch.flush()
+        if refused:
+            self.refusals["hard"] += refused
+            self._hard_refused = True
+        return refused
+
+    def purge_expired(self, now_ms: int, budget: int = 4096) -> int:
+        """Remove expired records and tombstones, scanning at most ``budget`` rows from a
+        cursor that rotates over both tables, so no call walks the whole table."""
+        removed = 0
+        left = min(budget, sum(t.high for t in self._tables))
+        while left > 0:
+            t = self._tables[self._purge_table]
+            stop = min(t.high, t.cursor + left)
+            removed += t.purge(t.cursor, stop, now_ms)
+            left -= stop - t.cursor
+            t.cursor = stop
+            if t.cursor >= t.high:
+                t.cursor = 0
+                self._purge_table = 1 - self._purge_table
+        self.expirations += removed
+        return removed

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this). Layers, in order:
+# generated code current, lint, types, compose file valid, unit + integration tests,
+# then system tests (real processes and faults), one at a time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/venv.sh
+set -x
+python scripts/check_proto.py
+python -m ruff check .
+python -m ruff format --check .
+python -m mypy
+bash scripts/validate_compose.sh
+python -m pytest -q tests/unit tests/integration
+python -m pytest -q -p no:randomly tests/system

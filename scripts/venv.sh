@@ -1,0 +1,17 @@
+# Sourced by the quick-start scripts: make sure .venv exists and holds this package with
+# its dev extras (re-installed when pyproject.toml changes), then put it first on PATH.
+# Needs only python3 (3.11+) with venv and pip, and the package registry.
+VENV="${DHT_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+stamp="$VENV/.dht-installed"
+want="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing dht and its dependencies into $VENV ..." >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+PATH="$(cd "$VENV/bin" && pwd):$PATH"
+export PATH
