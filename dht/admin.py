@@ -28,7 +28,7 @@ from dht.wire import decode_results, parse_address, parse_flow, result_to_dict
 if TYPE_CHECKING:
     from dht.server import NodeServer
 
-NODE = web.AppKey("node_server", "NodeServer")
+NODE = web.AppKey["NodeServer"]("node_server")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -153,9 +153,11 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[union-attr]
-        bound: int = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # TCPSite does not expose the bound port (port 0 = a free one); its server does.
+        sockets = getattr(site._server, "sockets", None)
+        if not sockets:
+            raise OSError(f"admin endpoint did not bind {host}:{port}")
+        bound: int = sockets[0].getsockname()[1]
         return bound
 
     async def stop(self) -> None:

@@ -114,7 +114,11 @@ def node_config(args: argparse.Namespace) -> Any:
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
-        values["tls"] = {"cert_file": args.tls_cert, "key_file": args.tls_key, "ca_file": args.tls_ca}
+        values["tls"] = {
+            "cert_file": args.tls_cert,
+            "key_file": args.tls_key,
+            "ca_file": args.tls_ca,
+        }
     if args.admin_token_file:
         with open(args.admin_token_file) as f:
             values["admin_token"] = f.read().strip()
@@ -134,7 +138,12 @@ async def run_node(args: argparse.Namespace) -> int:
     if args.announce:
         import os
 
-        info = {"node_id": cfg.node_id, "grpc": srv.grpc_address, "admin": srv.admin_address, "pid": os.getpid()}
+        info = {
+            "node_id": cfg.node_id,
+            "grpc": srv.grpc_address,
+            "admin": srv.admin_address,
+            "pid": os.getpid(),
+        }
         print(json.dumps(info), flush=True)
     try:
         await stop.wait()
@@ -182,7 +191,10 @@ async def run_cluster(args: argparse.Namespace) -> int:
     try:
         for n in cluster.nodes:
             s = n.spec
-            print(f"{s.pop:5} {s.node_id:10} grpc {s.grpc:21} admin http://{s.admin}  pid {n.pid}", flush=True)
+            print(
+                f"{s.pop:5} {s.node_id:10} grpc {s.grpc:21} admin http://{s.admin}  pid {n.pid}",
+                flush=True,
+            )
         if args.endpoints_file:
             cluster.write_endpoints(args.endpoints_file)
             print(f"endpoints written to {args.endpoints_file}", flush=True)
@@ -201,7 +213,8 @@ def add_ctl_parser(sub: Any) -> None:
     p = sub.add_parser(
         "ctl",
         help="query and mutate records on a running node",
-        description="Talk to a running node. Output: one JSON object per line per key.\n\n" + FLOW_HELP,
+        description="Talk to a running node. Output: one JSON object per line per key.\n\n"
+        + FLOW_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--target", required=True, help="HOST:PORT of any node of the PoP")
@@ -211,12 +224,19 @@ def add_ctl_parser(sub: Any) -> None:
     p.add_argument("--tls-ca")
     ops = p.add_subparsers(dest="op", required=True)
     for op in ("claim", "confirm", "lookup", "refresh", "release"):
-        o = ops.add_parser(op, help=f"{op} flows", description=FLOW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        o = ops.add_parser(
+            op,
+            help=f"{op} flows",
+            description=FLOW_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         o.add_argument("flows", nargs="+", metavar="FLOW", help="flows, or - for standard input")
         if op != "lookup":
             o.add_argument("--pop", help="acting PoP name (default: the target node's PoP)")
         if op in ("claim", "confirm", "refresh"):
-            o.add_argument("--ttl", type=int, default=0, help="requested TTL, seconds (within server bounds)")
+            o.add_argument(
+                "--ttl", type=int, default=0, help="requested TTL, seconds (within server bounds)"
+            )
         if op in ("claim", "confirm"):
             o.add_argument("--server", type=int, default=0, help="owning server id inside the PoP")
     aff = ops.add_parser("affinity", help="get or set client affinity (client prefix -> PoP)")
@@ -233,7 +253,9 @@ def _read_flows(items: Sequence[str]) -> list[str]:
     out: list[str] = []
     for item in items:
         if item == "-":
-            out += [ln.strip() for ln in sys.stdin if ln.strip() and not ln.lstrip().startswith("#")]
+            out += [
+                ln.strip() for ln in sys.stdin if ln.strip() and not ln.lstrip().startswith("#")
+            ]
         else:
             out.append(item)
     return out

@@ -70,7 +70,7 @@ class Client:
         self.no_forward = no_forward
         self.max_moved_retries = max_moved_retries
         self._creds = channel_credentials(tls) if tls else None
-        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.FlowTableStub]] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub]] = {}
         self._table: PartitionMap | None = None
         self._table_pb: pb.PartitionTable | None = None
         self.table_refreshes = 0
@@ -78,11 +78,18 @@ class Client:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Client:
-        await self.refresh_table()
+        try:
+            await self.refresh_table()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -91,7 +98,7 @@ class Client:
         self._channels.clear()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
 
-    def _stub(self, address: str) -> pb_grpc.FlowTableStub:
+    def _stub(self, address: str) -> pb_grpc.FlowTableAsyncStub:
         entry = self._channels.get(address)
         if entry is None:
             channel = open_channel(address, self._creds)
@@ -130,7 +137,9 @@ class Client:
         last: Exception | None = None
         for addr in candidates:
             try:
-                t = await self._stub(addr).GetPartitionTable(pb.PartitionTableRequest(), timeout=self.timeout_s)
+                t = await self._stub(addr).GetPartitionTable(
+                    pb.PartitionTableRequest(), timeout=self.timeout_s
+                )
             except grpc.aio.AioRpcError as e:
                 last = e
                 continue
@@ -149,27 +158,63 @@ class Client:
         try:
             return self.pops[pop]
         except KeyError:
-            raise InvalidArgument("pop", f"unknown PoP {pop!r} (known: {sorted(self.pops)})") from None
+            raise InvalidArgument(
+                "pop", f"unknown PoP {pop!r} (known: {sorted(self.pops)})"
+            ) from None
 
     # ------------------------------------------------------------------ flow calls
 
-    async def claim(self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None, server: int = 0, ttl_s: int = 0) -> list[Result]:
-        return decode_results((await self.flow_packed("Claim", _pack(keys), pop=pop, server=server, ttl_s=ttl_s)).tobytes())
+    async def claim(
+        self,
+        keys: Sequence[FlowKey] | bytes,
+        *,
+        pop: int | str | None = None,
+        server: int = 0,
+        ttl_s: int = 0,
+    ) -> list[Result]:
+        return decode_results(
+            (
+                await self.flow_packed("Claim", _pack(keys), pop=pop, server=server, ttl_s=ttl_s)
+            ).tobytes()
+        )
 
-    async def confirm(self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None, server: int = 0, ttl_s: int = 0) -> list[Result]:
-        return decode_results((await self.flow_packed("Confirm", _pack(keys), pop=pop, server=server, ttl_s=ttl_s)).tobytes())
+    async def confirm(
+        self,
+        keys: Sequence[FlowKey] | bytes,
+        *,
+        pop: int | str | None = None,
+        server: int = 0,
+        ttl_s: int = 0,
+    ) -> list[Result]:
+        return decode_results(
+            (
+                await self.flow_packed("Confirm", _pack(keys), pop=pop, server=server, ttl_s=ttl_s)
+            ).tobytes()
+        )
 
     async def lookup(self, keys: Sequence[FlowKey] | bytes) -> list[Result]:
         return decode_results((await self.flow_packed("Lookup", _pack(keys))).tobytes())
 
-    async def refresh(self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None, ttl_s: int = 0) -> list[Result]:
-        return decode_results((await self.flow_packed("Refresh", _pack(keys), pop=pop, ttl_s=ttl_s)).tobytes())
+    async def refresh(
+        self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None, ttl_s: int = 0
+    ) -> list[Result]:
+        return decode_results(
+            (await self.flow_packed("Refresh", _pack(keys), pop=pop, ttl_s=ttl_s)).tobytes()
+        )
 
-    async def release(self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None) -> list[Result]:
+    async def release(
+        self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None
+    ) -> list[Result]:
         return decode_results((await self.flow_packed("Release", _pack(keys), pop=pop)).tobytes())
 
     async def flow_packed(
-        self, method: str, raw: bytes, *, pop: int | str | None = None, server: int = 0, ttl_s: int = 0
+        self,
+        method: str,
+        raw: bytes,
+        *,
+        pop: int | str | None = None,
+        server: int = 0,
+        ttl_s: int = 0,
     ) -> ResultArray:
         """The fast path: packed 40-byte keys in, a RESULT_DTYPE array out."""
         if len(raw) % KEY_SIZE:
@@ -180,8 +225,13 @@ class Client:
         def request(idx: npt.NDArray[np.intp], epoch: int) -> pb.FlowBatchRequest:
             payload = raw if len(idx) == len(hashes) else _take(raw, idx, KEY_SIZE)
             return pb.FlowBatchRequest(
-                format_version=FORMAT_VERSION, keys=payload, pop=pop_id, server=server,
-                ttl_s=ttl_s, epoch=epoch, no_forward=self.no_forward,
+                format_version=FORMAT_VERSION,
+                keys=payload,
+                pop=pop_id,
+                server=server,
+                ttl_s=ttl_s,
+                epoch=epoch,
+                no_forward=self.no_forward,
             )
 
         return await self._routed(method, hashes, request)
@@ -191,23 +241,33 @@ class Client:
     async def get_affinity(self, clients: Sequence[Address]) -> list[Result]:
         return await self._affinity("GetAffinity", clients, 0, 0)
 
-    async def set_affinity(self, clients: Sequence[Address], pop: int | str, ttl_s: int = 0) -> list[Result]:
+    async def set_affinity(
+        self, clients: Sequence[Address], pop: int | str, ttl_s: int = 0
+    ) -> list[Result]:
         return await self._affinity("SetAffinity", clients, self.pop_id(pop), ttl_s)
 
-    async def _affinity(self, method: str, clients: Sequence[Address], pop: int, ttl_s: int) -> list[Result]:
+    async def _affinity(
+        self, method: str, clients: Sequence[Address], pop: int, ttl_s: int
+    ) -> list[Result]:
         if self._table_pb is None:
             await self.refresh_table()
         assert self._table_pb is not None
         raw = b"".join(_addr16(a) for a in clients)
         addrs = np.frombuffer(raw, dtype=np.uint8).reshape(-1, ADDR_SIZE)
         t = self._table_pb
-        hashes = key_hashes(affinity_keys(prefix_mask(t.affinity_prefix_v4, t.affinity_prefix_v6, addrs)))
+        hashes = key_hashes(
+            affinity_keys(prefix_mask(t.affinity_prefix_v4, t.affinity_prefix_v6, addrs))
+        )
 
         def request(idx: npt.NDArray[np.intp], epoch: int) -> pb.AffinityRequest:
             payload = raw if len(idx) == len(hashes) else _take(raw, idx, ADDR_SIZE)
             return pb.AffinityRequest(
-                format_version=FORMAT_VERSION, clients=payload, pop=pop, ttl_s=ttl_s,
-                epoch=epoch, no_forward=self.no_forward,
+                format_version=FORMAT_VERSION,
+                clients=payload,
+                pop=pop,
+                ttl_s=ttl_s,
+                epoch=epoch,
+                no_forward=self.no_forward,
             )
 
         return decode_results((await self._routed(method, hashes, request)).tobytes())
@@ -231,8 +291,13 @@ class Client:
         return out
 
     async def _send(
-        self, method: str, table: PartitionMap, hashes: U64Array, pending: npt.NDArray[np.intp],
-        request: object, out: ResultArray,
+        self,
+        method: str,
+        table: PartitionMap,
+        hashes: U64Array,
+        pending: npt.NDArray[np.intp],
+        request: object,
+        out: ResultArray,
     ) -> bool:
         """Send ``pending`` keys to their primaries; fill ``out``. True if any node
         answered with another epoch (our table is stale)."""
@@ -243,12 +308,22 @@ class Client:
             idx = pending[owners == owner]
             address = table.members[int(owner)].address
             for start in range(0, len(idx), limit):
-                calls.append(self._call(method, address, idx[start : start + limit], table.epoch, request, out))
+                calls.append(
+                    self._call(
+                        method, address, idx[start : start + limit], table.epoch, request, out
+                    )
+                )
         epochs = await asyncio.gather(*calls)
         return any(e != table.epoch for e in epochs)
 
     async def _call(
-        self, method: str, address: str, idx: npt.NDArray[np.intp], epoch: int, request: object, out: ResultArray
+        self,
+        method: str,
+        address: str,
+        idx: npt.NDArray[np.intp],
+        epoch: int,
+        request: object,
+        out: ResultArray,
     ) -> int:
         req = request(idx, epoch)  # type: ignore[operator]
         try:

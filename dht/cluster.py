@@ -74,7 +74,13 @@ class NodeProcess:
 
     def endpoint(self) -> dict[str, object]:
         s = self.spec
-        return {"pop": s.pop, "node_id": s.node_id, "grpc": s.grpc, "admin": s.admin, "pid": self.pid}
+        return {
+            "pop": s.pop,
+            "node_id": s.node_id,
+            "grpc": s.grpc,
+            "admin": s.admin,
+            "pid": self.pid,
+        }
 
 
 def plan(
@@ -100,16 +106,26 @@ def plan(
 def node_args(spec: NodeSpec, specs: Sequence[NodeSpec], extra: Sequence[str] = ()) -> list[str]:
     """The ``dht node`` arguments for one node of a planned cluster."""
     pops = {s.pop for s in specs}
-    pop_ids = ",".join(f"{name}={i + 1}" for i, name in enumerate(sorted(pops, key=pop_names_order)))
-    peers = [f"{s.node_id}={s.grpc},{s.admin}" for s in specs if s.pop == spec.pop and s is not spec]
+    pop_ids = ",".join(
+        f"{name}={i + 1}" for i, name in enumerate(sorted(pops, key=pop_names_order))
+    )
+    peers = [
+        f"{s.node_id}={s.grpc},{s.admin}" for s in specs if s.pop == spec.pop and s is not spec
+    ]
     args = [
         "node",
-        "--node-id", spec.node_id,
-        "--pop", spec.pop,
-        "--pops", pop_ids,
-        "--host", spec.host,
-        "--grpc-port", str(spec.grpc_port),
-        "--admin-port", str(spec.admin_port),
+        "--node-id",
+        spec.node_id,
+        "--pop",
+        spec.pop,
+        "--pops",
+        pop_ids,
+        "--host",
+        spec.host,
+        "--grpc-port",
+        str(spec.grpc_port),
+        "--admin-port",
+        str(spec.admin_port),
     ]
     if peers:
         args += ["--peers", *peers]
@@ -123,7 +139,12 @@ def pop_names_order(name: str) -> int:
 class LocalCluster:
     """Start, describe and stop a planned set of node processes."""
 
-    def __init__(self, specs: Sequence[NodeSpec], extra_args: Sequence[str] = (), start_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        specs: Sequence[NodeSpec],
+        extra_args: Sequence[str] = (),
+        start_timeout_s: float = 30.0,
+    ) -> None:
         self.specs = list(specs)
         self.extra_args = list(extra_args)
         self.start_timeout_s = start_timeout_s
@@ -141,7 +162,12 @@ class LocalCluster:
     async def spawn(self, spec: NodeSpec) -> NodeProcess:
         args = node_args(spec, self.specs, [*self.extra_args, "--announce"])
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dht", *args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+            sys.executable,
+            "-m",
+            "dht",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         return NodeProcess(spec, proc, args)
 
@@ -150,10 +176,14 @@ class LocalCluster:
         try:
             line = await asyncio.wait_for(node.proc.stdout.readline(), self.start_timeout_s)
         except TimeoutError:
-            raise DhtError(f"node {node.spec.node_id} not ready after {self.start_timeout_s} s") from None
+            raise DhtError(
+                f"node {node.spec.node_id} not ready after {self.start_timeout_s} s"
+            ) from None
         if not line:
             code = await node.proc.wait()
-            raise DhtError(f"node {node.spec.node_id} exited with status {code} before it was ready")
+            raise DhtError(
+                f"node {node.spec.node_id} exited with status {code} before it was ready"
+            )
         info = json.loads(line)
         if info.get("grpc") != node.spec.grpc:
             raise DhtError(f"node {node.spec.node_id} announced {info}, expected {node.spec.grpc}")
@@ -189,7 +219,9 @@ class LocalCluster:
             with contextlib.suppress(ProcessLookupError):
                 n.proc.send_signal(signal.SIGTERM)
         if live:
-            done, pending = await asyncio.wait([asyncio.create_task(n.proc.wait()) for n in live], timeout=timeout_s)
+            _, pending = await asyncio.wait(
+                [asyncio.create_task(n.proc.wait()) for n in live], timeout=timeout_s
+            )
             for n in live:
                 if n.proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):

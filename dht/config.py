@@ -217,7 +217,9 @@ def parse_peer(spec: Any) -> Member:
         return spec
     if isinstance(spec, Mapping):
         try:
-            return Member(str(spec["node_id"]), str(spec["address"]), str(spec.get("admin_address", "")))
+            return Member(
+                str(spec["node_id"]), str(spec["address"]), str(spec.get("admin_address", ""))
+            )
         except KeyError as e:
             raise ConfigError(f"peer {dict(spec)} lacks {e}") from None
     text = str(spec)

@@ -80,7 +80,13 @@ def table_to_pb(
         num_partitions=pmap.num_partitions,
         replication_factor=pmap.replication_factor,
         nodes=[
-            pb.NodeInfo(index=i, node_id=mb.node_id, pop=pop, address=mb.address, admin_address=mb.admin_address)
+            pb.NodeInfo(
+                index=i,
+                node_id=mb.node_id,
+                pop=pop,
+                address=mb.address,
+                admin_address=mb.admin_address,
+            )
             for i, mb in enumerate(pmap.members)
         ],
         assignment=pmap.replicas.astype(">u2").tobytes(),
@@ -94,8 +100,11 @@ def table_to_pb(
 
 def table_from_pb(t: pb.PartitionTable) -> PartitionMap:
     members = tuple(
-        Member(n.node_id, n.address, n.admin_address) for n in sorted(t.nodes, key=lambda n: n.index)
+        Member(n.node_id, n.address, n.admin_address)
+        for n in sorted(t.nodes, key=lambda n: n.index)
     )
     rf = t.replication_factor
-    replicas = np.frombuffer(t.assignment, dtype=">u2").astype(np.uint16).reshape(t.num_partitions, rf)
+    replicas = (
+        np.frombuffer(t.assignment, dtype=">u2").astype(np.uint16).reshape(t.num_partitions, rf)
+    )
     return PartitionMap(t.epoch, members, t.num_partitions, replicas)

@@ -38,13 +38,18 @@ class NodeMetrics:
             registry=r,
         )
         self.keys = Counter(
-            "dht_keys", "keys handled by method and per-key status", ["method", "status"], registry=r
+            "dht_keys",
+            "keys handled by method and per-key status",
+            ["method", "status"],
+            registry=r,
         )
         self.forwarded = Counter(
             "dht_forwarded_keys", "keys forwarded one hop to their owning node", registry=r
         )
         self.forward_errors = Counter(
-            "dht_forward_errors", "forwarded calls that failed (keys answered UNAVAILABLE)", registry=r
+            "dht_forward_errors",
+            "forwarded calls that failed (keys answered UNAVAILABLE)",
+            registry=r,
         )
 
     def add_gauges(self, read: Callable[[], Iterable[Metric]]) -> None:

@@ -16,6 +16,7 @@ never answered wrongly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -266,7 +267,9 @@ class Node:
     ) -> None:
         assert self.forwarder is not None
         pmap = self.table
-        groups = [(int(o), remote_idx[owners[remote_idx] == o]) for o in np.unique(owners[remote_idx])]
+        groups = [
+            (int(o), remote_idx[owners[remote_idx] == o]) for o in np.unique(owners[remote_idx])
+        ]
 
         async def one(owner: int, idx: npt.NDArray[np.intp]) -> None:
             sub = BatchCall(
@@ -283,7 +286,9 @@ class Node:
                 raw = await self.forwarder(member, sub)  # type: ignore[misc]
                 res = np.frombuffer(raw, dtype=out.dtype)
                 if len(res) != len(idx):
-                    raise ValueError(f"{member.node_id} answered {len(res)} results for {len(idx)} keys")
+                    raise ValueError(
+                        f"{member.node_id} answered {len(res)} results for {len(idx)} keys"
+                    )
                 out[idx] = res
             except (grpc.aio.AioRpcError, ValueError) as e:
                 # The owner could not be reached in time: the keys are UNAVAILABLE (the
@@ -324,10 +329,8 @@ class Node:
         while not self._stop.is_set():
             step()
             delay = interval_s * random.uniform(0.9, 1.1)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     def purge_step(self) -> None:
         now = self._now_ms()
@@ -356,9 +359,13 @@ class Node:
             ["family", "state"],
             {k: float(v) for k, v in counts.items()},
         )
-        yield m.gauge("dht_affinity_records", "client affinity records held", [], {(): len(self.affinity)})
+        yield m.gauge(
+            "dht_affinity_records", "client affinity records held", [], {(): len(self.affinity)}
+        )
         yield m.counter_as_gauge(
-            "dht_expirations", "records purged after expiry", self.store.expirations + self.affinity.expirations
+            "dht_expirations",
+            "records purged after expiry",
+            self.store.expirations + self.affinity.expirations,
         )
         yield m.gauge(
             "dht_refusals_total",
@@ -366,7 +373,9 @@ class Node:
             ["reason"],
             {(k,): float(v) for k, v in self.store.refusals.items()},
         )
-        yield m.counter_as_gauge("dht_clock_offset_rejections", "remote HLC stamps rejected", self.clock.rejected)
+        yield m.counter_as_gauge(
+            "dht_clock_offset_rejections", "remote HLC stamps rejected", self.clock.rejected
+        )
         ready, _ = self.readiness()
         yield m.gauge("dht_ready", "1 when /readyz is ready", [], {(): 1.0 if ready else 0.0})
         if self.pmap is not None:

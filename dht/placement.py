@@ -113,7 +113,8 @@ class PartitionMap:
         """Partitions per member: as primary (slot 0), in one replica slot, or in any
         slot (slot=None)."""
         cols = self.replicas if slot is None else self.replicas[:, slot]
-        return np.bincount(cols.ravel(), minlength=len(self.members)).tolist()
+        counts: list[int] = np.bincount(cols.ravel(), minlength=len(self.members)).tolist()
+        return counts
 
     def assignments(self) -> set[tuple[int, str]]:
         """(partition, node id) pairs: which node holds a copy of which partition. Comparing

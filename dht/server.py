@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +27,8 @@ from dht.node import BatchCall, Node, Op
 from dht.placement import Member
 
 log = logging.getLogger(__name__)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowTable"].full_name
 
@@ -65,9 +68,7 @@ class FlowTableService(pb_grpc.FlowTableServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def _run(
-        self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[bytes]]
-    ) -> bytes:
+    async def _run(self, method: str, context: Ctx, work: Callable[[], Awaitable[bytes]]) -> bytes:
         started = time.perf_counter()
         code = "OK"
         try:
@@ -90,37 +91,41 @@ class FlowTableService(pb_grpc.FlowTableServicer):
             self.node.metrics.requests.labels(method, code).inc()
             self.node.metrics.latency.labels(method).observe(time.perf_counter() - started)
 
-    async def _flow(self, op: Op, req: pb.FlowBatchRequest, context: grpc.aio.ServicerContext) -> pb.FlowBatchResponse:
-        results = await self._run(op.value, context, lambda: self.node.batch(convert.flow_call(op, req)))
+    async def _flow(self, op: Op, req: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
+        results = await self._run(
+            op.value, context, lambda: self.node.batch(convert.flow_call(op, req))
+        )
         return pb.FlowBatchResponse(format_version=1, results=results, epoch=self.node.table.epoch)
 
-    async def _affinity(self, op: Op, req: pb.AffinityRequest, context: grpc.aio.ServicerContext) -> pb.AffinityResponse:
-        results = await self._run(op.value, context, lambda: self.node.batch(convert.affinity_call(op, req)))
+    async def _affinity(self, op: Op, req: pb.AffinityRequest, context: Ctx) -> pb.AffinityResponse:
+        results = await self._run(
+            op.value, context, lambda: self.node.batch(convert.affinity_call(op, req))
+        )
         return pb.AffinityResponse(format_version=1, results=results, epoch=self.node.table.epoch)
 
-    async def Claim(self, request: pb.FlowBatchRequest, context: grpc.aio.ServicerContext) -> pb.FlowBatchResponse:  # type: ignore[override]
+    async def Claim(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
         return await self._flow(Op.CLAIM, request, context)
 
-    async def Confirm(self, request: pb.FlowBatchRequest, context: grpc.aio.ServicerContext) -> pb.FlowBatchResponse:  # type: ignore[override]
+    async def Confirm(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
         return await self._flow(Op.CONFIRM, request, context)
 
-    async def Lookup(self, request: pb.FlowBatchRequest, context: grpc.aio.ServicerContext) -> pb.FlowBatchResponse:  # type: ignore[override]
+    async def Lookup(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
         return await self._flow(Op.LOOKUP, request, context)
 
-    async def Refresh(self, request: pb.FlowBatchRequest, context: grpc.aio.ServicerContext) -> pb.FlowBatchResponse:  # type: ignore[override]
+    async def Refresh(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
         return await self._flow(Op.REFRESH, request, context)
 
-    async def Release(self, request: pb.FlowBatchRequest, context: grpc.aio.ServicerContext) -> pb.FlowBatchResponse:  # type: ignore[override]
+    async def Release(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
         return await self._flow(Op.RELEASE, request, context)
 
-    async def GetAffinity(self, request: pb.AffinityRequest, context: grpc.aio.ServicerContext) -> pb.AffinityResponse:  # type: ignore[override]
+    async def GetAffinity(self, request: pb.AffinityRequest, context: Ctx) -> pb.AffinityResponse:
         return await self._affinity(Op.GET_AFFINITY, request, context)
 
-    async def SetAffinity(self, request: pb.AffinityRequest, context: grpc.aio.ServicerContext) -> pb.AffinityResponse:  # type: ignore[override]
+    async def SetAffinity(self, request: pb.AffinityRequest, context: Ctx) -> pb.AffinityResponse:
         return await self._affinity(Op.SET_AFFINITY, request, context)
 
-    async def GetPartitionTable(  # type: ignore[override]
-        self, request: pb.PartitionTableRequest, context: grpc.aio.ServicerContext
+    async def GetPartitionTable(
+        self, request: pb.PartitionTableRequest, context: Ctx
     ) -> pb.PartitionTable:
         cfg = self.node.config
         return convert.table_to_pb(
@@ -139,9 +144,9 @@ class Peers:
     def __init__(self, creds: grpc.ChannelCredentials | None, timeout_s: float) -> None:
         self._creds = creds
         self._timeout_s = timeout_s
-        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.FlowTableStub]] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub]] = {}
 
-    def stub(self, member: Member) -> pb_grpc.FlowTableStub:
+    def stub(self, member: Member) -> pb_grpc.FlowTableAsyncStub:
         entry = self._stubs.get(member.address)
         if entry is None:
             channel = open_channel(member.address, self._creds)
@@ -153,9 +158,13 @@ class Peers:
         stub = self.stub(member)
         method = getattr(stub, call.op.value)
         if call.op in (Op.GET_AFFINITY, Op.SET_AFFINITY):
-            aresp: pb.AffinityResponse = await method(convert.affinity_request(call), timeout=self._timeout_s)
+            aresp: pb.AffinityResponse = await method(
+                convert.affinity_request(call), timeout=self._timeout_s
+            )
             return aresp.results
-        fresp: pb.FlowBatchResponse = await method(convert.flow_request(call), timeout=self._timeout_s)
+        fresp: pb.FlowBatchResponse = await method(
+            convert.flow_request(call), timeout=self._timeout_s
+        )
         return fresp.results
 
     async def close(self) -> None:
@@ -215,7 +224,12 @@ class NodeServer:
         self.node.accepting = True
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("node %s serving gRPC on %s, admin on %s", cfg.node_id, self.grpc_address, self.admin_address)
+        log.info(
+            "node %s serving gRPC on %s, admin on %s",
+            cfg.node_id,
+            self.grpc_address,
+            self.admin_address,
+        )
 
     async def stop(self) -> None:
         if self._stopped:
@@ -237,6 +251,9 @@ class NodeServer:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()

@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dht import wire
+from dht.errors import ConfigError
 from dht.record import (
     Acting,
     Decision,
@@ -76,6 +77,15 @@ _FAMILIES = ("ipv4", "ipv6")
 # last 4 bytes of each IPv4-mapped address; the ::ffff: prefix is put back on export.
 _V4_COLUMNS = np.array([1, 14, 15, 16, 17, 18, 19, 32, 33, 34, 35, 36, 37], dtype=np.intp)
 _V6_COLUMNS = np.arange(1, 38, dtype=np.intp)
+# The client address's bytes 0-7 and 8-11 as integers: an IPv4-mapped one reads 0 and
+# 00 00 ff ff. Same test as wire.is_mapped_v4, at a fraction of its cost per batch.
+_MAPPED_VIEW = np.dtype(
+    {"names": ["head", "tail"], "formats": ["<u8", "<u4"], "offsets": [2, 10], "itemsize": 40}
+)
+_MAPPED_TAIL = 0xFFFF0000
+# Probe widths of successive lookup rounds: most keys sit in their home slot; the few
+# that do not would otherwise cost one numpy round per further slot.
+_PROBE_WIDTHS = (1, 4, 16)
 
 _RECORD_FIELDS = (
     "owner_pop",
@@ -106,6 +116,14 @@ class StoreLimits:
     embryonic_quota_per_prefix: int = 1000
     prefix_v4: int = 32
     prefix_v6: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_records <= self.hard_max_records:
+            raise ConfigError("store limits: want 0 <= max_records <= hard_max_records")
+        if self.embryonic_quota_per_prefix < 0:
+            raise ConfigError("store limits: embryonic_quota_per_prefix must be >= 0")
+        if not (0 <= self.prefix_v4 <= 32 and 0 <= self.prefix_v6 <= 128):
+            raise ConfigError("store limits: prefix_v4 must be 0..32 and prefix_v6 0..128")
 
 
 def _prefix_mask(bits: int, nbytes: int) -> U8Array:
@@ -138,7 +156,7 @@ class _Table:
         self.width = len(columns)
         self.addr_len = addr_len
         self.prefix = _prefix_mask(bits, addr_len)
-        self.dtype = np.dtype(
+        self.dtype: np.dtype[np.void] = np.dtype(
             [
                 ("hash", "<u8"),
                 ("birth_hlc", "<u8"),
@@ -148,9 +166,14 @@ class _Table:
                 ("owner_server", "<u2"),
                 ("birth_pop", "<u2"),
                 ("state", "u1"),
-                ("key", "u1", (self.width,)),
+                ("key", f"V{self.width}"),
             ]
         )
+        # Gathering rows through an unstructured void view is ~10x faster than through
+        # the structured dtype (numpy copies those field by field).
+        self.row_void = np.dtype((np.void, self.dtype.itemsize))
+        # Keys are compared as one opaque value each: ~4x faster than byte by byte.
+        self.key_void = np.dtype((np.void, self.width))
         self.entries: npt.NDArray[np.void] = np.zeros(_MIN_ENTRIES, dtype=self.dtype)
         self.high = 0  # rows [0, high) have been handed out at least once
         self.used = 0  # rows holding a record (live, tombstone or expired)
@@ -164,9 +187,16 @@ class _Table:
 
     # ------------------------------------------------------------------ keys
 
-    def compact(self, keys: KeyArray) -> U8Array:
-        raw = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, wire.KEY_SIZE)
-        return raw[:, self.columns]
+    def compact(self, raw: U8Array) -> U8Array:
+        """(n, 40) canonical key bytes -> (n, width) compact keys (contiguous)."""
+        return np.ascontiguousarray(raw[:, self.columns])
+
+    def key_values(self, compact: U8Array) -> npt.NDArray[np.void]:
+        """(n, width) compact keys as n opaque values, the type of the ``key`` field."""
+        return compact.view(self.key_void).reshape(-1)
+
+    def key_bytes(self, values: npt.NDArray[np.void]) -> U8Array:
+        return np.ascontiguousarray(values).view(np.uint8).reshape(-1, self.width)
 
     def canonical(self, compact: U8Array) -> U8Array:
         """Compact keys back to (n, 40) canonical key bytes."""
@@ -186,25 +216,33 @@ class _Table:
 
     def find(self, hashes: U64Array, compact: U8Array) -> I64Array:
         """Row of each key, -1 when absent. All keys probe in lock-step: each round reads
-        one slot per still-unresolved key, compares the hash, then the key bytes."""
-        n = len(hashes)
-        found = np.full(n, -1, dtype=np.int64)
+        a window of slots per still-unresolved key (up to the first EMPTY), compares the
+        hashes of the rows found there, then the key bytes of the rows whose hash matches."""
+        found = np.full(len(hashes), -1, dtype=np.int64)
         mask = len(self.index) - 1
         pos = (hashes & np.uint64(mask)).astype(np.int64)
-        todo = np.arange(n)
-        entries = self.entries
+        todo = np.arange(len(hashes))
+        hash_col, key_col = self.entries["hash"], self.entries["key"]
+        wanted = self.key_values(compact)
+        round_ = 0
         while todo.size:
-            row = self.index[pos[todo]]
-            hit = row >= 0
-            if hit.any():
-                ti, tr = todo[hit], row[hit]
-                same = entries["hash"][tr] == hashes[ti]
-                ti, tr = ti[same], tr[same]
-                same = (entries["key"][tr] == compact[ti]).all(axis=1)
-                found[ti[same]] = tr[same]
-            todo = todo[(row != _EMPTY) & (found[todo] < 0)]
-            pos[todo] = (pos[todo] + 1) & mask
+            width = _PROBE_WIDTHS[min(round_, len(_PROBE_WIDTHS) - 1)]
+            rows = self.index[(pos[todo, None] + np.arange(width)) & mask]
+            # The slots before the first EMPTY (cumsum is the costly part, so not for 1).
+            open_ = rows != _EMPTY if width == 1 else np.cumsum(rows == _EMPTY, axis=1) == 0
+            at, col = np.nonzero(open_ & (rows >= 0))
+            ti, tr = todo[at], rows[at, col].astype(np.int64)
+            same = hash_col[tr] == hashes[ti]
+            ti, tr = ti[same], tr[same]
+            same = key_col[tr] == wanted[ti]
+            found[ti[same]] = tr[same]
+            todo = todo[open_[:, -1] & (found[todo] < 0)]
+            pos[todo] += width
+            round_ += 1
         return found
+
+    def gather(self, rows: I64Array) -> npt.NDArray[np.void]:
+        return self.entries.view(self.row_void)[rows].view(self.dtype)
 
     def _slots_of(self, rows: I64Array, hashes: U64Array) -> I64Array:
         """Index slot holding each of ``rows`` (all present)."""
@@ -297,7 +335,7 @@ class _Table:
         self.used -= len(rows)
 
     def records(self, rows: I64Array) -> list[Record]:
-        got = self.entries[rows]
+        got = self.gather(rows)
         cols = [got[f].tolist() for f in _RECORD_FIELDS]
         return [
             Record(op, os, _STATES[st], bh, bp, g, ex)
@@ -342,7 +380,8 @@ class _Table:
         states = self.entries["state"][rows]
         for s, n in enumerate(np.bincount(states, minlength=4).tolist()):
             self.state_counts[s] -= n
-        for p in self.prefixes(self.entries["key"][rows[states == State.EMBRYONIC]]):
+        embryos = self.entries["key"][rows[states == State.EMBRYONIC]]
+        for p in self.prefixes(self.key_bytes(embryos)):
             self._uncount_embryo(p.tobytes())
         self.release_rows(rows)
         return len(rows)
@@ -352,11 +391,11 @@ class _Batch:
     """One family's share of one mutating call: existing rows read up front, new and
     changed records held here (so later duplicates of a key see them), written at end."""
 
-    def __init__(self, table: _Table, keys: KeyArray, hashes: U64Array) -> None:
+    def __init__(self, table: _Table, compact: U8Array, hashes: U64Array) -> None:
         self.table = table
         self.hashes = hashes
-        self.compact = table.compact(keys)
-        self.protocols: list[int] = keys["proto"].tolist()
+        self.compact = compact
+        self.protocols: list[int] = compact[:, 0].tolist()
         rows = table.find(hashes, self.compact)
         present = rows >= 0
         self.stored: list[Record | None] = [None] * len(rows)
@@ -405,7 +444,7 @@ class _Batch:
             rows = np.array(self.new_rows, dtype=np.int64)
             at = np.array(self.new_at, dtype=np.int64)
             t.entries["hash"][rows] = self.hashes[at]
-            t.entries["key"][rows] = self.compact[at]
+            t.entries["key"][rows] = t.key_values(self.compact)[at]
             t.index_add(rows, self.hashes[at])
 
 
@@ -467,11 +506,24 @@ class FlowStore:
             (t.family, s.name.lower()): t.state_counts[s] for t in self._tables for s in _STATES[1:]
         }
 
-    def _split(self, keys: KeyArray) -> Iterator[tuple[_Table, npt.NDArray[np.intp]]]:
-        v4 = wire.is_mapped_v4(keys["caddr"])
-        for table, sel in zip(self._tables, (np.flatnonzero(v4), np.flatnonzero(~v4)), strict=True):
-            if sel.size:
-                yield table, sel
+    def _split(
+        self, keys: KeyArray, hashes: U64Array
+    ) -> Iterator[tuple[_Table, npt.NDArray[np.intp], U8Array, U64Array]]:
+        """Per family: the batch positions, compact keys and hashes of its keys."""
+        keys = np.ascontiguousarray(keys)
+        raw = keys.view(np.uint8).reshape(-1, wire.KEY_SIZE)
+        parts = keys.view(_MAPPED_VIEW)
+        v4 = (parts["head"] == 0) & (parts["tail"] == _MAPPED_TAIL)
+        n4 = int(np.count_nonzero(v4))
+        for table, sel in zip(self._tables, (v4, ~v4), strict=True):
+            n = n4 if table is self._tables[0] else len(keys) - n4
+            if not n:
+                continue
+            if n == len(keys):  # a batch of one family: no copies
+                yield table, np.arange(n), table.compact(raw), hashes
+            else:
+                at = np.flatnonzero(sel)
+                yield table, at, table.compact(raw[at]), hashes[at]
 
     # ------------------------------------------------------------------ reads
 
@@ -479,10 +531,10 @@ class FlowStore:
         """Vectorised ``decide_lookup``: OK with the record if live, else NOT_FOUND."""
         out = wire.new_results(len(keys))
         out["status"] = Status.NOT_FOUND
-        for t, sel in self._split(keys):
-            rows = t.find(hashes[sel], t.compact(keys[sel]))
+        for t, sel, compact, h in self._split(keys, hashes):
+            rows = t.find(h, compact)
             hit = rows >= 0
-            got = t.entries[rows[hit]]
+            got = t.gather(rows[hit])
             live = (got["state"] != State.RELEASED) & (got["expiry_ms"] > now_ms)
             at, got = sel[hit][live], got[live]
             out["status"][at] = Status.OK
@@ -494,8 +546,8 @@ class FlowStore:
         """The stored copy of one 40-byte key, tombstones and expired copies included;
         with ``now_ms``, None once the copy has expired."""
         keys = wire.decode_keys(key, max_keys=1)
-        for t, _ in self._split(keys):
-            rows = t.find(wire.key_hashes(key), t.compact(keys))
+        for t, _, compact, h in self._split(keys, wire.key_hashes(key)):
+            rows = t.find(h, compact)
             if rows[0] >= 0:
                 rec = t.records(rows)[0]
                 if now_ms is None or rec.expiry_ms > now_ms:
@@ -514,7 +566,7 @@ class FlowStore:
             if hashes_filter is not None:
                 pick = hashes_filter(h)
                 rows, h = rows[pick], h[pick]
-            keys.append(t.canonical(t.entries["key"][rows]))
+            keys.append(t.canonical(t.key_bytes(t.entries["key"][rows])))
             hashes.append(h)
             recs.extend(t.records(rows))
         # Concatenated as bytes: numpy would turn the big-endian ports of KEY_DTYPE rows
@@ -576,8 +628,8 @@ class FlowStore:
         answers = _Answers(len(keys))
         acting = {p: Acting(pop, server, p, now_ms, ttl_ms) for p in wire.PROTOCOL_NAMES}
         policy = self._policy
-        for t, sel in self._split(keys):
-            batch = _Batch(t, keys[sel], hashes[sel])
+        for t, sel, compact, h in self._split(keys, hashes):
+            batch = _Batch(t, compact, h)
             for j, i in enumerate(sel.tolist()):
                 row, old = batch.existing(j)
                 act = acting[batch.protocols[j]]
@@ -626,6 +678,7 @@ class FlowStore:
                 return Status.REFUSED_QUOTA
         elif row < 0 and len(self) >= limits.hard_max_records:
             self.refusals["hard"] += 1
+            self._hard_refused = True
             return Status.REFUSED_FULL
         return None
 
@@ -633,8 +686,8 @@ class FlowStore:
         """Apply copies from replicas or other PoPs with :func:`dht.record.merge`. Always
         applied up to ``hard_max_records``; returns how many new keys were refused."""
         refused = 0
-        for t, sel in self._split(keys):
-            batch = _Batch(t, keys[sel], hashes[sel])
+        for t, sel, compact, h in self._split(keys, hashes):
+            batch = _Batch(t, compact, h)
             for j, i in enumerate(sel.tolist()):
                 row, old = batch.existing(j)
                 rec = records[i] if old is None else merge(old, records[i])

@@ -144,7 +144,9 @@ def addr_from16(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return v6.ipv4_mapped or v6
 
 
-def parse_address(text: str, field: str = "address") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def parse_address(
+    text: str, field: str = "address"
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IPv4 or IPv6 address (no brackets); IPv4-mapped IPv6 comes back as IPv4."""
     try:
         addr = ipaddress.ip_address(text.strip())
@@ -153,7 +155,9 @@ def parse_address(text: str, field: str = "address") -> ipaddress.IPv4Address | 
     return _as_v4(addr) or addr
 
 
-def _parse_endpoint(text: str, field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+def _parse_endpoint(
+    text: str, field: str
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
@@ -226,7 +230,8 @@ def _first(mask: npt.NDArray[np.bool_]) -> int:
 
 def is_mapped_v4(addrs: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     """Row-wise: is this 16-byte address IPv4-mapped? ``addrs`` has shape (n, 16)."""
-    return np.all(addrs[:, :12] == _MAPPED_PREFIX, axis=1)
+    mapped: npt.NDArray[np.bool_] = np.all(addrs[:, :12] == _MAPPED_PREFIX, axis=1)
+    return mapped
 
 
 def check_batch_size(nbytes: int, record_size: int, max_keys: int, field: str) -> int:
@@ -300,7 +305,9 @@ def encode_keys(keys: list[FlowKey]) -> bytes:
 # --------------------------------------------------------------------------- affinity keys
 
 
-def prefix_mask(prefix_v4: int, prefix_v6: int, addrs: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def prefix_mask(
+    prefix_v4: int, prefix_v6: int, addrs: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
     """Mask (n, 16) addresses to the client prefix: IPv4-mapped ones to /prefix_v4 of the
     IPv4 part, the rest to /prefix_v6. Returns a new array."""
     v4 = is_mapped_v4(addrs)
@@ -400,7 +407,10 @@ def result_to_dict(result: Result, pop_names: Mapping[int, str]) -> dict[str, ob
     """A result as a JSON-able dict (CLI output, admin endpoint). Record fields only when
     there is a record."""
     out: dict[str, object] = {"status": result.status.name.lower(), "partition": result.partition}
-    if result.status in (Status.NOT_FOUND, Status.MOVED, Status.UNAVAILABLE) or result.owner_pop == 0:
+    if (
+        result.status in (Status.NOT_FOUND, Status.MOVED, Status.UNAVAILABLE)
+        or result.owner_pop == 0
+    ):
         return out
     out.update(
         owner_pop=pop_names.get(result.owner_pop, str(result.owner_pop)),

@@ -19,12 +19,20 @@ def generate(out: Path) -> None:
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", "-Idht/_proto=protos",
-            f"--python_out={out}", f"--grpc_python_out={out}",
-            f"--mypy_out={out}", f"--mypy_grpc_out={out}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Idht/_proto=protos",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
             "protos/dht/v1/dht.proto",
         ],
-        cwd=ROOT, check=True, env=env, capture_output=True,
+        cwd=ROOT,
+        check=True,
+        env=env,
+        capture_output=True,
     )
 
 
@@ -32,7 +40,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = Path(tmp) / "dht/_proto/dht/v1"
-        stale = [n for n in GENERATED if not filecmp.cmp(fresh / n, ROOT / "dht/_proto/dht/v1" / n, shallow=False)]
+        stale = [
+            n
+            for n in GENERATED
+            if not filecmp.cmp(fresh / n, ROOT / "dht/_proto/dht/v1" / n, shallow=False)
+        ]
         if stale:
             print(f"generated code is stale: {stale}; run `make proto`", file=sys.stderr)
             return 1

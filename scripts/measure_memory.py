@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dht import wire  # noqa: E402
-from dht.record import TCP, HybridClock, Record, State, TtlPolicy  # noqa: E402
-from dht.store import FlowStore, StoreLimits  # noqa: E402
+from dht import wire
+from dht.record import TCP, HybridClock, Record, State, TtlPolicy
+from dht.store import FlowStore, StoreLimits
 
 BATCH = 1000
 NOW_MS = 1_700_000_000_000

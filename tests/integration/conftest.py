@@ -38,7 +38,9 @@ def pop_configs(n: int, pop: str = "ams", **overrides: Any) -> list[Any]:
 async def make_pop() -> AsyncIterator[MakePop]:
     started: list[NodeServer] = []
 
-    async def make(n: int = 3, wall_ms: Callable[[], int] | None = None, **overrides: Any) -> list[NodeServer]:
+    async def make(
+        n: int = 3, wall_ms: Callable[[], int] | None = None, **overrides: Any
+    ) -> list[NodeServer]:
         servers = [NodeServer(cfg, wall_ms) for cfg in pop_configs(n, **overrides)]
         for s in servers:
             await s.start()

@@ -17,7 +17,9 @@ def flows(n: int, v6: bool = False, sport: int = 443) -> list[FlowKey]:
     out = []
     for i in range(n):
         if v6:
-            c: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(0x20010DB8 << 96 | i)
+            c: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(
+                0x20010DB8 << 96 | i
+            )
             s: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address("2001:db8::1")
         else:
             c = ipaddress.IPv4Address(0xC6336400 + i % 256)
@@ -35,7 +37,9 @@ async def test_life_of_a_flow_across_nodes_ipv4_and_ipv6(make_pop: MakePop, make
 
     claimed = await a.claim(keys, pop="ams")
     assert {r.status for r in claimed} == {Status.CREATED}
-    assert all(r.state == State.EMBRYONIC and r.generation == 1 and r.owner_pop == 1 for r in claimed)
+    assert all(
+        r.state == State.EMBRYONIC and r.generation == 1 and r.owner_pop == 1 for r in claimed
+    )
     # The keys really are spread over all three nodes' stores.
     assert all(len(n.node.store) > 100 for n in nodes)
     assert sum(len(n.node.store) for n in nodes) == len(keys)
@@ -114,12 +118,16 @@ async def test_stale_table_is_corrected_by_moved(make_pop: MakePop, make_client)
         assert holder.node.store.get(key.to_bytes()) is not None
 
 
-async def test_stale_table_with_forwarding_answers_correctly(make_pop: MakePop, make_client) -> None:  # type: ignore[no-untyped-def]
+async def test_stale_table_with_forwarding_answers_correctly(
+    make_pop: MakePop, make_client
+) -> None:  # type: ignore[no-untyped-def]
     nodes = await make_pop(3)
     client = await make_client([nodes[0].grpc_address])
     right = client.table
     # Everything to node 0: it forwards each key one hop to its owner.
-    everything_to_0 = PartitionMap(right.epoch + 1, right.members, right.num_partitions, right.replicas * 0)
+    everything_to_0 = PartitionMap(
+        right.epoch + 1, right.members, right.num_partitions, right.replicas * 0
+    )
     client.set_table(everything_to_0)
     keys = flows(300, v6=True)
     res = await client.claim(keys, pop="ams")

@@ -24,13 +24,18 @@ def test_balance_within_1_2x_of_mean(n: int) -> None:
 @pytest.mark.parametrize("n", [3, 4, 7])
 def test_join_moves_about_one_nth(n: int) -> None:
     before = PartitionMap.build(members(n), replication_factor=3)
-    after = PartitionMap.build([*members(n), Member("joiner", "127.0.0.1:9999")], replication_factor=3)
+    after = PartitionMap.build(
+        [*members(n), Member("joiner", "127.0.0.1:9999")], replication_factor=3
+    )
     a, b = before.assignments(), after.assignments()
     moved = 1 - len(a & b) / len(a)
     ideal = 1 / (n + 1)
     assert ideal * 0.8 <= moved <= ideal * 1.25, moved
     primaries_moved = np.mean(
-        [before.members[before.primaries[p]].node_id != after.members[after.primaries[p]].node_id for p in range(4096)]
+        [
+            before.members[before.primaries[p]].node_id != after.members[after.primaries[p]].node_id
+            for p in range(4096)
+        ]
     )
     assert primaries_moved <= ideal * 1.25
 

@@ -59,11 +59,22 @@ def test_bad_flows_name_the_field(text: str, field: str) -> None:
 
 
 addresses_v4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
-addresses_v6 = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address).filter(lambda a: a.ipv4_mapped is None)
+addresses_v6 = (
+    st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address).filter(lambda a: a.ipv4_mapped is None)
+)
 ports = st.integers(1, 65535)
 
 
-@given(st.sampled_from([6, 17]), st.booleans(), addresses_v4, addresses_v4, addresses_v6, addresses_v6, ports, ports)
+@given(
+    st.sampled_from([6, 17]),
+    st.booleans(),
+    addresses_v4,
+    addresses_v4,
+    addresses_v6,
+    addresses_v6,
+    ports,
+    ports,
+)
 def test_roundtrip_text_and_bytes(proto, v6, c4, s4, c6, s6, cp, sp) -> None:  # type: ignore[no-untyped-def]
     key = FlowKey(proto, c6 if v6 else c4, cp, s6 if v6 else s4, sp)
     assert parse_flow(format_flow(key)) == key
@@ -105,7 +116,9 @@ def test_decode_keys_rejects_bad_records_by_index_and_field() -> None:
 def test_hashes_are_xxh3_of_the_record() -> None:
     import xxhash
 
-    raw = bytes(_batch("tcp/198.51.100.7:1000/192.0.2.1:443", "udp/[2001:db8::7]:5/[2001:db8::1]:6"))
+    raw = bytes(
+        _batch("tcp/198.51.100.7:1000/192.0.2.1:443", "udp/[2001:db8::7]:5/[2001:db8::1]:6")
+    )
     h = key_hashes(raw)
     assert h.dtype == np.uint64
     assert int(h[1]) == xxhash.xxh3_64_intdigest(raw[40:80])

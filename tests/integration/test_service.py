@@ -1,0 +1,174 @@
+"""The service around the table: health, reflection, admin endpoint, metrics, mutual
+TLS, capacity and quota."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from dht._proto.dht.v1 import dht_pb2 as pb
+from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+from dht.client import Client
+from dht.config import TlsConfig
+from dht.errors import Unavailable
+from dht.placement import PartitionMap
+from dht.record import Status
+from dht.wire import FlowKey, parse_flow
+
+from .certs import make_certs
+from .conftest import MakePop
+
+
+async def test_health_and_reflection(make_pop: MakePop) -> None:
+    (srv,) = await make_pop(1)
+    async with grpc.aio.insecure_channel(srv.grpc_address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service="dht.v1.FlowTable"))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        call = refl.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        answer = await call.read()
+        await call.done_writing()
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"dht.v1.FlowTable", "grpc.health.v1.Health"} <= names
+
+
+async def test_admin_endpoint(make_pop: MakePop, tmp_path: Path) -> None:
+    nodes = await make_pop(3, admin_token="s3cret")
+    client = Client([nodes[0].grpc_address])
+    await client.refresh_table()
+    flow = parse_flow("tcp/198.51.100.7:51000/192.0.2.1:443")
+    await client.claim([flow], pop="fra")
+    await client.claim([parse_flow("tcp/198.51.100.9:1/192.0.2.1:443")] * 1, pop="ams")
+    await client.close()
+    base = f"http://{nodes[1].admin_address}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/livez") as r:
+            assert r.status == 200
+        async with http.get(f"{base}/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["ready"] is True
+        async with http.get(f"{base}/partitions") as r:
+            table = await r.json()
+            assert len(table["members"]) == 3
+            assert sum(m["primary_partitions"] for m in table["members"]) == 4096
+        async with http.get(f"{base}/flow", params={"flow": str(flow)}) as r:
+            body = await r.json()
+            assert (body["status"], body["owner_pop"], body["state"]) == ("ok", "fra", "embryonic")
+        async with http.get(f"{base}/flow", params={"flow": "tcp/1.2.3.4:0/1.2.3.4:1"}) as r:
+            assert r.status == 400
+            assert "flow.client.port" in (await r.json())["error"]
+        async with http.delete(f"{base}/flow", params={"flow": str(flow), "pop": "fra"}) as r:
+            assert r.status == 403
+        headers = {"Authorization": "Bearer s3cret"}
+        async with http.delete(
+            f"{base}/flow", params={"flow": str(flow), "pop": "fra"}, headers=headers
+        ) as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "ok"
+        async with http.get(f"{base}/flow", params={"flow": str(flow)}) as r:
+            assert (await r.json())["status"] == "not_found"
+        metrics = ""
+        for n in nodes:
+            async with http.get(f"http://{n.admin_address}/metrics") as r:
+                metrics += await r.text()
+    for name in (
+        'dht_requests_total{code="OK",method="Claim"}',
+        "dht_request_seconds_bucket",
+        'dht_records{family="ipv4",state="released"} 1.0',
+        'dht_keys_total{method="Claim",status="created"}',
+        "dht_expirations_total",
+        "dht_refusals_total",
+        "dht_ready 1.0",
+    ):
+        assert name in metrics, name
+
+
+async def test_readyz_fails_when_stopping(make_pop: MakePop) -> None:
+    (srv,) = await make_pop(1)
+    srv.node.accepting = False
+    async with aiohttp.ClientSession() as http, http.get(f"http://{srv.admin_address}/readyz") as r:
+        assert r.status == 503
+        assert "not accepting" in (await r.json())["reasons"][0]
+
+
+async def test_capacity_and_quota_refuse_only_new_claims(make_pop: MakePop) -> None:
+    (srv,) = await make_pop(
+        1, limits={"max_records": 20, "hard_max_records": 30, "embryonic_quota_per_prefix": 5}
+    )
+    async with Client([srv.grpc_address]) as c:
+        one_client = [
+            FlowKey(
+                6,
+                ipaddress.ip_address("198.51.100.1"),
+                1000 + i,
+                ipaddress.ip_address("192.0.2.1"),
+                443,
+            )
+            for i in range(8)
+        ]
+        res = await c.claim(one_client, pop="ams")
+        assert [r.status for r in res] == [Status.CREATED] * 5 + [Status.REFUSED_QUOTA] * 3
+        await c.confirm(one_client[:5], pop="ams")  # established: no longer counts to the quota
+        res = await c.claim(one_client[5:], pop="ams")
+        assert {r.status for r in res} == {Status.CREATED}
+        many = [
+            FlowKey(
+                6,
+                ipaddress.ip_address(f"198.51.100.{i}"),
+                1000,
+                ipaddress.ip_address("192.0.2.1"),
+                443,
+            )
+            for i in range(2, 30)
+        ]
+        res = await c.claim(many, pop="ams")
+        statuses = [r.status for r in res]
+        assert statuses.count(Status.CREATED) == 20 - 8
+        assert set(statuses[12:]) == {Status.REFUSED_FULL}
+        # Existing records keep working when full: the owner's claim and refresh, confirm.
+        assert {r.status for r in await c.claim(one_client, pop="ams")} == {Status.ALREADY_OWNED}
+        assert {r.status for r in await c.refresh(one_client, pop="ams")} == {Status.OK}
+        assert {r.status for r in await c.confirm(many[:12], pop="ams")} == {Status.OK}
+        assert {r.status for r in await c.lookup(one_client + many[:12])} == {Status.OK}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{srv.admin_address}/metrics") as r,
+    ):
+        text = await r.text()
+    assert 'dht_refusals_total{reason="quota"} 3.0' in text
+    assert 'dht_refusals_total{reason="full"} 16.0' in text
+
+
+async def test_mutual_tls(make_pop: MakePop, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path, ["node", "forwarder"])
+    ca = str(tmp_path / "ca.pem")
+    node_tls = {"cert_file": certs["node"][0], "key_file": certs["node"][1], "ca_file": ca}
+    nodes = await make_pop(3, tls=node_tls)
+    tls = TlsConfig(certs["forwarder"][0], certs["forwarder"][1], ca)
+    keys = [parse_flow(f"tcp/198.51.100.{i}:1000/192.0.2.1:443") for i in range(1, 100)]
+    async with Client([nodes[0].grpc_address], tls=tls) as c:
+        assert {r.status for r in await c.claim(keys, pop="ams")} == {Status.CREATED}
+        # Forwarding between nodes runs over mutual TLS too: send everything to node 0.
+        t = c.table
+        c.set_table(PartitionMap(t.epoch, t.members, t.num_partitions, t.replicas * 0))
+        assert {r.status for r in await c.lookup(keys)} == {Status.OK}
+    assert nodes[0].node.metrics.forwarded._value.get() > 0
+    assert nodes[0].node.metrics.forward_errors._value.get() == 0
+    # A client that verifies the server but presents no certificate is refused.
+    creds = grpc.ssl_channel_credentials(root_certificates=(tmp_path / "ca.pem").read_bytes())
+    async with grpc.aio.secure_channel(nodes[0].grpc_address, creds) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.FlowTableStub(ch).GetPartitionTable(pb.PartitionTableRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Plaintext is refused too.
+    with pytest.raises(Unavailable):
+        async with Client([nodes[0].grpc_address], timeout_s=5):
+            pass

@@ -1,0 +1,115 @@
+"""`dht cluster` as a real process tree: endpoints file, real work, clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dht.client import Client
+from dht.record import Status
+from dht.wire import parse_flow
+
+pytestmark = pytest.mark.system
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def read_until(stream: asyncio.StreamReader, marker: str, timeout_s: float = 60) -> list[str]:
+    lines = []
+    async with asyncio.timeout(timeout_s):
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"stream ended before {marker!r}: {lines}")
+            lines.append(raw.decode().rstrip())
+            if marker in lines[-1]:
+                return lines
+
+
+async def test_cluster_two_pops_endpoints_and_clean_stop(tmp_path: Path) -> None:
+    endpoints = tmp_path / "endpoints.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dht",
+        "cluster",
+        "--pops",
+        "2",
+        "--nodes-per-pop",
+        "2",
+        "--endpoints-file",
+        str(endpoints),
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        lines = await read_until(proc.stdout, "cluster ready")
+        assert any("endpoints written" in ln for ln in lines)
+        data = json.loads(endpoints.read_text())
+        nodes = data["nodes"]
+        assert [(n["pop"], n["node_id"]) for n in nodes] == [
+            ("ams", "ams-1"),
+            ("ams", "ams-2"),
+            ("fra", "fra-1"),
+            ("fra", "fra-2"),
+        ]
+        pids = [n["pid"] for n in nodes]
+        assert all(alive(p) for p in pids)
+        async with aiohttp.ClientSession() as http:
+            for n in nodes:
+                async with http.get(f"http://{n['admin']}/readyz") as r:
+                    assert r.status == 200
+        # Each PoP is its own node set; both accept claims and know all PoP names.
+        flow = parse_flow("tcp/198.51.100.7:51000/192.0.2.1:443")
+        for pop in ("ams", "fra"):
+            targets = [n["grpc"] for n in nodes if n["pop"] == pop]
+            async with Client(targets) as c:
+                assert len(c.table.members) == 2
+                assert c.pops == {"ams": 1, "fra": 2}
+                (r,) = await c.claim([flow], pop=pop)
+                assert r.status == Status.CREATED
+                (r,) = await c.lookup([flow])
+                assert r.owner_pop == c.pops[pop]
+        proc.send_signal(signal.SIGTERM)
+        rest = await read_until(proc.stdout, "cluster stopped", timeout_s=30)
+        assert rest[-1] == "cluster stopped"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert not any(alive(p) for p in pids)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+async def test_cluster_rejects_bad_arguments() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dht",
+        "cluster",
+        "--pops",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert b"--pops and --nodes-per-pop must be >= 1" in err
