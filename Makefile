@@ -3,7 +3,7 @@ PY ?= python3
 PROTO_SRC := protos/dht/v1/dht.proto
 PROTO_OUT := dht/_proto
 
-.PHONY: help proto proto-check lint typecheck test test-unit test-integration test-system bench cluster
+.PHONY: help proto proto-check lint typecheck test test-unit test-integration test-system bench cluster compose-check demo
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -37,3 +37,9 @@ bench: ## benchmarks (never part of the test suite)
 
 cluster: ## a local 1-PoP cluster of 3 nodes
 	$(PY) -m dht cluster --pops 1 --nodes-per-pop 3
+
+compose-check: ## validate docker-compose.yml offline (compose spec schema, docker-compose v1 if present)
+	PYTHON=$(PY) bash scripts/validate_compose.sh
+
+demo: ## the quick start's main job
+	$(PY) -m dht demo

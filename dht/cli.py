@@ -4,6 +4,7 @@
     dht cluster  run a local cluster of node processes
     dht ctl      query and mutate records on a running node
     dht demo     start a local cluster, do real work with it, print what happened
+    dht bench    benchmark batch lookups against a local cluster
 
 Exit status: 0 success, 1 runtime failure (unreachable node, ...), 2 bad input.
 """
@@ -292,7 +293,10 @@ async def run_ctl(args: argparse.Namespace) -> int:
         results = await getattr(client, args.op)(keys, **kwargs)
         for key, r in zip(keys, results, strict=True):
             print(json.dumps({"flow": str(key), **result_to_dict(r, names)}))
-    return 0
+    # Every key was answered, but some only with "unavailable": the caller must retry.
+    from dht.record import Status
+
+    return 1 if any(r.status == Status.UNAVAILABLE for r in results) else 0
 
 
 # --------------------------------------------------------------------------- main
@@ -307,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_parser(sub)
     add_cluster_parser(sub)
     add_ctl_parser(sub)
+    from dht.bench import add_bench_parser
     from dht.demo import add_demo_parser
 
     add_demo_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -324,9 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     runners = {"node": run_node, "cluster": run_cluster, "ctl": run_ctl}
+    from dht.bench import run_bench
     from dht.demo import run_demo
 
     runners["demo"] = run_demo
+    runners["bench"] = run_bench
     try:
         with contextlib.suppress(KeyboardInterrupt):
             return asyncio.run(runners[args.command](args))

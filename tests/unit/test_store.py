@@ -1,0 +1,673 @@
+"""The flow record store: layout, capacity, quota and expiry (DESIGN sections 4 and 5).
+
+No sockets, no sleeps: time is a number handed to every call, and the HLC reads a fake
+wall clock. The last test checks the store against a dict-of-Record model built from
+the same pure decisions (dht.record) over random operation sequences.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dht import wire
+from dht.errors import ConfigError
+from dht.record import (
+    Acting,
+    Decision,
+    HybridClock,
+    Record,
+    State,
+    Status,
+    TtlPolicy,
+    decide_claim,
+    decide_confirm,
+    decide_lookup,
+    decide_refresh,
+    decide_release,
+    hlc_pack,
+    merge,
+)
+from dht.store import FlowStore, StoreLimits
+from dht.wire import KeyArray, ResultArray, U64Array
+
+T0 = 1_700_000_000_000
+POLICY = TtlPolicy(
+    embryonic_ms=10_000,
+    established_tcp_ms=600_000,
+    established_udp_ms=120_000,
+    tombstone_extra_ms=1_000,
+)
+
+A4 = "tcp/198.51.100.7:51000/192.0.2.1:443"
+B4 = "udp/198.51.100.7:51001/192.0.2.1:53"
+C4 = "tcp/198.51.100.8:51000/192.0.2.1:443"
+A6 = "tcp/[2001:db8:0:1::7]:51000/[2001:db8::1]:443"
+B6 = "udp/[2001:db8:0:1::8]:51000/[2001:db8::1]:443"  # same /64 as A6
+C6 = "tcp/[2001:db8:0:2::7]:51000/[2001:db8::1]:443"
+
+
+@dataclass
+class Env:
+    """A store with a fake wall clock the test moves."""
+
+    limits: StoreLimits = field(default_factory=StoreLimits)
+    now: int = T0
+
+    def __post_init__(self) -> None:
+        self.clock = HybridClock(1000, wall_ms=lambda: self.now)
+        self.store = FlowStore(POLICY, self.limits, self.clock)
+
+    def claim(self, *flows: str, pop: int = 1, server: int = 0, ttl: int | None = None):
+        return self.store.claim(*keys(*flows), pop=pop, server=server, ttl_ms=ttl, now_ms=self.now)
+
+    def confirm(self, *flows: str, pop: int = 1, server: int = 0, ttl: int | None = None):
+        return self.store.confirm(
+            *keys(*flows), pop=pop, server=server, ttl_ms=ttl, now_ms=self.now
+        )
+
+    def refresh(self, *flows: str, pop: int = 1, ttl: int | None = None):
+        return self.store.refresh(*keys(*flows), pop=pop, ttl_ms=ttl, now_ms=self.now)
+
+    def release(self, *flows: str, pop: int = 1):
+        return self.store.release(*keys(*flows), pop=pop, now_ms=self.now)
+
+    def lookup(self, *flows: str):
+        return self.store.lookup(*keys(*flows), self.now)
+
+    def get(self, flow: str) -> Record | None:
+        return self.store.get(wire.parse_flow(flow).to_bytes())
+
+
+def keys(*flows: str) -> tuple[KeyArray, U64Array]:
+    raw = b"".join(wire.parse_flow(f).to_bytes() for f in flows)
+    return wire.decode_keys(raw, max_keys=10**6), wire.key_hashes(raw)
+
+
+def packed(raw: bytes) -> tuple[KeyArray, U64Array]:
+    return wire.decode_keys(raw, max_keys=10**6), wire.key_hashes(raw)
+
+
+def statuses(res: ResultArray) -> list[Status]:
+    return [Status(int(s)) for s in res["status"]]
+
+
+def shown(res: ResultArray, i: int = 0) -> Record:
+    r = res[i]
+    return Record(
+        int(r["owner_pop"]),
+        int(r["owner_server"]),
+        State(int(r["state"])),
+        int(r["birth_hlc"]),
+        int(r["birth_pop"]),
+        int(r["generation"]),
+        int(r["expiry_ms"]),
+    )
+
+
+def random_keys(rng: np.random.Generator, n: int, v6_share: float = 0.3) -> bytes:
+    """n distinct random flow keys, IPv4 and IPv6 mixed."""
+    raw = np.zeros((n, wire.KEY_SIZE), dtype=np.uint8)
+    raw[:, 0] = wire.KIND_FLOW
+    raw[:, 1] = rng.choice([6, 17], n)
+    raw[:, 2:18] = rng.integers(0, 256, (n, 16))
+    raw[:, 20:36] = rng.integers(0, 256, (n, 16))
+    raw[:, 2] = 0x20  # never IPv4-mapped by accident
+    raw[:, 20] = 0x20
+    v4 = rng.random(n) >= v6_share
+    for start in (2, 20):
+        raw[v4, start : start + 10] = 0
+        raw[v4, start + 10 : start + 12] = 0xFF
+    raw[:, 18:20] = rng.integers(1, 256, (n, 2))  # ports never 0
+    raw[:, 36:38] = rng.integers(1, 256, (n, 2))
+    return np.unique(raw, axis=0).tobytes()
+
+
+# --------------------------------------------------------------------------- basics
+
+
+@pytest.mark.parametrize("flow", [A4, A6])
+def test_claim_confirm_refresh_release_lifecycle(flow: str) -> None:
+    env = Env()
+    res = env.claim(flow, pop=3, server=7)
+    assert statuses(res) == [Status.CREATED]
+    rec = shown(res)
+    assert rec == Record(3, 7, State.EMBRYONIC, hlc_pack(T0, 0), 3, 1, T0 + 10_000)
+    assert env.get(flow) == rec
+    assert shown(env.lookup(flow)) == rec
+    assert statuses(env.lookup(flow)) == [Status.OK]
+
+    env.now += 1_000
+    res = env.confirm(flow, pop=3, server=7)
+    assert statuses(res) == [Status.OK]
+    assert shown(res).state == State.ESTABLISHED
+    assert shown(res).birth_hlc == rec.birth_hlc  # birth never changes
+    assert shown(res).expiry_ms == env.now + 600_000
+
+    env.now += 5_000
+    res = env.refresh(flow, pop=3, ttl=900_000)
+    assert statuses(res) == [Status.OK]
+    assert shown(res).expiry_ms == env.now + 900_000
+
+    res = env.release(flow, pop=3)
+    assert statuses(res) == [Status.OK]
+    tomb = env.get(flow)
+    assert tomb is not None and tomb.state == State.RELEASED
+    assert tomb.expiry_ms == env.now + 900_000 + 1_000  # outlives the record + max offset
+    assert statuses(env.lookup(flow)) == [Status.NOT_FOUND]
+    assert statuses(env.release(flow, pop=3)) == [Status.OK]  # releasing again is fine
+    assert statuses(env.refresh(flow, pop=3)) == [Status.NOT_FOUND]
+    family = "ipv4" if flow == A4 else "ipv6"
+    assert env.store.counts()[(family, "released")] == 1
+    assert len(env.store) == 1
+
+
+def test_udp_gets_udp_ttl_and_not_found_rows_are_empty() -> None:
+    env = Env()
+    res = env.confirm(B4, C6)
+    assert shown(res, 0).expiry_ms == T0 + 120_000  # udp
+    assert shown(res, 1).expiry_ms == T0 + 600_000  # tcp
+    res = env.lookup(A4, B4, A6)
+    assert statuses(res) == [Status.NOT_FOUND, Status.OK, Status.NOT_FOUND]
+    for i in (0, 2):
+        row = res[i].tolist()
+        assert row[0] == Status.NOT_FOUND and not any(row[1:])
+
+
+@pytest.mark.parametrize("flow", [A4, A6])
+def test_expiry_checked_on_read(flow: str) -> None:
+    env = Env()
+    env.claim(flow)
+    env.now = T0 + 10_000 - 1
+    assert statuses(env.lookup(flow)) == [Status.OK]
+    env.now = T0 + 10_000
+    assert statuses(env.lookup(flow)) == [Status.NOT_FOUND]
+    assert statuses(env.refresh(flow)) == [Status.NOT_FOUND]
+    assert statuses(env.release(flow)) == [Status.NOT_FOUND]
+    assert env.get(flow) is not None  # still stored until purged
+    assert env.store.get(wire.parse_flow(flow).to_bytes(), now_ms=env.now) is None
+
+
+def test_claim_is_create_once() -> None:
+    env = Env()
+    first = shown(env.claim(A4, A6, pop=1, server=4))
+    before = env.store.export()[2]
+    for op in (env.claim, env.confirm):
+        res = op(A4, A6, pop=2)
+        assert statuses(res) == [Status.OWNED_ELSEWHERE] * 2
+        assert shown(res).owner_pop == 1 and shown(res).owner_server == 4
+    assert statuses(env.refresh(A4, pop=2)) == [Status.OWNED_ELSEWHERE]
+    assert statuses(env.release(A4, pop=2)) == [Status.OWNED_ELSEWHERE]
+    assert env.store.export()[2] == before
+    # The owner's own claim refreshes and keeps the birth.
+    env.now += 3_000
+    res = env.claim(A4, pop=1)
+    assert statuses(res) == [Status.ALREADY_OWNED]
+    assert shown(res).birth_hlc == first.birth_hlc
+    assert shown(res).expiry_ms == env.now + 10_000
+
+
+def test_generation_grows_over_release_and_expiry() -> None:
+    env = Env()
+    assert shown(env.claim(A6, pop=1)).generation == 1
+    env.release(A6, pop=1)
+    res = env.claim(A6, pop=2)
+    assert statuses(res) == [Status.CREATED]
+    assert (shown(res).generation, shown(res).owner_pop) == (2, 2)
+    env.now += 10_000  # the embryo expires
+    res = env.claim(A6, pop=3)
+    assert statuses(res) == [Status.CREATED]
+    assert (shown(res).generation, shown(res).owner_pop) == (3, 3)
+    env.now += 10_000
+    res = env.confirm(A6, pop=1)
+    assert (statuses(res), shown(res).generation) == ([Status.CREATED], 4)
+    assert len(env.store) == 1
+
+
+def test_tombstone_hides_the_flow_and_is_purged_only_after_its_expiry() -> None:
+    env = Env()
+    env.confirm(A4, pop=1)
+    env.release(A4, pop=1)
+    tomb = env.get(A4)
+    assert tomb is not None
+    assert statuses(env.lookup(A4)) == [Status.NOT_FOUND]
+    assert env.store.purge_expired(tomb.expiry_ms - 1) == 0
+    assert env.get(A4) == tomb
+    assert env.store.purge_expired(tomb.expiry_ms) == 1
+    assert env.get(A4) is None and len(env.store) == 0
+    assert env.store.expirations == 1
+    assert sum(env.store.counts().values()) == 0
+
+
+def test_duplicate_keys_in_one_batch_apply_in_order() -> None:
+    env = Env()
+    res = env.claim(A4, A6, A4, B4, A6)
+    assert statuses(res) == [
+        Status.CREATED,
+        Status.CREATED,
+        Status.ALREADY_OWNED,
+        Status.CREATED,
+        Status.ALREADY_OWNED,
+    ]
+    assert shown(res, 0).birth_hlc == shown(res, 2).birth_hlc
+    assert len(env.store) == 3
+    res = env.confirm(C4, C4, A4)
+    assert statuses(res) == [Status.CREATED, Status.OK, Status.OK]
+    assert shown(res, 1).state == State.ESTABLISHED
+    res = env.release(A4, A4)
+    assert statuses(res) == [Status.OK, Status.OK]
+    assert env.get(A4) is not None and env.get(A4).state == State.RELEASED
+    # Claim over the tombstone, then the owner's claim again, in one batch.
+    res = env.claim(A4, A4, pop=2)
+    assert statuses(res) == [Status.CREATED, Status.ALREADY_OWNED]
+    assert shown(res, 1).generation == 2
+    assert env.store.counts()[("ipv4", "embryonic")] == 2  # A4 and B4
+    # merge_in of two copies of one key: the merge of both wins.
+    k, h = keys(C6, C6)
+    low = Record(5, 0, State.ESTABLISHED, 10, 5, 1, T0 + 50)
+    high = Record(6, 0, State.ESTABLISHED, 20, 6, 2, T0 + 40)
+    assert env.store.merge_in(k, h, [high, low]) == 0
+    assert env.get(C6) == high
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_growth_through_many_resizes_then_delete_and_reuse() -> None:
+    env = Env()
+    raw = random_keys(np.random.default_rng(7), 50_000)
+    n = len(raw) // wire.KEY_SIZE
+    step = 1000 * wire.KEY_SIZE
+    for start in range(0, len(raw), step):
+        k, h = packed(raw[start : start + step])
+        res = env.store.claim(k, h, pop=1, server=2, ttl_ms=60_000, now_ms=env.now)
+        assert (res["status"] == Status.CREATED).all()
+    assert len(env.store) == n
+    tables = env.store._tables
+    assert all(len(t.index) >= 16 * 1024 for t in tables)  # grew from 1024 several times
+    k, h = packed(raw)
+    res = env.store.lookup(k, h, env.now)
+    assert (res["status"] == Status.OK).all()
+    assert (res["owner_server"] == 2).all()
+
+    # Release every other key, let the tombstones run out, purge them all.
+    k2, h2 = packed(b"".join(raw[i : i + 40] for i in range(0, len(raw), 80)))
+    assert (env.store.release(k2, h2, pop=1, now_ms=env.now)["status"] == Status.OK).all()
+    keep, keep_h = packed(b"".join(raw[i + 40 : i + 80] for i in range(0, len(raw) - 40, 80)))
+    env.store.refresh(keep, keep_h, pop=1, ttl_ms=3_600_000, now_ms=env.now)
+    env.now += 61_001
+    while env.store.purge_expired(env.now, budget=10_000):
+        pass
+    assert len(env.store) == len(keep)
+    res = env.store.lookup(keep, keep_h, env.now)
+    assert (res["status"] == Status.OK).all()
+    res = env.store.lookup(k2, h2, env.now)
+    assert (res["status"] == Status.NOT_FOUND).all()
+
+    # New keys reuse the freed rows instead of growing the tables.
+    high = [t.high for t in tables]
+    fresh = random_keys(np.random.default_rng(8), 20_000)
+    fk, fh = packed(fresh)
+    res = env.store.confirm(fk, fh, pop=4, server=0, ttl_ms=None, now_ms=env.now)
+    assert (res["status"] == Status.CREATED).all()
+    assert [t.high for t in tables] == high
+    assert (env.store.lookup(keep, keep_h, env.now)["status"] == Status.OK).all()
+    assert (env.store.lookup(fk, fh, env.now)["owner_pop"] == 4).all()
+    assert len(env.store) == len(keep) + len(fk)
+
+
+def test_purge_honours_the_budget_and_rotates() -> None:
+    env = Env()
+    flows4 = [f"tcp/10.0.0.{i}:1000/192.0.2.1:443" for i in range(1, 11)]
+    flows6 = [f"tcp/[2001:db8::{i}]:1000/[2001:db8::1]:443" for i in range(1, 11)]
+    env.claim(*flows4[::2], *flows6[::2])  # embryos: expire at T0 + 10 s
+    env.confirm(*flows4[1::2], *flows6[1::2])  # established: live on
+    env.now += 10_000
+    removed = []
+    for _ in range(4):  # 20 rows, 5 per call: each row is seen exactly once
+        got = env.store.purge_expired(env.now, budget=5)
+        assert got <= 5
+        removed.append(got)
+    assert sum(removed) == 10
+    assert env.store.expirations == 10
+    assert env.store.purge_expired(env.now, budget=100) == 0
+    assert len(env.store) == 10
+    assert env.store.counts()[("ipv4", "established")] == 5
+    assert env.store.counts()[("ipv6", "embryonic")] == 0
+
+
+def test_export_round_trips_canonical_keys() -> None:
+    env = Env()
+    flows = [A4, B4, C4, A6, B6, C6]
+    env.claim(*flows)
+    env.release(B6)
+    k, h, recs = env.store.export()
+    assert sorted(k.tobytes()[i : i + 40] for i in range(0, 240, 40)) == sorted(
+        wire.parse_flow(f).to_bytes() for f in flows
+    )
+    assert list(wire.key_hashes(k.tobytes())) == list(h)
+    assert sorted(str(wire.flow_from_record(r)) for r in k) == sorted(flows)
+    for i, rec in enumerate(recs):
+        assert env.store.get(k[i : i + 1].tobytes()) == rec
+    # A copy exported from one store merges into another unchanged.
+    other = Env()
+    assert other.store.merge_in(k, h, recs) == 0
+    assert other.store.export()[2] == recs
+    # A vectorised filter on the hashes selects a subset (e.g. one partition).
+    k2, h2, recs2 = env.store.export(lambda hs: hs % np.uint64(2) == 0)
+    assert list(h2) == [x for x in h if x % 2 == 0]
+    assert len(recs2) == len(k2) == len(h2)
+    empty = Env().store.export()
+    assert (len(empty[0]), len(empty[1]), empty[2]) == (0, 0, [])
+
+
+# --------------------------------------------------------------------------- capacity
+
+
+def test_soft_limit_refuses_only_new_embryonic_claims() -> None:
+    env = Env(StoreLimits(max_records=3, hard_max_records=5))
+    assert statuses(env.claim(A4, B4, A6)) == [Status.CREATED] * 3
+    res = env.claim(C4, C6)
+    assert statuses(res) == [Status.REFUSED_FULL] * 2
+    assert not any(res[0].tolist()[1:])  # a refusal shows no record
+    assert env.store.refusals == {"full": 2, "quota": 0, "hard": 0}
+    assert len(env.store) == 3
+    assert statuses(env.claim(A4)) == [Status.ALREADY_OWNED]  # the owner's claim works
+    assert statuses(env.refresh(B4)) == [Status.OK]
+    assert statuses(env.claim(A4, pop=2)) == [Status.OWNED_ELSEWHERE]
+    # Confirm is not refused by the soft limit, only at the hard ceiling.
+    assert statuses(env.confirm(A4, C4, C6)) == [Status.OK, Status.CREATED, Status.CREATED]
+    res = env.confirm(B6)
+    assert statuses(res) == [Status.REFUSED_FULL]
+    assert env.store.refusals["hard"] == 1
+    assert len(env.store) == 5
+    # A claim over an expired record is a new claim: refused while full.
+    env.now += 10_000
+    assert statuses(env.claim(B4)) == [Status.REFUSED_FULL]
+
+
+def test_merge_in_applies_up_to_the_hard_ceiling() -> None:
+    env = Env(StoreLimits(max_records=1, hard_max_records=3))
+    est = Record(2, 0, State.ESTABLISHED, hlc_pack(T0, 0), 2, 1, T0 + 60_000)
+    k, h = keys(A4, B4, A6, B6)
+    assert env.store.merge_in(k, h, [est] * 4) == 1
+    assert len(env.store) == 3
+    assert env.store.over_hard_limit
+    assert env.store.refusals["hard"] == 1
+    assert env.get(B6) is None
+    # A copy of a key already held is still applied at the ceiling.
+    newer = Record(3, 0, State.ESTABLISHED, hlc_pack(T0, 5), 3, 2, T0 + 60_000)
+    assert env.store.merge_in(*keys(A4), [newer]) == 0
+    assert env.get(A4) == newer
+    # Live established records are never evicted: only expiry makes room.
+    env.now += 60_000
+    assert env.store.purge_expired(env.now) == 3
+    assert not env.store.over_hard_limit
+
+
+def test_quota_per_ipv4_prefix_freed_by_confirm_release_and_purge() -> None:
+    env = Env(StoreLimits(embryonic_quota_per_prefix=2))
+    a, b, c, d = (f"tcp/198.51.100.7:{p}/192.0.2.1:443" for p in (1, 2, 3, 4))
+    other = "tcp/198.51.100.8:1/192.0.2.1:443"
+    assert statuses(env.claim(a, b, c, other)) == [
+        Status.CREATED,
+        Status.CREATED,
+        Status.REFUSED_QUOTA,
+        Status.CREATED,
+    ]
+    assert env.store.refusals["quota"] == 1
+    env.confirm(a)  # no longer embryonic
+    assert statuses(env.claim(c, d)) == [Status.CREATED, Status.REFUSED_QUOTA]
+    env.release(b)
+    assert statuses(env.claim(d)) == [Status.CREATED]
+    assert statuses(env.claim(b)) == [Status.REFUSED_QUOTA]  # over its own tombstone
+    env.now += 10_000  # the embryos c and d expire but still count until purged...
+    assert statuses(env.claim(b)) == [Status.REFUSED_QUOTA]
+    # ...except that a key re-claiming over its own expired embryo adds none.
+    assert statuses(env.claim(c)) == [Status.CREATED]
+    env.store.purge_expired(env.now)  # d goes
+    assert statuses(env.claim(b)) == [Status.CREATED]
+
+
+def test_quota_prefix_lengths_are_configurable() -> None:
+    env = Env(StoreLimits(embryonic_quota_per_prefix=1, prefix_v4=24))
+    res = env.claim(
+        "tcp/198.51.100.7:1/192.0.2.1:443",
+        "tcp/198.51.100.9:1/192.0.2.1:443",  # same /24
+        "tcp/198.51.101.7:1/192.0.2.1:443",
+    )
+    assert statuses(res) == [Status.CREATED, Status.REFUSED_QUOTA, Status.CREATED]
+
+
+def test_quota_per_ipv6_64_is_shared_by_its_clients() -> None:
+    env = Env(StoreLimits(embryonic_quota_per_prefix=1))
+    assert statuses(env.claim(A6, B6, C6)) == [
+        Status.CREATED,
+        Status.REFUSED_QUOTA,  # B6's client shares A6's /64
+        Status.CREATED,
+    ]
+    env.confirm(A6)
+    assert statuses(env.claim(B6)) == [Status.CREATED]
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigError):
+        StoreLimits(max_records=10, hard_max_records=5)
+    with pytest.raises(ConfigError):
+        StoreLimits(prefix_v4=33)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def test_merge_in_follows_the_merge_rules() -> None:
+    env = Env()
+    k, h = keys(A4)
+    base = Record(1, 0, State.ESTABLISHED, 100, 1, 2, T0 + 1_000)
+    env.store.merge_in(k, h, [base])
+    older_gen = Record(2, 0, State.ESTABLISHED, 50, 2, 1, T0 + 9_000)
+    env.store.merge_in(k, h, [older_gen])
+    assert env.get(A4) == base  # lower generation loses
+    later_birth = Record(2, 0, State.ESTABLISHED, 200, 2, 2, T0 + 9_000)
+    env.store.merge_in(k, h, [later_birth])
+    assert env.get(A4) == base  # same generation: the earlier birth wins
+    earlier_birth = Record(3, 0, State.EMBRYONIC, 90, 3, 2, T0 + 500)
+    env.store.merge_in(k, h, [earlier_birth])
+    assert env.get(A4) == earlier_birth
+    assert env.store.counts()[("ipv4", "embryonic")] == 1
+    released = Record(3, 0, State.RELEASED, 90, 3, 2, T0 + 100)
+    env.store.merge_in(k, h, [released])
+    assert env.get(A4) == Record(3, 0, State.RELEASED, 90, 3, 2, T0 + 500)  # max expiry
+    assert env.store.counts()[("ipv4", "embryonic")] == 0
+    newer_gen = Record(4, 1, State.ESTABLISHED, 10, 4, 3, T0 + 100)
+    env.store.merge_in(k, h, [newer_gen])
+    assert env.get(A4) == newer_gen
+    assert statuses(env.lookup(A4)) == [Status.OK]
+
+
+# --------------------------------------------------------------------------- model
+
+
+POOL = [A4, B4, C4, A6, B6, C6]
+POOL_RAW = [wire.parse_flow(f).to_bytes() for f in POOL]
+MODEL_LIMITS = StoreLimits(max_records=4, hard_max_records=5, embryonic_quota_per_prefix=1)
+
+
+def _prefix(raw: bytes) -> tuple[bool, bytes]:
+    client = wire.FlowKey.from_bytes(raw).client
+    bits = MODEL_LIMITS.prefix_v4 if client.version == 4 else MODEL_LIMITS.prefix_v6
+    net = ipaddress.ip_network(f"{client}/{bits}", strict=False)
+    return client.version == 4, net.network_address.packed
+
+
+class Model:
+    """The store's contract over a plain dict, recounting everything from scratch."""
+
+    def __init__(self, clock: HybridClock) -> None:
+        self.clock = clock
+        self.recs: dict[bytes, Record] = {}
+        self.hard_refused = False
+
+    def embryos(self, raw: bytes) -> int:
+        mine = _prefix(raw)
+        return sum(
+            1 for k, r in self.recs.items() if r.state == State.EMBRYONIC and _prefix(k) == mine
+        )
+
+    def mutate(
+        self, op: str, batch: list[bytes], pop: int, server: int, ttl: int | None, now: int
+    ) -> ResultArray:
+        out = wire.new_results(len(batch))
+        for i, raw in enumerate(batch):
+            old = self.recs.get(raw)
+            act = Acting(pop, server, raw[1], now, ttl)
+            d: Decision
+            if op in ("claim", "confirm"):
+                birth = self.clock.now() if old is None or not old.live(now) else 0
+                d = (decide_claim if op == "claim" else decide_confirm)(old, act, POLICY, birth)
+            elif op == "refresh":
+                d = decide_refresh(old, act, POLICY)
+            elif op == "release":
+                d = decide_release(old, act, POLICY)
+            else:
+                d = decide_lookup(old, now)
+            if d.status == Status.CREATED and op == "claim":
+                own = old is not None and old.state == State.EMBRYONIC
+                if len(self.recs) >= MODEL_LIMITS.max_records:
+                    wire.put_result(out, i, Status.REFUSED_FULL, None)
+                    continue
+                if self.embryos(raw) - own >= MODEL_LIMITS.embryonic_quota_per_prefix:
+                    wire.put_result(out, i, Status.REFUSED_QUOTA, None)
+                    continue
+            if (
+                d.status == Status.CREATED
+                and op == "confirm"
+                and old is None
+                and len(self.recs) >= MODEL_LIMITS.hard_max_records
+            ):
+                self.hard_refused = True
+                wire.put_result(out, i, Status.REFUSED_FULL, None)
+                continue
+            if d.store is not None:
+                self.recs[raw] = d.store
+            wire.put_result(out, i, d.status, d.shown)
+        return out
+
+    def merge_in(self, batch: list[bytes], recs: list[Record]) -> int:
+        refused = 0
+        for raw, rec in zip(batch, recs, strict=True):
+            old = self.recs.get(raw)
+            if old is None and len(self.recs) >= MODEL_LIMITS.hard_max_records:
+                refused += 1
+                continue
+            self.recs[raw] = rec if old is None else merge(old, rec)
+        self.hard_refused |= refused > 0
+        return refused
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        out = {
+            (fam, s.name.lower()): 0
+            for fam in ("ipv4", "ipv6")
+            for s in (State.EMBRYONIC, State.ESTABLISHED, State.RELEASED)
+        }
+        for raw, rec in self.recs.items():
+            out[("ipv4" if _prefix(raw)[0] else "ipv6", rec.state.name.lower())] += 1
+        return out
+
+
+model_records = st.builds(
+    Record,
+    owner_pop=st.integers(1, 3),
+    owner_server=st.integers(0, 2),
+    state=st.sampled_from([State.EMBRYONIC, State.ESTABLISHED, State.RELEASED]),
+    birth_hlc=st.sampled_from([hlc_pack(T0 - 5, 0), hlc_pack(T0, 0), hlc_pack(T0 + 1, 0)]),
+    birth_pop=st.integers(1, 3),
+    generation=st.integers(1, 3),
+    expiry_ms=st.integers(T0 - 1_000, T0 + 200_000),
+)
+indices = st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=5)
+steps = st.one_of(
+    st.tuples(
+        st.sampled_from(["claim", "confirm", "refresh", "release", "lookup"]),
+        indices,
+        st.integers(1, 2),  # pop
+        st.integers(0, 2),  # server
+        st.sampled_from([None, 5_000]),  # ttl
+        st.sampled_from([0, 1, 3_000, 11_000, 130_000]),  # time advance
+    ),
+    st.tuples(st.just("merge"), indices, st.lists(model_records, min_size=5, max_size=5)),
+    st.tuples(st.just("purge"), st.integers(0, 8)),
+)
+
+
+def _check(store: FlowStore, model: Model) -> None:
+    k, _, recs = store.export()
+    got = {k[i : i + 1].tobytes(): r for i, r in enumerate(recs)}
+    assert got == model.recs
+    assert len(store) == len(model.recs)
+    assert store.counts() == model.counts()
+    assert store.over_hard_limit == (
+        model.hard_refused and len(model.recs) >= MODEL_LIMITS.hard_max_records
+    )
+
+
+@settings(
+    max_examples=200,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.lists(steps, max_size=25))
+def test_store_matches_a_dict_model(ops: list[tuple[object, ...]]) -> None:
+    now = [T0]
+
+    def wall() -> int:
+        return now[0]
+
+    store = FlowStore(POLICY, MODEL_LIMITS, HybridClock(1000, wall_ms=wall))
+    model = Model(HybridClock(1000, wall_ms=wall))
+    for step in ops:
+        if step[0] == "purge":
+            budget = step[1]
+            assert isinstance(budget, int)
+            before = dict(model.recs)
+            removed = store.purge_expired(now[0], budget=budget)
+            assert removed <= budget
+            left = set(_stored_keys(store))
+            gone = [raw for raw in before if raw not in left]
+            assert len(gone) == removed
+            for raw in gone:
+                assert model.recs.pop(raw).expiry_ms <= now[0]
+        elif step[0] == "merge":
+            _, idx, recs = step
+            batch = [POOL_RAW[i] for i in idx]
+            incoming = list(recs)[: len(batch)]
+            k, h = packed(b"".join(batch))
+            assert store.merge_in(k, h, incoming) == model.merge_in(batch, incoming)
+        else:
+            op, idx, pop, server, ttl, advance = step
+            now[0] += advance
+            batch = [POOL_RAW[i] for i in idx]
+            k, h = packed(b"".join(batch))
+            if op == "lookup":
+                got = store.lookup(k, h, now[0])
+            elif op == "refresh":
+                got = store.refresh(k, h, pop=pop, ttl_ms=ttl, now_ms=now[0])
+            elif op == "release":
+                got = store.release(k, h, pop=pop, now_ms=now[0])
+            else:
+                mutate = store.claim if op == "claim" else store.confirm
+                got = mutate(k, h, pop=pop, server=server, ttl_ms=ttl, now_ms=now[0])
+            want = model.mutate(str(op), batch, pop, server, ttl, now[0])
+            assert got.tolist() == want.tolist(), (op, got.tolist(), want.tolist())
+        _check(store, model)
+
+
+def _stored_keys(store: FlowStore) -> list[bytes]:
+    k = store.export()[0]
+    return [k[i : i + 1].tobytes() for i in range(len(k))]
