@@ -127,15 +127,6 @@ class StoreLimits:
             raise ConfigError("store limits: prefix_v4 must be 0..32 and prefix_v6 0..128")
 
 
-def _prefix_mask(bits: int, nbytes: int) -> U8Array:
-    mask = np.zeros(nbytes, dtype=np.uint8)
-    full, rest = divmod(bits, 8)
-    mask[:full] = 0xFF
-    if rest:
-        mask[full] = (0xFF << (8 - rest)) & 0xFF
-    return mask
-
-
 def _zeros(n: int, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """``np.zeros``, but a large array gets its own anonymous mmap, so its pages go back
     to the OS the moment it is dropped. From the heap they would not: after the first big
@@ -158,7 +149,7 @@ class _Table:
         self.columns = columns
         self.width = len(columns)
         self.addr_len = addr_len
-        self.prefix = _prefix_mask(bits, addr_len)
+        self.prefix = wire.mask_bits(bits, addr_len)
         self.dtype: np.dtype[np.void] = np.dtype(
             [
                 ("hash", "<u8"),

@@ -312,15 +312,16 @@ def prefix_mask(
     IPv4 part, the rest to /prefix_v6. Returns a new array."""
     v4 = is_mapped_v4(addrs)
     out = addrs.copy()
-    m4 = _mask_bits(96 + prefix_v4)
-    m6 = _mask_bits(prefix_v6)
+    m4 = mask_bits(96 + prefix_v4)
+    m6 = mask_bits(prefix_v6)
     out[v4] &= m4
     out[~v4] &= m6
     return out
 
 
-def _mask_bits(bits: int) -> npt.NDArray[np.uint8]:
-    mask = np.zeros(16, dtype=np.uint8)
+def mask_bits(bits: int, nbytes: int = 16) -> npt.NDArray[np.uint8]:
+    """A byte mask keeping the first ``bits`` bits of an ``nbytes``-byte address."""
+    mask = np.zeros(nbytes, dtype=np.uint8)
     full, rest = divmod(bits, 8)
     mask[:full] = 0xFF
     if rest:

@@ -109,3 +109,23 @@ async def test_ctl_unreachable_exit_1() -> None:
     )
     assert code == 1
     assert "GetPartitionTable" in err
+
+
+async def test_dht_node_bad_config_exits_2() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dht",
+        "node",
+        "--node-id",
+        "a",
+        "--pop",
+        "ams",
+        "--pops",
+        "fra=2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert b"pop 'ams' is not in pops" in err
