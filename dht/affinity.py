@@ -15,8 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from dht.digest import partition_sums, record_fingerprints
 from dht.record import Status
-from dht.wire import ResultArray, new_results
+from dht.wire import (
+    ENTRY_DTYPE,
+    EntryArray,
+    ResultArray,
+    U64Array,
+    affinity_keys,
+    key_hashes,
+    new_results,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,67 @@ class AffinityStore:
         merged = rec if old is None else merge_affinity(old, rec)
         self._records[prefix] = merged
         return merged
+
+    # ------------------------------------------------------------------ replication
+
+    def copies(self, prefixes: npt.NDArray[np.uint8]) -> ResultArray:
+        """Raw stored copies (expired included), for quorum reads."""
+        out = new_results(len(prefixes))
+        out["status"] = Status.NOT_FOUND
+        for i, prefix in enumerate(prefixes):
+            rec = self._records.get(prefix.tobytes())
+            if rec is not None:
+                _put(out, i, rec)
+        return out
+
+    def merge_entries(self, entries: EntryArray, now_ms: int, grace_ms: int) -> int:
+        """Apply copies (kind-2 entries); dead copies (expired beyond the grace) are
+        skipped and dead stored ones replaced. Returns the copies that changed a record."""
+        applied = 0
+        dead_before = now_ms - grace_ms
+        for key, rec in zip(entries["key"]["caddr"], entries["rec"], strict=True):
+            expiry = int(rec["expiry_ms"])
+            if expiry <= dead_before:
+                continue
+            prefix = key.tobytes()
+            new = Affinity(int(rec["owner_pop"]), int(rec["birth_hlc"]), expiry)
+            old = self._records.get(prefix)
+            merged = (
+                new if old is None or old.expiry_ms <= dead_before else merge_affinity(old, new)
+            )
+            if merged != old:
+                self._records[prefix] = merged
+                applied += 1
+        return applied
+
+    def _live(self, now_ms: int) -> tuple[npt.NDArray[np.uint8], ResultArray, U64Array]:
+        items = [(k, r) for k, r in self._records.items() if r.expiry_ms > now_ms]
+        prefixes = np.frombuffer(b"".join(k for k, _ in items), dtype=np.uint8).reshape(-1, 16)
+        recs = new_results(len(items))
+        for i, (_, r) in enumerate(items):
+            _put(recs, i, r)
+        hashes = key_hashes(affinity_keys(prefixes))
+        return prefixes, recs, hashes
+
+    def partition_digests(
+        self, num_partitions: int, now_ms: int
+    ) -> tuple[U64Array, npt.NDArray[np.uint32]]:
+        _, recs, hashes = self._live(now_ms)
+        return partition_sums(
+            hashes % np.uint64(num_partitions), record_fingerprints(hashes, recs), num_partitions
+        )
+
+    def export_entries(
+        self, partitions: npt.NDArray[np.intp] | None, num_partitions: int, now_ms: int
+    ) -> EntryArray:
+        prefixes, recs, hashes = self._live(now_ms)
+        if partitions is not None:
+            keep = np.isin(hashes % np.uint64(num_partitions), partitions.astype(np.uint64))
+            prefixes, recs = prefixes[keep], recs[keep]
+        out = np.zeros(len(recs), dtype=ENTRY_DTYPE)
+        out["key"] = np.frombuffer(affinity_keys(prefixes), dtype=ENTRY_DTYPE["key"])
+        out["rec"] = recs
+        return out
 
     def purge_expired(self, now_ms: int, budget: int) -> int:
         """Remove expired records among the next ``budget`` keys of a rotating scan."""

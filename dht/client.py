@@ -7,13 +7,16 @@ its partition's primary, in batches, concurrently per node.
 A stale table costs at most one hop (the node forwards) or a MOVED answer (with
 ``no_forward=True``), after which the client refreshes its table and resends the moved
 keys; it never yields a wrong answer. Responses carry the node's epoch; a differing one
-triggers a table refresh too. Not safe to share across event loops.
+triggers a table refresh too. A node that fails a call (unreachable, timed out) is skipped
+for ``down_s`` seconds and its keys go to the partition's next replica, which coordinates
+after a quorum read. Not safe to share across event loops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -62,6 +65,7 @@ class Client:
         timeout_s: float = 5.0,
         no_forward: bool = False,
         max_moved_retries: int = 3,
+        down_s: float = 2.0,
     ) -> None:
         if not targets:
             raise InvalidArgument("targets", "at least one node address is needed")
@@ -69,6 +73,11 @@ class Client:
         self.timeout_s = timeout_s
         self.no_forward = no_forward
         self.max_moved_retries = max_moved_retries
+        # A node whose call failed is skipped for down_s seconds (then tried again).
+        self.down_s = down_s
+        self._down: dict[str, float] = {}
+        # (monotonic time, address) of every failed call: how long a dead node was tried.
+        self.failures: list[tuple[float, str]] = []
         self._creds = channel_credentials(tls) if tls else None
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub]] = {}
         self._table: PartitionMap | None = None
@@ -275,20 +284,49 @@ class Client:
     # ------------------------------------------------------------------ routing
 
     async def _routed(self, method: str, hashes: U64Array, request: object) -> ResultArray:
+        """Send every key to the first replica of its partition that is not marked down
+        (the primary, normally); keys answered UNAVAILABLE (or whose call failed) go to
+        the partition's next replica, MOVED keys again after a table refresh. Bounded:
+        at most replication_factor + max_moved_retries rounds."""
         if self._table is None:
             await self.refresh_table()
         out = new_results(len(hashes))
         pending = np.arange(len(hashes), dtype=np.intp)
-        for attempt in range(self.max_moved_retries + 1):
+        skip = np.zeros(len(hashes), dtype=np.intp)  # replicas already tried, per key
+        moved_rounds = 0
+        for _ in range(self.table.replication_factor + self.max_moved_retries + 1):
             table = self.table
-            stale = await self._send(method, table, hashes, pending, request, out)
-            moved = pending[out["status"][pending] == Status.MOVED]
+            stale, failed = await self._send(method, table, hashes, pending, skip, request, out)
+            status = out["status"][pending]
+            moved = pending[status == Status.MOVED]
+            retry = pending[(status == Status.UNAVAILABLE) & failed[pending]]
             if stale or moved.size:
                 await self.refresh_table()
-            if not moved.size or attempt == self.max_moved_retries:
+                moved_rounds += 1
+            skip[retry] += 1
+            retry = retry[skip[retry] < self.table.replication_factor]
+            if moved_rounds > self.max_moved_retries:
+                moved = moved[:0]
+            pending = np.union1d(moved, retry).astype(np.intp)
+            if not pending.size:
                 break
-            pending = moved
         return out
+
+    def _targets(
+        self, table: PartitionMap, parts: npt.NDArray[np.uint16], skip: npt.NDArray[np.intp]
+    ) -> npt.NDArray[np.int32]:
+        """Per key: the replica to try, skipping ``skip`` replicas and any marked down."""
+        now = time.monotonic()
+        up = np.array([self._down.get(m.address, 0.0) <= now for m in table.members])
+        reps = table.replicas[parts]  # (n, rf)
+        usable = up[reps]
+        usable &= np.arange(reps.shape[1]) >= np.minimum(skip, reps.shape[1] - 1)[:, None]
+        first = np.argmax(usable, axis=1)
+        # Every replica marked down: try the next one in order anyway (it may be back).
+        fallback = np.minimum(skip, reps.shape[1] - 1)
+        col = np.where(usable.any(axis=1), first, fallback)
+        targets: npt.NDArray[np.int32] = reps[np.arange(len(reps)), col].astype(np.int32)
+        return targets
 
     async def _send(
         self,
@@ -296,25 +334,25 @@ class Client:
         table: PartitionMap,
         hashes: U64Array,
         pending: npt.NDArray[np.intp],
+        skip: npt.NDArray[np.intp],
         request: object,
         out: ResultArray,
-    ) -> bool:
-        """Send ``pending`` keys to their primaries; fill ``out``. True if any node
-        answered with another epoch (our table is stale)."""
-        owners = table.primaries[table.partitions_of(hashes[pending])]
+    ) -> tuple[bool, npt.NDArray[np.bool_]]:
+        """Send ``pending`` keys to their replicas; fill ``out``. Returns whether any
+        node answered with another epoch (our table is stale), and per key whether it
+        is worth trying another replica (UNAVAILABLE)."""
+        targets = self._targets(table, table.partitions_of(hashes[pending]), skip[pending])
         limit = self._table_pb.max_batch_keys if self._table_pb else 10_000
         calls = []
-        for owner in np.unique(owners):
-            idx = pending[owners == owner]
-            address = table.members[int(owner)].address
+        for target in np.unique(targets):
+            idx = pending[targets == target]
+            address = table.members[int(target)].address
             for start in range(0, len(idx), limit):
-                calls.append(
-                    self._call(
-                        method, address, idx[start : start + limit], table.epoch, request, out
-                    )
-                )
+                chunk = idx[start : start + limit]
+                calls.append(self._call(method, address, chunk, table.epoch, request, out))
         epochs = await asyncio.gather(*calls)
-        return any(e != table.epoch for e in epochs)
+        failed = out["status"] == Status.UNAVAILABLE
+        return any(e not in (0, table.epoch) for e in epochs), failed
 
     async def _call(
         self,
@@ -331,9 +369,13 @@ class Client:
         except grpc.aio.AioRpcError as e:
             err = from_grpc(e.code(), e.details() or "")
             if isinstance(err, Unavailable):
+                # Route around this node for a while; the keys go to the next replica.
+                self._down[address] = time.monotonic() + self.down_s
+                self.failures.append((time.monotonic(), address))
                 out["status"][idx] = Status.UNAVAILABLE
-                return epoch
+                return 0
             raise err from None
+        self._down.pop(address, None)
         res = np.frombuffer(resp.results, dtype=out.dtype)
         if len(res) != len(idx):
             raise DhtError(f"{address} answered {len(res)} results for {len(idx)} keys")

@@ -81,8 +81,27 @@ class NodeConfig:
     # Expiry purge: a slice of the table every interval, never the whole table at once.
     purge_interval_s: float = 0.5
     purge_budget: int = 50_000
-    # Bound on a forwarded (one-hop) call to the owning node.
-    forward_timeout_ms: int = 2_000
+    # Acknowledged = held by this many replicas. None = a majority of the replicas.
+    write_quorum: int | None = None
+    # Bound on one node-to-node call (replication, quorum read, probe answer): no request
+    # waits on a dead or paused node longer than this.
+    rpc_timeout_ms: int = 1_000
+    # Bound on a forwarded (one-hop) call to the coordinating node, which may itself do a
+    # quorum read and a quorum write: more than twice rpc_timeout_ms.
+    forward_timeout_ms: int = 3_000
+    # Failure detection: every peer is pinged each probe interval; one that has not
+    # answered for failure_timeout_s (or refused a connection) is routed around until it
+    # answers again. 1 s / 3 s detects a dead node in ~3 s without flapping on a stall.
+    probe_interval_s: float = 1.0
+    probe_timeout_ms: int = 500
+    failure_timeout_s: float = 3.0
+    # Digests compared with every peer this often; differing partitions are exchanged.
+    anti_entropy_interval_s: float = 10.0
+    # Copies kept for an unreachable replica (per peer); beyond this anti-entropy repairs.
+    hint_limit: int = 200_000
+    # An event-loop gap this long means this process was paused (SIGSTOP, VM stall): it
+    # may have missed writes, so it resyncs before answering from its own copy again.
+    pause_threshold_ms: int = 1_500
     # Graceful stop: in-flight calls get this long before they are cancelled.
     shutdown_grace_s: float = 5.0
     tls: TlsConfig | None = None
@@ -97,6 +116,15 @@ class NodeConfig:
     @property
     def pop_id(self) -> int:
         return self.pops[self.pop]
+
+    @property
+    def replicas(self) -> int:
+        """Copies of each partition: replication_factor capped at the node count."""
+        return min(self.replication_factor, 1 + len(self.peers))
+
+    @property
+    def effective_write_quorum(self) -> int:
+        return self.write_quorum if self.write_quorum is not None else self.replicas // 2 + 1
 
     @property
     def advertised(self) -> str:
@@ -144,6 +172,17 @@ def validate(cfg: NodeConfig) -> None:
         bad("limits.max_records must not exceed limits.hard_max_records")
     if not 0 <= lim.prefix_v4 <= 32 or not 0 <= lim.prefix_v6 <= 128:
         bad("affinity/quota prefixes: prefix_v4 in 0..32, prefix_v6 in 0..128")
+    replicas = min(cfg.replication_factor, 1 + len(cfg.peers))
+    if cfg.write_quorum is not None and not 1 <= cfg.write_quorum <= replicas:
+        bad(
+            f"write_quorum {cfg.write_quorum} is impossible with {replicas} replicas "
+            f"(replication_factor {cfg.replication_factor}, {1 + len(cfg.peers)} nodes): "
+            f"want 1..{replicas}"
+        )
+    if cfg.forward_timeout_ms <= 2 * cfg.rpc_timeout_ms:
+        bad("forward_timeout_ms must exceed 2 * rpc_timeout_ms (a forward may read and write)")
+    if cfg.failure_timeout_s * 1000 <= cfg.probe_timeout_ms:
+        bad("failure_timeout_s must exceed probe_timeout_ms")
     peer_ids = [p.node_id for p in cfg.peers]
     if cfg.node_id in peer_ids:
         bad(f"peers must not include this node ({cfg.node_id})")
@@ -160,7 +199,20 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
     if profile == "test":
         # Short purge interval so expiry is observable quickly; generous forward timeout
         # as slack for stalls of a few hundred ms on 2-core CI machines.
-        return {"purge_interval_s": 0.1, "forward_timeout_ms": 5_000, "shutdown_grace_s": 2.0}
+        # Fast probes and anti-entropy so faults heal within a test's time, with slack
+        # (timeouts, failure and pause thresholds) for stalls of a few hundred ms on
+        # 2-core CI machines.
+        return {
+            "purge_interval_s": 0.1,
+            "shutdown_grace_s": 2.0,
+            "rpc_timeout_ms": 2_000,
+            "forward_timeout_ms": 5_000,
+            "probe_interval_s": 0.2,
+            "probe_timeout_ms": 1_000,
+            "failure_timeout_s": 2.0,
+            "anti_entropy_interval_s": 1.0,
+            "pause_threshold_ms": 1_000,
+        }
     return {}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # gRPC batch calls take 100 µs .. 100 ms; a forwarded call adds a loopback round trip.
@@ -66,8 +66,11 @@ def gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], 
     return fam
 
 
-def counter_as_gauge(name: str, doc: str, value: float) -> Metric:
-    """A monotonic count kept by a pure object (the store), exposed at scrape time."""
-    from prometheus_client.core import CounterMetricFamily
-
-    return CounterMetricFamily(name, doc, value=value)
+def counter(
+    name: str, doc: str, values: dict[tuple[str, ...], float], labels: list[str] | None = None
+) -> Metric:
+    """A monotonic count kept by a pure object (store, replicator), read at scrape time."""
+    fam = CounterMetricFamily(name, doc, labels=labels or [])
+    for label_values, value in values.items():
+        fam.add_metric(list(label_values), value)
+    return fam

@@ -1,16 +1,22 @@
-"""One DHT node: the store, placement and routing of batches, wired to gRPC and timers.
+"""One DHT node: the stores, routing of batches, and replication, wired to timers.
 
-Lifecycle (STYLE habit 6): ``await node.start()`` binds the gRPC server and the admin
-endpoint, then starts the background loops; ``await node.stop()`` stops accepting calls,
-gives in-flight calls ``shutdown_grace_s``, cancels the loops and closes channels. Safe to
-call twice; ``async with Node(cfg) as node`` does both.
+Routing (DESIGN section 3): each key is hashed to its partition. The partition's
+*coordinator* is its first replica that is up (the primary, unless it is down):
 
-Routing (DESIGN section 3): every key is hashed to its partition; keys whose partition's
-primary is this node are applied to the local store in one synchronous step (so claims on
-a partition are serialized by its primary); the others are forwarded, one hop, to their
-primary, or answered MOVED when the caller asked for that or the call was itself a
-forward. A stale client table is thus corrected by MOVED or absorbed by forwarding,
-never answered wrongly.
+* this node is the coordinator and an in-sync primary: the keys are applied to the local
+  store in one synchronous step (so claims are serialized by the primary), and written
+  changes are shipped to the other replicas before they are acknowledged;
+* this node is another replica, or a primary that is not in sync (just started, or was
+  paused): the same, after a quorum read has merged the other replicas' copies in;
+* otherwise the keys are forwarded one hop to the coordinator, or answered MOVED if the
+  caller asked for that or the call was itself a forward (never a second hop).
+
+A node is *in sync* once it has pulled the copies of all its partitions from the peers
+that are up: at start (a restarted node refills before /readyz says ready) and after a
+pause of its event loop longer than ``pause_threshold_ms`` (it may have missed writes).
+
+Lifecycle is in dht.server (gRPC) and the loops here: probe, anti-entropy, purge, pause
+detector, resync. Every task is owned; a failing loop is logged and shows in /readyz.
 """
 
 from __future__ import annotations
@@ -20,11 +26,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 from prometheus_client.core import Metric
@@ -33,15 +38,31 @@ from dht import metrics as m
 from dht.affinity import AffinityStore
 from dht.config import NodeConfig
 from dht.errors import InvalidArgument, NotReady
+from dht.peers import replica_mask
 from dht.placement import Member, PartitionMap
 from dht.record import HybridClock, Status
+from dht.replication import (
+    MergeResult,
+    PeerTransport,
+    PeerUnreachable,
+    ReplicationConfig,
+    Replicator,
+)
 from dht.store import FlowStore
 from dht.wire import (
+    ENTRY_DTYPE,
+    ENTRY_SIZE,
     FORMAT_VERSION,
+    KEY_DTYPE,
+    KEY_SIZE,
+    KIND_AFFINITY,
     KIND_FLOW,
+    EntryArray,
+    KeyArray,
     ResultArray,
     U64Array,
     affinity_keys,
+    check_batch_size,
     decode_clients,
     decode_keys,
     key_hashes,
@@ -62,9 +83,22 @@ class Op(Enum):
     SET_AFFINITY = "SetAffinity"
 
 
+MUTATING = {Op.CLAIM, Op.CONFIRM, Op.REFRESH, Op.RELEASE, Op.SET_AFFINITY}
+AFFINITY_OPS = {Op.GET_AFFINITY, Op.SET_AFFINITY}
+# Statuses under which a mutating call changed (or re-affirmed) the stored copy.
+_WRITTEN = np.array([Status.CREATED, Status.ALREADY_OWNED, Status.OK], dtype=np.uint8)
+
+
+class Action(IntEnum):
+    LOCAL = 0  # in-sync primary: local copy is authoritative
+    QUORUM = 1  # coordinate after a quorum read
+    FORWARD = 2
+    MOVED = 3
+
+
 @dataclass(frozen=True, slots=True)
 class BatchCall:
-    """A batch call as the node sees it, free of protobuf types (dht.api converts)."""
+    """A batch call as the node sees it, free of protobuf types (dht.convert converts)."""
 
     op: Op
     payload: bytes  # packed keys (flow ops) or packed 16-byte client addresses (affinity)
@@ -77,8 +111,28 @@ class BatchCall:
     forwarded: bool = False
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A validated batch: the canonical key records, their hashes and partitions, and
+    what each key needs for the local apply."""
+
+    call: BatchCall
+    keys40: npt.NDArray[np.uint8]  # (n, 40) canonical key records (affinity: masked)
+    payload_rows: npt.NDArray[np.uint8]  # (n, record size) rows of the call's payload
+    hashes: U64Array
+    parts: npt.NDArray[np.uint16]
+    pop: int
+    ttl_ms: int | None
+    flows: KeyArray | None  # KEY_DTYPE view (flow ops)
+    prefixes: npt.NDArray[np.uint8] | None  # (n, 16) masked prefixes (affinity ops)
+
+
 # Forwards a sub-batch to a member: (member, call) -> packed result records.
 Forwarder = Callable[[Member, BatchCall], Awaitable[bytes]]
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
 
 
 class Node:
@@ -90,7 +144,9 @@ class Node:
         self.affinity = AffinityStore()
         self.pop_id = config.pop_id
         self.pmap: PartitionMap | None = None
+        self.repl: Replicator | None = None
         self.self_index = -1
+        self._replicas: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         self.grpc_port = 0
         self.admin_port = 0
         self.forwarder: Forwarder | None = None  # set by the gRPC shell (dht.server)
@@ -98,29 +154,50 @@ class Node:
         self._stop = asyncio.Event()
         self.failed_loops: dict[str, str] = {}
         self.accepting = False
+        self.in_sync = False
+        self._resync: asyncio.Task[None] | None = None
+        self._last_tick_ms = _monotonic_ms()
+        self.pauses = 0
         self.metrics.add_gauges(self._gauges)
 
     # ------------------------------------------------------------------ membership
 
-    def set_membership(self, grpc_port: int, admin_port: int) -> None:
+    def set_membership(self, grpc_port: int, admin_port: int, transport: PeerTransport) -> None:
         """Static membership: this node plus its configured peers. Called once the real
         ports are known (the config may say 0 = pick a free port)."""
         cfg = self.config
         self.grpc_port, self.admin_port = grpc_port, admin_port
         admin = f"{cfg.advertised}:{admin_port}" if admin_port > 0 else ""
         me = Member(cfg.node_id, f"{cfg.advertised}:{grpc_port}", admin)
-        self.pmap = PartitionMap.build(
-            (me, *cfg.peers), cfg.num_partitions, cfg.replication_factor, cfg.vnodes
+        pmap = PartitionMap.build((me, *cfg.peers), cfg.num_partitions, cfg.replicas, cfg.vnodes)
+        self.pmap = pmap
+        self.self_index = pmap.index_of(cfg.node_id)
+        self._replicas = replica_mask(pmap, self.self_index)
+        self.repl = Replicator(
+            pmap,
+            self.self_index,
+            transport,
+            self,
+            ReplicationConfig(
+                write_quorum=cfg.effective_write_quorum,
+                rpc_timeout_ms=cfg.rpc_timeout_ms,
+                failure_timeout_ms=round(cfg.failure_timeout_s * 1000),
+                hint_limit=cfg.hint_limit,
+            ),
         )
-        self.self_index = self.pmap.index_of(cfg.node_id)
+        self.repl.on_peer_up = lambda member: self.spawn(
+            f"hints->{member.node_id}", self._deliver_hints(member)
+        )
         log.info(
-            "node %s (pop %s) epoch %d: %d members, rf %d, %d partitions as primary",
+            "node %s (pop %s) epoch %d: %d members, %d replicas, W=%d R=%d, primary of %d",
             cfg.node_id,
             cfg.pop,
-            self.pmap.epoch,
-            len(self.pmap.members),
-            self.pmap.replication_factor,
-            self.pmap.partition_counts(0)[self.self_index],
+            pmap.epoch,
+            len(pmap.members),
+            pmap.replication_factor,
+            cfg.effective_write_quorum,
+            self.repl.read_quorum,
+            pmap.partition_counts(0)[self.self_index],
         )
 
     @property
@@ -129,24 +206,31 @@ class Node:
             raise NotReady("node has not started")
         return self.pmap
 
+    @property
+    def replicator(self) -> Replicator:
+        if self.repl is None:
+            raise NotReady("node has not started")
+        return self.repl
+
     # ------------------------------------------------------------------ readiness
 
     def live(self) -> bool:
         return not self.failed_loops
 
     def readiness(self) -> tuple[bool, list[str]]:
-        """(ready, reasons it is not). Ready = serving and holding all its partitions
-        (with static membership and no persistence, a started node holds them all)."""
+        """(ready, reasons it is not). Ready = serving and holding all its partitions."""
         reasons = []
         if not self.accepting:
             reasons.append("not accepting calls (starting or stopping)")
+        if not self.in_sync:
+            reasons.append("refilling its partitions from the other replicas")
         if self.failed_loops:
             reasons.extend(f"background loop {k} failed: {v}" for k, v in self.failed_loops.items())
         if self.store.over_hard_limit:
             reasons.append("store is over its hard record ceiling")
         return (not reasons, reasons)
 
-    # ------------------------------------------------------------------ batch calls
+    # ------------------------------------------------------------------ validation
 
     def _now_ms(self) -> int:
         return self.clock.wall_ms()
@@ -170,141 +254,290 @@ class Node:
             )
         return ttl_ms
 
-    async def batch(self, call: BatchCall) -> bytes:
-        """Validate, route and apply one batch call; returns packed result records.
-
-        Raises InvalidArgument / LimitExceeded for malformed calls (nothing applied);
-        per-key outcomes are statuses in the results."""
-        if not self.accepting:
-            raise NotReady("node is not accepting calls")
+    def _validate(self, call: BatchCall) -> _Batch:
         if call.format_version != FORMAT_VERSION:
             raise InvalidArgument(
                 "format_version", f"{call.format_version} is not supported (want {FORMAT_VERSION})"
             )
-        if call.op in (Op.GET_AFFINITY, Op.SET_AFFINITY):
-            return await self._affinity_batch(call)
-        keys = decode_keys(call.payload, self.config.max_batch_keys, KIND_FLOW)
+        cfg = self.config
+        flows: KeyArray | None = None
+        prefixes: npt.NDArray[np.uint8] | None = None
+        if call.op in AFFINITY_OPS:
+            clients = decode_clients(call.payload, cfg.max_batch_keys)
+            prefixes = prefix_mask(cfg.limits.prefix_v4, cfg.limits.prefix_v6, clients)
+            if call.op is Op.SET_AFFINITY and call.pop == 0:
+                raise InvalidArgument("pop", "SetAffinity needs the preferred PoP id")
+            raw = affinity_keys(prefixes)
+            payload_rows = clients
+        else:
+            flows = decode_keys(call.payload, cfg.max_batch_keys, KIND_FLOW)
+            raw = call.payload
+            payload_rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, KEY_SIZE)
         pop = self._acting_pop(call.pop)
         ttl_ms = self._ttl_ms(call.ttl_s)
         if call.op in (Op.CLAIM, Op.CONFIRM) and not 0 <= call.server <= 65535:
             raise InvalidArgument("server", f"{call.server} outside 0..65535")
-        hashes = key_hashes(call.payload)
-        store = self.store
+        hashes = key_hashes(raw)
+        return _Batch(
+            call=call,
+            keys40=np.frombuffer(raw, dtype=np.uint8).reshape(-1, KEY_SIZE),
+            payload_rows=payload_rows,
+            hashes=hashes,
+            parts=self.table.partitions_of(hashes),
+            pop=pop,
+            ttl_ms=ttl_ms,
+            flows=flows,
+            prefixes=prefixes,
+        )
 
-        def apply(idx: npt.NDArray[np.intp] | None) -> ResultArray:
-            k, h = (keys, hashes) if idx is None else (keys[idx], hashes[idx])
-            now = self._now_ms()
-            if call.op is Op.LOOKUP:
-                return store.lookup(k, h, now)
-            if call.op is Op.CLAIM:
-                return store.claim(k, h, pop=pop, server=call.server, ttl_ms=ttl_ms, now_ms=now)
-            if call.op is Op.CONFIRM:
-                return store.confirm(k, h, pop=pop, server=call.server, ttl_ms=ttl_ms, now_ms=now)
-            if call.op is Op.REFRESH:
-                return store.refresh(k, h, pop=pop, ttl_ms=ttl_ms, now_ms=now)
-            return store.release(k, h, pop=pop, now_ms=now)
+    # ------------------------------------------------------------------ batch calls
 
-        out = await self._route(call, hashes, apply, lambda idx: keys[idx].tobytes())
+    async def batch(self, call: BatchCall) -> bytes:
+        """Validate, route and apply one batch call; returns packed result records.
+
+        Raises InvalidArgument / LimitExceeded for malformed calls (nothing applied);
+        per-key outcomes, including UNAVAILABLE, are statuses in the results."""
+        if not self.accepting:
+            raise NotReady("node is not accepting calls")
+        b = self._validate(call)
+        self._check_pause()
+        out = new_results(len(b.hashes))
+        actions, coord = self._plan(b)
+        work = []
+        for action in (Action.LOCAL, Action.QUORUM):
+            idx = np.flatnonzero(actions == action)
+            if idx.size:
+                work.append(self._coordinate(b, idx, action is Action.QUORUM, out))
+        out["status"][actions == Action.MOVED] = Status.MOVED
+        fwd = np.flatnonzero(actions == Action.FORWARD)
+        for target in np.unique(coord[fwd]):
+            work.append(self._forward(b, int(target), fwd[coord[fwd] == target], out))
+        await asyncio.gather(*work)
+        out["partition"] = b.parts
         self._count_keys(call.op, out)
         return out.tobytes()
 
-    async def _affinity_batch(self, call: BatchCall) -> bytes:
-        cfg = self.config
-        clients = decode_clients(call.payload, cfg.max_batch_keys)
-        prefixes = prefix_mask(cfg.limits.prefix_v4, cfg.limits.prefix_v6, clients)
-        setting = call.op is Op.SET_AFFINITY
-        if setting:
-            if call.pop == 0:
-                raise InvalidArgument("pop", "SetAffinity needs the preferred PoP id")
-            self._acting_pop(call.pop)
-        ttl_ms = self._ttl_ms(call.ttl_s) or cfg.ttl.max_ms
-        hashes = key_hashes(affinity_keys(prefixes))
-
-        def apply(idx: npt.NDArray[np.intp] | None) -> ResultArray:
-            p = prefixes if idx is None else prefixes[idx]
-            now = self._now_ms()
-            if setting:
-                return self.affinity.set(p, call.pop, self.clock.now(), now + ttl_ms)
-            return self.affinity.get(p, now)
-
-        out = await self._route(call, hashes, apply, lambda idx: clients[idx].tobytes())
-        self._count_keys(call.op, out)
-        return out.tobytes()
-
-    async def _route(
-        self,
-        call: BatchCall,
-        hashes: U64Array,
-        apply: Callable[[npt.NDArray[np.intp] | None], ResultArray],
-        payload_of: Callable[[npt.NDArray[np.intp]], bytes],
-    ) -> ResultArray:
-        pmap = self.table
-        parts = pmap.partitions_of(hashes)
-        owners = pmap.primaries[parts]
-        local = owners == self.self_index
-        if local.all():
-            out = apply(None)
+    def _plan(self, b: _Batch) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int16]]:
+        coord = self.replicator.coordinators()[b.parts]
+        me = coord == self.self_index
+        replica = self._replicas[b.parts]
+        authoritative = (self.table.primaries[b.parts] == self.self_index) & self.in_sync
+        actions = np.full(len(b.parts), Action.MOVED, dtype=np.uint8)
+        actions[me & authoritative] = Action.LOCAL
+        actions[me & ~authoritative] = Action.QUORUM
+        elsewhere = ~me
+        if b.call.forwarded or b.call.no_forward or self.forwarder is None:
+            # The caller chose this node; a replica can coordinate safely after a quorum
+            # read, anything else is MOVED (a forward is never forwarded again).
+            actions[elsewhere & replica] = Action.QUORUM
         else:
-            out = new_results(len(hashes))
-            local_idx = np.flatnonzero(local)
-            if local_idx.size:
-                out[local_idx] = apply(local_idx)
-            remote_idx = np.flatnonzero(~local)
-            if call.forwarded or call.no_forward or self.forwarder is None:
-                out["status"][remote_idx] = Status.MOVED
-            else:
-                await self._forward(call, owners, remote_idx, payload_of, out)
-        out["partition"] = parts
-        return out
+            actions[elsewhere & (coord >= 0)] = Action.FORWARD
+        return actions, coord
+
+    async def _coordinate(
+        self, b: _Batch, idx: npt.NDArray[np.intp], quorum: bool, out: ResultArray
+    ) -> None:
+        repl = self.replicator
+        if quorum:
+            ok = await repl.read_repair(b.keys40[idx].tobytes(), b.parts[idx])
+            out["status"][idx[~ok]] = Status.UNAVAILABLE
+            idx = idx[ok]
+            if not idx.size:
+                return
+        res = self._apply(b, idx)
+        if b.call.op in MUTATING:
+            written = np.flatnonzero(np.isin(res["status"], _WRITTEN))
+            if written.size:
+                widx = idx[written]
+                entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
+                acked = await repl.write(entries, b.parts[widx], b.call.op.value)
+                res["status"][written[~acked]] = Status.UNAVAILABLE
+        out[idx] = res
+
+    def _apply(self, b: _Batch, idx: npt.NDArray[np.intp]) -> ResultArray:
+        """Apply the call to the local stores for keys ``idx`` (one synchronous step)."""
+        now = self._now_ms()
+        op, call = b.call.op, b.call
+        if b.prefixes is not None:
+            prefixes = b.prefixes[idx]
+            if op is Op.SET_AFFINITY:
+                ttl = b.ttl_ms or self.config.ttl.max_ms
+                return self.affinity.set(prefixes, call.pop, self.clock.now(), now + ttl)
+            return self.affinity.get(prefixes, now)
+        assert b.flows is not None
+        k, h, s = b.flows[idx], b.hashes[idx], self.store
+        if op is Op.LOOKUP:
+            return s.lookup(k, h, now)
+        if op is Op.CLAIM:
+            return s.claim(k, h, pop=b.pop, server=call.server, ttl_ms=b.ttl_ms, now_ms=now)
+        if op is Op.CONFIRM:
+            return s.confirm(k, h, pop=b.pop, server=call.server, ttl_ms=b.ttl_ms, now_ms=now)
+        if op is Op.REFRESH:
+            return s.refresh(k, h, pop=b.pop, ttl_ms=b.ttl_ms, now_ms=now)
+        return s.release(k, h, pop=b.pop, now_ms=now)
 
     async def _forward(
-        self,
-        call: BatchCall,
-        owners: npt.NDArray[np.uint16],
-        remote_idx: npt.NDArray[np.intp],
-        payload_of: Callable[[npt.NDArray[np.intp]], bytes],
-        out: ResultArray,
+        self, b: _Batch, target: int, idx: npt.NDArray[np.intp], out: ResultArray
     ) -> None:
         assert self.forwarder is not None
-        pmap = self.table
-        groups = [
-            (int(o), remote_idx[owners[remote_idx] == o]) for o in np.unique(owners[remote_idx])
-        ]
-
-        async def one(owner: int, idx: npt.NDArray[np.intp]) -> None:
-            sub = BatchCall(
-                op=call.op,
-                payload=payload_of(idx),
-                pop=call.pop or self.pop_id,
-                server=call.server,
-                ttl_s=call.ttl_s,
-                epoch=pmap.epoch,
-                forwarded=True,
-            )
-            member = pmap.members[owner]
-            try:
-                raw = await self.forwarder(member, sub)  # type: ignore[misc]
-                res = np.frombuffer(raw, dtype=out.dtype)
-                if len(res) != len(idx):
-                    raise ValueError(
-                        f"{member.node_id} answered {len(res)} results for {len(idx)} keys"
-                    )
-                out[idx] = res
-            except (grpc.aio.AioRpcError, ValueError) as e:
-                # The owner could not be reached in time: the keys are UNAVAILABLE (the
-                # caller may retry elsewhere), never answered as something they are not.
-                self.metrics.forward_errors.inc()
-                log.warning("forward of %d keys to %s failed: %s", len(idx), member.node_id, e)
-                out["status"][idx] = Status.UNAVAILABLE
-            self.metrics.forwarded.inc(len(idx))
-
-        await asyncio.gather(*(one(o, idx) for o, idx in groups))
+        member = self.table.members[target]
+        call = b.call
+        sub = BatchCall(
+            op=call.op,
+            payload=b.payload_rows[idx].tobytes(),
+            pop=b.pop,
+            server=call.server,
+            ttl_s=call.ttl_s,
+            epoch=self.table.epoch,
+            forwarded=True,
+        )
+        try:
+            raw = await self.forwarder(member, sub)
+            res = np.frombuffer(raw, dtype=out.dtype)
+            if len(res) != len(idx):
+                raise PeerUnreachable(
+                    member.node_id, f"answered {len(res)} results for {len(idx)} keys"
+                )
+        except PeerUnreachable as e:
+            # The coordinator could not be reached in time: a replica takes over (after
+            # a quorum read); other keys are UNAVAILABLE, never answered wrongly.
+            self.replicator.mark_failed(member, e)
+            self.metrics.forward_errors.inc()
+            log.warning("forward of %d keys to %s failed: %s", len(idx), member.node_id, e)
+            mine = self._replicas[b.parts[idx]]
+            out["status"][idx[~mine]] = Status.UNAVAILABLE
+            if mine.any():
+                await self._coordinate(b, idx[mine], True, out)
+            return
+        self.replicator.mark_ok(member)
+        self.metrics.forwarded.inc(len(idx))
+        out[idx] = res
 
     def _count_keys(self, op: Op, out: ResultArray) -> None:
         counts = np.bincount(out["status"], minlength=len(Status))
         for status in Status:
             if counts[status]:
                 self.metrics.keys.labels(op.value, status.name.lower()).inc(int(counts[status]))
+
+    # ------------------------------------------------------------------ local replica
+
+    def merge_entries(self, entries: EntryArray) -> MergeResult:
+        """Apply copies from other nodes (replication, hints, anti-entropy, refill)."""
+        if len(entries) == 0:
+            return MergeResult()
+        now = self._now_ms()
+        kinds = entries["key"]["kind"]
+        flows = entries[kinds == KIND_FLOW]
+        applied = refused = 0
+        if len(flows):
+            stats = self.store.merge_entries(flows, None, now)
+            applied, refused = stats.applied, stats.refused
+        aff = entries[kinds == KIND_AFFINITY]
+        if len(aff):
+            applied += self.affinity.merge_entries(aff, now, self.config.ttl.tombstone_extra_ms)
+        return MergeResult(applied, refused)
+
+    def partition_digests(self) -> tuple[U64Array, npt.NDArray[np.uint32]]:
+        now = self._now_ms()
+        p = self.table.num_partitions
+        d1, c1 = self.store.partition_digests(p, now)
+        d2, c2 = self.affinity.partition_digests(p, now)
+        with np.errstate(over="ignore"):
+            return d1 + d2, c1 + c2
+
+    def export_entries(self, partitions: npt.NDArray[np.intp]) -> EntryArray:
+        now = self._now_ms()
+        p = self.table.num_partitions
+        raw = (
+            self.store.export_entries(partitions, p, now).tobytes()
+            + self.affinity.export_entries(partitions, p, now).tobytes()
+        )
+        return np.frombuffer(raw, dtype=ENTRY_DTYPE)
+
+    # ---- the NodeInternal calls (validated here: they come from the network)
+
+    def internal_replicate(self, raw: bytes) -> MergeResult:
+        check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
+        return self.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE))
+
+    def internal_copies(self, raw: bytes) -> bytes:
+        check_batch_size(len(raw), KEY_SIZE, 1_000_000, "keys")
+        keys = np.frombuffer(raw, dtype=KEY_DTYPE)
+        out = new_results(len(keys))
+        flows = np.flatnonzero(keys["kind"] == KIND_FLOW)
+        if flows.size:
+            out[flows] = self.store.copies(keys[flows], key_hashes(keys[flows].tobytes()))
+        aff = np.flatnonzero(keys["kind"] == KIND_AFFINITY)
+        if aff.size:
+            out[aff] = self.affinity.copies(keys["caddr"][aff])
+        other = (keys["kind"] != KIND_FLOW) & (keys["kind"] != KIND_AFFINITY)
+        out["status"][other] = Status.NOT_FOUND
+        return out.tobytes()
+
+    def internal_digests(
+        self, partitions: npt.NDArray[np.intp]
+    ) -> tuple[U64Array, npt.NDArray[np.uint32]]:
+        digests, counts = self.partition_digests()
+        if partitions.size == 0:
+            return digests, counts
+        return digests[partitions], counts[partitions]
+
+    async def internal_fetch(
+        self, partitions: npt.NDArray[np.intp], batch: int = 20_000
+    ) -> AsyncIterator[bytes]:
+        if partitions.size == 0:
+            partitions = np.arange(self.table.num_partitions)
+        entries = self.export_entries(partitions)
+        for start in range(0, len(entries), batch):
+            yield entries[start : start + batch].tobytes()
+            await asyncio.sleep(0)  # let calls in flight run between batches
+
+    def partitions_arg(self, raw: bytes) -> npt.NDArray[np.intp]:
+        check_batch_size(len(raw), 2, 65535, "partitions")
+        parts = np.frombuffer(raw, dtype=">u2").astype(np.intp)
+        if parts.size and int(parts.max()) >= self.table.num_partitions:
+            raise InvalidArgument("partitions", f"partition {int(parts.max())} does not exist")
+        return parts
+
+    # ------------------------------------------------------------------ sync state
+
+    def _check_pause(self) -> None:
+        """A long gap since the last tick means this process was paused: peers may have
+        coordinated our partitions meanwhile, so resync before trusting our copy."""
+        now = _monotonic_ms()
+        if now - self._last_tick_ms > self.config.pause_threshold_ms and self.in_sync:
+            self.pauses += 1
+            log.warning("event loop was paused for %d ms: resyncing", now - self._last_tick_ms)
+            self.start_resync()
+        self._last_tick_ms = max(self._last_tick_ms, now - self.config.pause_threshold_ms // 2)
+
+    def start_resync(self) -> None:
+        self.in_sync = False
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.create_task(
+                self._resync_loop(), name=f"{self.config.node_id}:resync"
+            )
+            self._tasks.add(self._resync)
+            self._resync.add_done_callback(self._tasks.discard)
+
+    async def _resync_loop(self) -> None:
+        """Pull every partition that differs from each peer that is up; then in sync."""
+        repl = self.replicator
+        repl.stats.resyncs += 1
+        started = time.perf_counter()
+        while not self._stop.is_set():
+            await repl.probe()
+            try:
+                await repl.anti_entropy_round(push=False)
+            except Exception:
+                log.exception("resync round failed; retrying")
+                await asyncio.sleep(self.config.probe_interval_s)
+                continue
+            break
+        self.in_sync = True
+        log.info(
+            "in sync after %.2f s (%d records)", time.perf_counter() - started, len(self.store)
+        )
 
     # ------------------------------------------------------------------ background loops
 
@@ -317,17 +550,19 @@ class Node:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.exception("background loop %s failed", name)
+                log.exception("background task %s failed", name)
                 self.failed_loops[name] = repr(e)
 
         task = asyncio.create_task(runner(), name=f"{self.config.node_id}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def every(self, interval_s: float, step: Callable[[], None]) -> None:
+    async def every(self, interval_s: float, step: Callable[[], Awaitable[None] | None]) -> None:
         """Run ``step`` every ``interval_s`` (+-10% jitter) until stop."""
         while not self._stop.is_set():
-            step()
+            result = step()
+            if result is not None:
+                await result
             delay = interval_s * random.uniform(0.9, 1.1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
@@ -336,11 +571,35 @@ class Node:
         now = self._now_ms()
         budget = self.config.purge_budget
         self.store.purge_expired(now, budget)
-        self.affinity.purge_expired(now, budget)
+        self.affinity.purge_expired(now - self.config.ttl.tombstone_extra_ms, budget)
+
+    def _tick(self) -> None:
+        self._check_pause()
+        self._last_tick_ms = _monotonic_ms()
+
+    async def _probe_step(self) -> None:
+        repl = self.replicator
+        await repl.probe()
+        for member in repl.pmap.members:
+            if repl.hints.count(member.node_id) and repl.is_up(member):
+                await self._deliver_hints(member)
+
+    async def _deliver_hints(self, member: Member) -> None:
+        await self.replicator.deliver_hints(member)
+
+    async def _anti_entropy_step(self) -> None:
+        if self.in_sync:
+            await self.replicator.anti_entropy_round()
 
     def start_loops(self) -> None:
+        cfg = self.config
         self._stop.clear()
-        self.spawn("purge", self.every(self.config.purge_interval_s, self.purge_step))
+        self._last_tick_ms = _monotonic_ms()
+        self.spawn("purge", self.every(cfg.purge_interval_s, self.purge_step))
+        self.spawn("pause-detector", self.every(0.1, self._tick))
+        self.spawn("probe", self.every(cfg.probe_interval_s, self._probe_step))
+        self.spawn("anti-entropy", self.every(cfg.anti_entropy_interval_s, self._anti_entropy_step))
+        self.start_resync()
 
     async def stop_loops(self) -> None:
         self._stop.set()
@@ -362,31 +621,82 @@ class Node:
         yield m.gauge(
             "dht_affinity_records", "client affinity records held", [], {(): len(self.affinity)}
         )
-        yield m.counter_as_gauge(
+        yield m.counter(
             "dht_expirations",
             "records purged after expiry",
-            self.store.expirations + self.affinity.expirations,
+            {(): self.store.expirations + self.affinity.expirations},
         )
-        yield m.gauge(
-            "dht_refusals_total",
+        yield m.counter(
+            "dht_refusals",
             "records refused, by reason (full/quota: new claims; hard: replicated copies)",
+            {(k,): v for k, v in self.store.refusals.items()},
             ["reason"],
-            {(k,): float(v) for k, v in self.store.refusals.items()},
         )
-        yield m.counter_as_gauge(
-            "dht_clock_offset_rejections", "remote HLC stamps rejected", self.clock.rejected
+        yield m.counter(
+            "dht_clock_offset_rejections", "remote HLC stamps rejected", {(): self.clock.rejected}
         )
         ready, _ = self.readiness()
         yield m.gauge("dht_ready", "1 when /readyz is ready", [], {(): 1.0 if ready else 0.0})
-        if self.pmap is not None:
-            yield m.gauge("dht_epoch", "partition table epoch", [], {(): float(self.pmap.epoch)})
-            yield m.gauge(
-                "dht_partitions_primary",
-                "partitions this node is primary for",
-                [],
-                {(): float(self.pmap.partition_counts(0)[self.self_index])},
-            )
-
-
-def monotonic_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
+        yield m.gauge(
+            "dht_in_sync", "1 once the node holds all its partitions", [], {(): float(self.in_sync)}
+        )
+        yield m.counter(
+            "dht_pauses", "event-loop pauses detected (each starts a resync)", {(): self.pauses}
+        )
+        if self.pmap is None or self.repl is None:
+            return
+        repl = self.repl
+        yield m.gauge("dht_epoch", "partition table epoch", [], {(): float(self.pmap.epoch)})
+        yield m.gauge(
+            "dht_partitions",
+            "partitions this node holds, as primary or any replica",
+            ["role"],
+            {
+                ("primary",): float(self.pmap.partition_counts(0)[self.self_index]),
+                ("replica",): float(self._replicas.sum()),
+            },
+        )
+        peers: dict[tuple[str, ...], float] = {(n,): float(h.up) for n, h in repl.health.items()}
+        yield m.gauge("dht_peer_up", "1 if the peer answers (this node's view)", ["peer"], peers)
+        yield m.counter(
+            "dht_peer_transitions",
+            "peer up/down changes seen",
+            {(n,): h.transitions for n, h in repl.health.items()},
+            ["peer"],
+        )
+        hints: dict[tuple[str, ...], float] = {
+            (n,): float(repl.hints.count(n)) for n in repl.health
+        }
+        yield m.gauge(
+            "dht_hints_queued", "copies queued for an unreachable replica", ["peer"], hints
+        )
+        yield m.counter(
+            "dht_hints_delivered", "hinted copies delivered", {(): repl.hints.delivered}
+        )
+        yield m.counter(
+            "dht_hints_dropped", "hints dropped at the per-peer limit", {(): repl.hints.dropped}
+        )
+        s = repl.stats
+        yield m.counter("dht_anti_entropy_rounds", "anti-entropy rounds", {(): s.ae_rounds})
+        yield m.counter(
+            "dht_anti_entropy_repaired_partitions",
+            "partitions whose digests differed",
+            {(): s.ae_partitions_repaired},
+        )
+        yield m.counter(
+            "dht_anti_entropy_repaired_records",
+            "copies that changed a record during anti-entropy",
+            {(): s.ae_records_repaired},
+        )
+        yield m.counter(
+            "dht_quorum_failures",
+            "keys whose write did not reach the write quorum, by call",
+            {(op,): n for op, n in s.quorum_failures.items()},
+            ["method"],
+        )
+        yield m.counter(
+            "dht_read_quorum_failures",
+            "keys whose read quorum did not answer",
+            {(): s.read_quorum_failures},
+        )
+        yield m.counter("dht_resyncs", "refills and resyncs started", {(): s.resyncs})

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -25,12 +27,27 @@ from dht.config import NodeConfig, TlsConfig
 from dht.errors import DhtError, grpc_status
 from dht.node import BatchCall, Node, Op
 from dht.placement import Member
+from dht.replication import MergeResult, PeerUnreachable
+from dht.wire import FORMAT_VERSION, U64Array
 
 log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowTable"].full_name
+INTERNAL_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NodeInternal"].full_name
+
+# Reconnect quickly to a peer that comes back (gRPC's default backoff grows to 120 s,
+# which would keep a restarted node unused for minutes).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    # Each channel its own connections: gRPC otherwise shares subchannels (and their
+    # reconnect backoff) between all channels to one address in a process.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
 
 
 def _read(path: str) -> bytes:
@@ -58,8 +75,20 @@ def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
 
 def open_channel(address: str, creds: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
     if creds is None:
-        return grpc.aio.insecure_channel(address)
-    return grpc.aio.secure_channel(address, creds)
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+
+
+def _unreachable(member: Member, e: grpc.aio.AioRpcError) -> PeerUnreachable:
+    details = e.details() or ""
+    refused = e.code() == grpc.StatusCode.UNAVAILABLE and (
+        "refused" in details.lower() or "failed to connect" in details.lower()
+    )
+    return PeerUnreachable(member.node_id, f"{e.code().name}: {details}", refused=refused)
+
+
+def _partitions(parts: npt.NDArray[np.intp]) -> bytes:
+    return parts.astype(">u2").tobytes()
 
 
 class FlowTableService(pb_grpc.FlowTableServicer):
@@ -138,38 +167,171 @@ class FlowTableService(pb_grpc.FlowTableServicer):
         )
 
 
+class NodeInternalService(pb_grpc.NodeInternalServicer):
+    """Node-to-node calls: probes, replication, quorum reads, anti-entropy."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def _guard(self, context: Ctx, work: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await work()
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+
+    async def Ping(self, request: pb.PingRequest, context: Ctx) -> pb.PingResponse:
+        n = self.node
+        return pb.PingResponse(node_id=n.config.node_id, epoch=n.table.epoch, in_sync=n.in_sync)
+
+    async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
+        async def work() -> pb.ReplicateResponse:
+            res = self.node.internal_replicate(request.entries)
+            return pb.ReplicateResponse(applied=res.applied, refused=res.refused)
+
+        result: pb.ReplicateResponse = await self._guard(context, work)
+        return result
+
+    async def ReadCopies(self, request: pb.CopiesRequest, context: Ctx) -> pb.CopiesResponse:
+        async def work() -> pb.CopiesResponse:
+            return pb.CopiesResponse(results=self.node.internal_copies(request.keys))
+
+        result: pb.CopiesResponse = await self._guard(context, work)
+        return result
+
+    async def PartitionDigests(self, request: pb.DigestRequest, context: Ctx) -> pb.DigestResponse:
+        async def work() -> pb.DigestResponse:
+            digests, counts = self.node.internal_digests(
+                self.node.partitions_arg(request.partitions)
+            )
+            return pb.DigestResponse(
+                digests=digests.astype(">u8").tobytes(),
+                counts=counts.astype(">u4").tobytes(),
+                epoch=self.node.table.epoch,
+            )
+
+        result: pb.DigestResponse = await self._guard(context, work)
+        return result
+
+    async def FetchPartitions(
+        self, request: pb.FetchRequest, context: Ctx
+    ) -> AsyncIterator[pb.EntryBatch]:
+        try:
+            parts = self.node.partitions_arg(request.partitions)
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+        async for chunk in self.node.internal_fetch(parts):
+            yield pb.EntryBatch(
+                format_version=FORMAT_VERSION, entries=chunk, from_node=self.node.config.node_id
+            )
+
+
 class Peers:
-    """Channels to the other nodes of the PoP, opened on first use, closed on stop."""
+    """gRPC transport to the other nodes of the PoP (dht.replication.PeerTransport, plus
+    one-hop forwarding). Channels are opened on first use and closed on stop; every call
+    is bounded by its timeout, and every failure becomes PeerUnreachable."""
 
-    def __init__(self, creds: grpc.ChannelCredentials | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        creds: grpc.ChannelCredentials | None,
+        rpc_timeout_s: float,
+        forward_timeout_s: float,
+        probe_timeout_s: float,
+    ) -> None:
+        self._node_id = node_id
         self._creds = creds
-        self._timeout_s = timeout_s
-        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub]] = {}
+        self._rpc_timeout_s = rpc_timeout_s
+        self._forward_timeout_s = forward_timeout_s
+        self._probe_timeout_s = probe_timeout_s
+        self._channels: dict[
+            str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub, pb_grpc.NodeInternalAsyncStub]
+        ] = {}
 
-    def stub(self, member: Member) -> pb_grpc.FlowTableAsyncStub:
-        entry = self._stubs.get(member.address)
+    def _stubs(
+        self, member: Member
+    ) -> tuple[pb_grpc.FlowTableAsyncStub, pb_grpc.NodeInternalAsyncStub]:
+        entry = self._channels.get(member.address)
         if entry is None:
             channel = open_channel(member.address, self._creds)
-            entry = (channel, pb_grpc.FlowTableStub(channel))
-            self._stubs[member.address] = entry
-        return entry[1]
+            entry = (channel, pb_grpc.FlowTableStub(channel), pb_grpc.NodeInternalStub(channel))
+            self._channels[member.address] = entry
+        return entry[1], entry[2]
 
     async def forward(self, member: Member, call: BatchCall) -> bytes:
-        stub = self.stub(member)
+        stub = self._stubs(member)[0]
         method = getattr(stub, call.op.value)
-        if call.op in (Op.GET_AFFINITY, Op.SET_AFFINITY):
-            aresp: pb.AffinityResponse = await method(
-                convert.affinity_request(call), timeout=self._timeout_s
+        try:
+            if call.op in (Op.GET_AFFINITY, Op.SET_AFFINITY):
+                aresp: pb.AffinityResponse = await method(
+                    convert.affinity_request(call), timeout=self._forward_timeout_s
+                )
+                return aresp.results
+            fresp: pb.FlowBatchResponse = await method(
+                convert.flow_request(call), timeout=self._forward_timeout_s
             )
-            return aresp.results
-        fresp: pb.FlowBatchResponse = await method(
-            convert.flow_request(call), timeout=self._timeout_s
+            return fresp.results
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+
+    async def ping(self, member: Member) -> bool:
+        try:
+            resp = await self._stubs(member)[1].Ping(
+                pb.PingRequest(from_node=self._node_id), timeout=self._probe_timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        return resp.in_sync
+
+    async def replicate(self, member: Member, entries: bytes, hinted: bool) -> MergeResult:
+        req = pb.EntryBatch(
+            format_version=FORMAT_VERSION, entries=entries, from_node=self._node_id, hinted=hinted
         )
-        return fresp.results
+        try:
+            resp = await self._stubs(member)[1].Replicate(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        return MergeResult(resp.applied, resp.refused)
+
+    async def read_copies(self, member: Member, keys: bytes) -> bytes:
+        req = pb.CopiesRequest(format_version=FORMAT_VERSION, keys=keys)
+        try:
+            resp = await self._stubs(member)[1].ReadCopies(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        return resp.results
+
+    async def digests(
+        self, member: Member, partitions: npt.NDArray[np.intp]
+    ) -> tuple[U64Array, npt.NDArray[np.uint32]]:
+        req = pb.DigestRequest(partitions=_partitions(partitions))
+        try:
+            resp = await self._stubs(member)[1].PartitionDigests(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        digests = np.frombuffer(resp.digests, dtype=">u8").astype(np.uint64)
+        counts = np.frombuffer(resp.counts, dtype=">u4").astype(np.uint32)
+        return digests, counts
+
+    async def fetch(self, member: Member, partitions: npt.NDArray[np.intp]) -> AsyncIterator[bytes]:
+        # A whole-node refill may stream for a while: bound each batch, not the stream.
+        call = self._stubs(member)[1].FetchPartitions(
+            pb.FetchRequest(partitions=_partitions(partitions))
+        )
+        try:
+            while True:
+                batch = await asyncio.wait_for(call.read(), self._rpc_timeout_s * 5)
+                if not isinstance(batch, pb.EntryBatch):  # grpc.aio.EOF
+                    return
+                yield batch.entries
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        except TimeoutError:
+            call.cancel()
+            raise PeerUnreachable(member.node_id, "FetchPartitions stalled") from None
 
     async def close(self) -> None:
-        channels = [c for c, _ in self._stubs.values()]
-        self._stubs.clear()
+        channels = [c for c, _, _ in self._channels.values()]
+        self._channels.clear()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
 
 
@@ -184,7 +346,13 @@ class NodeServer:
         self._health = health.aio.HealthServicer()
         self._admin: AdminServer | None = None
         creds = channel_credentials(config.tls) if config.tls else None
-        self.peers = Peers(creds, config.forward_timeout_ms / 1000)
+        self.peers = Peers(
+            config.node_id,
+            creds,
+            config.rpc_timeout_ms / 1000,
+            config.forward_timeout_ms / 1000,
+            config.probe_timeout_ms / 1000,
+        )
         self.node.forwarder = self.peers.forward
         self._stopped = False
 
@@ -202,9 +370,11 @@ class NodeServer:
             options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
         )
         pb_grpc.add_FlowTableServicer_to_server(FlowTableService(self.node), server)
+        pb_grpc.add_NodeInternalServicer_to_server(NodeInternalService(self.node), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, INTERNAL_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
         )
         bind = f"{cfg.host}:{cfg.grpc_port}"
         if cfg.tls:
@@ -218,7 +388,7 @@ class NodeServer:
         if cfg.admin_port >= 0:
             self._admin = AdminServer(self)
             admin_port = await self._admin.start(cfg.host, cfg.admin_port)
-        self.node.set_membership(port, admin_port)
+        self.node.set_membership(port, admin_port, self.peers)
         await server.start()
         self.node.start_loops()
         self.node.accepting = True

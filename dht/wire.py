@@ -71,10 +71,17 @@ assert RESULT_DTYPE.itemsize == RESULT_SIZE
 
 FLAG_AFFINITY_FALLBACK = 1
 
+# A record copy as nodes exchange it (replication, hints, anti-entropy, refill): the
+# 40-byte canonical key followed by the 32-byte result layout (status OK).
+ENTRY_DTYPE = np.dtype([("key", KEY_DTYPE), ("rec", RESULT_DTYPE)])
+ENTRY_SIZE = ENTRY_DTYPE.itemsize
+assert ENTRY_SIZE == KEY_SIZE + RESULT_SIZE
+
 _MAPPED_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
 
 KeyArray = npt.NDArray[np.void]
 ResultArray = npt.NDArray[np.void]
+EntryArray = npt.NDArray[np.void]
 U64Array = npt.NDArray[np.uint64]
 
 

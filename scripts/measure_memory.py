@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dht import wire
-from dht.record import TCP, HybridClock, Record, State, TtlPolicy
+from dht.record import TCP, HybridClock, State, TtlPolicy
 from dht.store import FlowStore, StoreLimits
 
 BATCH = 1000
@@ -73,14 +73,19 @@ def main() -> None:
         StoreLimits(max_records=2 * n, hard_max_records=2 * n),
         HybridClock(1000, wall_ms=lambda: NOW_MS),
     )
-    proto = Record(1, 0, State.ESTABLISHED, NOW_MS << 16, 1, 1, NOW_MS + 3_600_000)
+    proto = wire.new_results(BATCH)
+    proto["status"] = wire.Status.OK
+    proto["state"] = State.ESTABLISHED
+    proto["owner_pop"] = proto["birth_pop"] = proto["generation"] = 1
+    proto["birth_hlc"] = NOW_MS << 16
+    proto["expiry_ms"] = NOW_MS + 3_600_000
     gc.collect()
     before = rss_bytes()
     started = time.perf_counter()
     for start in range(0, n, BATCH):
         keys, hashes = make_keys(np.arange(start, min(n, start + BATCH)), args.family)
         if args.via == "merge":
-            store.merge_in(keys, hashes, [proto] * len(keys))
+            store.merge_in(keys, hashes, proto[: len(keys)], NOW_MS)
         else:
             store.claim(keys, hashes, pop=1, server=0, ttl_ms=None, now_ms=NOW_MS)
             store.confirm(keys, hashes, pop=1, server=0, ttl_ms=None, now_ms=NOW_MS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -45,6 +46,9 @@ async def make_pop() -> AsyncIterator[MakePop]:
         for s in servers:
             await s.start()
             started.append(s)
+        await wait_for(
+            lambda: all(pop_settled(s) for s in servers), what="nodes ready and peers up"
+        )
         return servers
 
     yield make
@@ -65,6 +69,29 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
     yield make
     for c in clients:
         await c.close()
+
+
+def pop_settled(srv: NodeServer) -> bool:
+    """In sync, and every peer seen up with no hints left to deliver."""
+    node = srv.node
+    repl = node.replicator
+    return (
+        node.in_sync
+        and all(h.up for h in repl.health.values())
+        and not any(repl.hints.count(p) for p in repl.health)
+    )
+
+
+async def wait_for(
+    cond: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition"
+) -> None:
+    """Wait on a condition (polled every 20 ms), failing after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 class FakeTime:

@@ -7,6 +7,7 @@ the same pure decisions (dht.record) over random operation sequences.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dht import wire
+from dht import digest, wire
 from dht.errors import ConfigError
 from dht.record import (
     Acting,
@@ -33,15 +34,16 @@ from dht.record import (
     hlc_pack,
     merge,
 )
-from dht.store import FlowStore, StoreLimits
-from dht.wire import KeyArray, ResultArray, U64Array
+from dht.store import FlowStore, MergeStats, StoreLimits
+from dht.wire import EntryArray, KeyArray, ResultArray, U64Array
 
 T0 = 1_700_000_000_000
+GRACE = 1_000  # the maximum clock offset: a copy is dead this long after its expiry
 POLICY = TtlPolicy(
     embryonic_ms=10_000,
     established_tcp_ms=600_000,
     established_udp_ms=120_000,
-    tombstone_extra_ms=1_000,
+    tombstone_extra_ms=GRACE,
 )
 
 A4 = "tcp/198.51.100.7:51000/192.0.2.1:443"
@@ -83,6 +85,14 @@ class Env:
     def get(self, flow: str) -> Record | None:
         return self.store.get(wire.parse_flow(flow).to_bytes())
 
+    def merge(self, flows: list[str], recs: list[Record]) -> MergeStats:
+        return self.store.merge_in(*keys(*flows), results(recs), self.now)
+
+    def snapshot(self) -> list[bytes]:
+        """Every stored copy, expired ones too, as sorted entry bytes."""
+        raw = self.store.export_entries(None, 1, -(2**62)).tobytes()
+        return sorted(raw[i : i + wire.ENTRY_SIZE] for i in range(0, len(raw), wire.ENTRY_SIZE))
+
 
 def keys(*flows: str) -> tuple[KeyArray, U64Array]:
     raw = b"".join(wire.parse_flow(f).to_bytes() for f in flows)
@@ -95,6 +105,14 @@ def packed(raw: bytes) -> tuple[KeyArray, U64Array]:
 
 def statuses(res: ResultArray) -> list[Status]:
     return [Status(int(s)) for s in res["status"]]
+
+
+def results(recs: list[Record]) -> ResultArray:
+    """Records as the RESULT_DTYPE rows merge_in takes."""
+    out = wire.new_results(len(recs))
+    for i, rec in enumerate(recs):
+        wire.put_result(out, i, Status.OK, rec)
+    return out
 
 
 def shown(res: ResultArray, i: int = 0) -> Record:
@@ -196,14 +214,14 @@ def test_expiry_checked_on_read(flow: str) -> None:
 def test_claim_is_create_once() -> None:
     env = Env()
     first = shown(env.claim(A4, A6, pop=1, server=4))
-    before = env.store.export()[2]
+    before = env.snapshot()
     for op in (env.claim, env.confirm):
         res = op(A4, A6, pop=2)
         assert statuses(res) == [Status.OWNED_ELSEWHERE] * 2
         assert shown(res).owner_pop == 1 and shown(res).owner_server == 4
     assert statuses(env.refresh(A4, pop=2)) == [Status.OWNED_ELSEWHERE]
     assert statuses(env.release(A4, pop=2)) == [Status.OWNED_ELSEWHERE]
-    assert env.store.export()[2] == before
+    assert env.snapshot() == before
     # The owner's own claim refreshes and keeps the birth.
     env.now += 3_000
     res = env.claim(A4, pop=1)
@@ -236,9 +254,10 @@ def test_tombstone_hides_the_flow_and_is_purged_only_after_its_expiry() -> None:
     tomb = env.get(A4)
     assert tomb is not None
     assert statuses(env.lookup(A4)) == [Status.NOT_FOUND]
-    assert env.store.purge_expired(tomb.expiry_ms - 1) == 0
+    # Kept for the maximum clock offset past its expiry, then purged.
+    assert env.store.purge_expired(tomb.expiry_ms + GRACE - 1) == 0
     assert env.get(A4) == tomb
-    assert env.store.purge_expired(tomb.expiry_ms) == 1
+    assert env.store.purge_expired(tomb.expiry_ms + GRACE) == 1
     assert env.get(A4) is None and len(env.store) == 0
     assert env.store.expirations == 1
     assert sum(env.store.counts().values()) == 0
@@ -268,10 +287,9 @@ def test_duplicate_keys_in_one_batch_apply_in_order() -> None:
     assert shown(res, 1).generation == 2
     assert env.store.counts()[("ipv4", "embryonic")] == 2  # A4 and B4
     # merge_in of two copies of one key: the merge of both wins.
-    k, h = keys(C6, C6)
     low = Record(5, 0, State.ESTABLISHED, 10, 5, 1, T0 + 50)
     high = Record(6, 0, State.ESTABLISHED, 20, 6, 2, T0 + 40)
-    assert env.store.merge_in(k, h, [high, low]) == 0
+    assert env.merge([C6, C6], [high, low]) == MergeStats(applied=1, refused=0)
     assert env.get(C6) == high
 
 
@@ -300,7 +318,7 @@ def test_growth_through_many_resizes_then_delete_and_reuse() -> None:
     assert (env.store.release(k2, h2, pop=1, now_ms=env.now)["status"] == Status.OK).all()
     keep, keep_h = packed(b"".join(raw[i + 40 : i + 80] for i in range(0, len(raw) - 40, 80)))
     env.store.refresh(keep, keep_h, pop=1, ttl_ms=3_600_000, now_ms=env.now)
-    env.now += 61_001
+    env.now += 60_000 + 2 * GRACE  # the tombstones' expiry, then dead
     while env.store.purge_expired(env.now, budget=10_000):
         pass
     assert len(env.store) == len(keep)
@@ -327,7 +345,7 @@ def test_purge_honours_the_budget_and_rotates() -> None:
     flows6 = [f"tcp/[2001:db8::{i}]:1000/[2001:db8::1]:443" for i in range(1, 11)]
     env.claim(*flows4[::2], *flows6[::2])  # embryos: expire at T0 + 10 s
     env.confirm(*flows4[1::2], *flows6[1::2])  # established: live on
-    env.now += 10_000
+    env.now += 10_000 + GRACE
     removed = []
     for _ in range(4):  # 20 rows, 5 per call: each row is seen exactly once
         got = env.store.purge_expired(env.now, budget=5)
@@ -339,31 +357,6 @@ def test_purge_honours_the_budget_and_rotates() -> None:
     assert len(env.store) == 10
     assert env.store.counts()[("ipv4", "established")] == 5
     assert env.store.counts()[("ipv6", "embryonic")] == 0
-
-
-def test_export_round_trips_canonical_keys() -> None:
-    env = Env()
-    flows = [A4, B4, C4, A6, B6, C6]
-    env.claim(*flows)
-    env.release(B6)
-    k, h, recs = env.store.export()
-    assert sorted(k.tobytes()[i : i + 40] for i in range(0, 240, 40)) == sorted(
-        wire.parse_flow(f).to_bytes() for f in flows
-    )
-    assert list(wire.key_hashes(k.tobytes())) == list(h)
-    assert sorted(str(wire.flow_from_record(r)) for r in k) == sorted(flows)
-    for i, rec in enumerate(recs):
-        assert env.store.get(k[i : i + 1].tobytes()) == rec
-    # A copy exported from one store merges into another unchanged.
-    other = Env()
-    assert other.store.merge_in(k, h, recs) == 0
-    assert other.store.export()[2] == recs
-    # A vectorised filter on the hashes selects a subset (e.g. one partition).
-    k2, h2, recs2 = env.store.export(lambda hs: hs % np.uint64(2) == 0)
-    assert list(h2) == [x for x in h if x % 2 == 0]
-    assert len(recs2) == len(k2) == len(h2)
-    empty = Env().store.export()
-    assert (len(empty[0]), len(empty[1]), empty[2]) == (0, 0, [])
 
 
 # --------------------------------------------------------------------------- capacity
@@ -394,18 +387,17 @@ def test_soft_limit_refuses_only_new_embryonic_claims() -> None:
 def test_merge_in_applies_up_to_the_hard_ceiling() -> None:
     env = Env(StoreLimits(max_records=1, hard_max_records=3))
     est = Record(2, 0, State.ESTABLISHED, hlc_pack(T0, 0), 2, 1, T0 + 60_000)
-    k, h = keys(A4, B4, A6, B6)
-    assert env.store.merge_in(k, h, [est] * 4) == 1
+    assert env.merge([A4, B4, A6, B6], [est] * 4) == MergeStats(applied=3, refused=1)
     assert len(env.store) == 3
     assert env.store.over_hard_limit
     assert env.store.refusals["hard"] == 1
     assert env.get(B6) is None
     # A copy of a key already held is still applied at the ceiling.
     newer = Record(3, 0, State.ESTABLISHED, hlc_pack(T0, 5), 3, 2, T0 + 60_000)
-    assert env.store.merge_in(*keys(A4), [newer]) == 0
+    assert env.merge([A4], [newer]) == MergeStats(applied=1, refused=0)
     assert env.get(A4) == newer
     # Live established records are never evicted: only expiry makes room.
-    env.now += 60_000
+    env.now += 60_000 + GRACE
     assert env.store.purge_expired(env.now) == 3
     assert not env.store.over_hard_limit
 
@@ -430,7 +422,7 @@ def test_quota_per_ipv4_prefix_freed_by_confirm_release_and_purge() -> None:
     assert statuses(env.claim(b)) == [Status.REFUSED_QUOTA]
     # ...except that a key re-claiming over its own expired embryo adds none.
     assert statuses(env.claim(c)) == [Status.CREATED]
-    env.store.purge_expired(env.now)  # d goes
+    env.store.purge_expired(env.now + GRACE)  # d goes
     assert statuses(env.claim(b)) == [Status.CREATED]
 
 
@@ -467,27 +459,308 @@ def test_limits_are_validated() -> None:
 
 def test_merge_in_follows_the_merge_rules() -> None:
     env = Env()
-    k, h = keys(A4)
     base = Record(1, 0, State.ESTABLISHED, 100, 1, 2, T0 + 1_000)
-    env.store.merge_in(k, h, [base])
+    assert env.merge([A4], [base]) == MergeStats(applied=1)
     older_gen = Record(2, 0, State.ESTABLISHED, 50, 2, 1, T0 + 9_000)
-    env.store.merge_in(k, h, [older_gen])
+    assert env.merge([A4], [older_gen]) == MergeStats(applied=0)
     assert env.get(A4) == base  # lower generation loses
     later_birth = Record(2, 0, State.ESTABLISHED, 200, 2, 2, T0 + 9_000)
-    env.store.merge_in(k, h, [later_birth])
+    env.merge([A4], [later_birth])
     assert env.get(A4) == base  # same generation: the earlier birth wins
     earlier_birth = Record(3, 0, State.EMBRYONIC, 90, 3, 2, T0 + 500)
-    env.store.merge_in(k, h, [earlier_birth])
+    env.merge([A4], [earlier_birth])
     assert env.get(A4) == earlier_birth
     assert env.store.counts()[("ipv4", "embryonic")] == 1
     released = Record(3, 0, State.RELEASED, 90, 3, 2, T0 + 100)
-    env.store.merge_in(k, h, [released])
+    env.merge([A4], [released])
     assert env.get(A4) == Record(3, 0, State.RELEASED, 90, 3, 2, T0 + 500)  # max expiry
     assert env.store.counts()[("ipv4", "embryonic")] == 0
     newer_gen = Record(4, 1, State.ESTABLISHED, 10, 4, 3, T0 + 100)
-    env.store.merge_in(k, h, [newer_gen])
+    env.merge([A4], [newer_gen])
     assert env.get(A4) == newer_gen
     assert statuses(env.lookup(A4)) == [Status.OK]
+    # Same claim, other owner copy (cannot happen, handled defensively): the lower owner.
+    env.merge([A4], [Record(4, 0, State.EMBRYONIC, 10, 4, 3, T0 + 50)])
+    assert env.get(A4) == Record(4, 0, State.ESTABLISHED, 10, 4, 3, T0 + 100)
+
+
+def test_merge_in_skips_dead_copies_and_replaces_dead_ones() -> None:
+    env = Env()
+    env.now = T0 + 100_000
+    dead_at = env.now - GRACE
+    # An incoming copy expired for the maximum clock offset or more is never stored.
+    dead = Record(2, 0, State.ESTABLISHED, 10, 2, 5, dead_at)
+    assert env.merge([A4, A6], [dead, dead]) == MergeStats(applied=0, refused=0)
+    assert env.get(A4) is None and len(env.store) == 0
+    # One expired within the grace is stored and merges normally.
+    recent = Record(2, 0, State.ESTABLISHED, 10, 2, 5, dead_at + 1)
+    assert env.merge([A4, A6], [recent, recent]) == MergeStats(applied=2)
+    assert env.get(A4) == recent
+    assert statuses(env.lookup(A4)) == [Status.NOT_FOUND]  # expired all the same
+    newer_claim = Record(1, 0, State.EMBRYONIC, 99, 1, 1, env.now + 10_000)
+    assert env.merge([A4], [newer_claim]) == MergeStats(applied=0)
+    assert env.get(A4) == recent  # generation 5 beats 1 while not dead
+    # Once dead, the stored copy no longer counts: the live claim replaces it even
+    # though its generation is lower (a merge would keep the dead one).
+    env.now += 1
+    assert env.merge([A4], [newer_claim]) == MergeStats(applied=1)
+    assert env.get(A4) == newer_claim
+    assert statuses(env.lookup(A4)) == [Status.OK]
+    assert env.store.counts()[("ipv4", "embryonic")] == 1
+    assert env.store.counts()[("ipv4", "established")] == 0
+    # A dead incoming copy is skipped even where the stored copy is dead too.
+    assert env.merge([A6], [dead]) == MergeStats(applied=0)
+    assert env.get(A6) == recent
+    # A dead copy is replaced in its row: no capacity needed.
+    full = Env(StoreLimits(max_records=1, hard_max_records=1))
+    full.merge([A4], [recent])
+    full.now = env.now
+    assert full.merge([A4, B4], [newer_claim] * 2) == MergeStats(applied=1, refused=1)
+    assert full.get(A4) == newer_claim
+
+
+def test_claims_over_expired_copies_within_and_past_the_grace() -> None:
+    env = Env()
+    env.claim(A4, A6, pop=1)
+    env.now += 10_000  # expired, not yet dead
+    assert env.store.purge_expired(env.now) == 0
+    assert env.store.purge_expired(env.now + GRACE - 1) == 0
+    res = env.claim(A4, pop=2)
+    assert (statuses(res), shown(res).generation) == ([Status.CREATED], 2)
+    env.now += GRACE  # A6 is dead, still stored until purged: generations go on
+    res = env.confirm(A6, pop=2)
+    assert (statuses(res), shown(res).generation, shown(res).owner_pop) == (
+        [Status.CREATED],
+        2,
+        2,
+    )
+    assert env.store.counts()[("ipv6", "embryonic")] == 0
+    assert env.store.counts()[("ipv6", "established")] == 1
+    # Purged after the grace: a new claim starts over at generation 1.
+    env.now += 600_000 + GRACE
+    assert env.store.purge_expired(env.now) == 2
+    res = env.claim(A6, pop=3)
+    assert (statuses(res), shown(res).generation) == ([Status.CREATED], 1)
+
+
+def test_copies_returns_raw_stored_copies() -> None:
+    env = Env()
+    env.claim(A4, pop=1)
+    env.confirm(B4, A6, pop=2, server=3)
+    env.release(A6, pop=2)
+    env.now += 10_000  # A4's embryo expires
+    res = env.store.copies(*keys(A4, C4, A6, B4, A4))
+    assert statuses(res) == [Status.OK, Status.NOT_FOUND, Status.OK, Status.OK, Status.OK]
+    assert [shown(res, i) for i in (0, 2, 3, 4)] == [env.get(f) for f in (A4, A6, B4, A4)]
+    assert shown(res, 2).state == State.RELEASED
+    assert not any(res[1].tolist()[1:])
+    assert statuses(env.lookup(A4, A6)) == [Status.NOT_FOUND] * 2  # lookup: not live
+    assert len(env.store.copies(*keys())) == 0
+
+
+def _merge_reference(
+    stored: dict[bytes, Record], batch: list[tuple[bytes, Record]], now: int, hard: int
+) -> MergeStats:
+    """merge_in's contract, one copy at a time (also the model's)."""
+    applied = refused = 0
+    for raw, rec in batch:
+        if rec.expiry_ms <= now - GRACE:
+            continue
+        old = stored.get(raw)
+        if old is None and len(stored) >= hard:
+            refused += 1
+            continue
+        new = rec if old is None or old.expiry_ms <= now - GRACE else merge(old, rec)
+        applied += new != old
+        stored[raw] = new
+    return MergeStats(applied=applied, refused=refused)
+
+
+def _random_record(rng: np.random.Generator, now: int) -> Record:
+    return Record(
+        int(rng.integers(1, 4)),
+        int(rng.integers(0, 3)),
+        State(int(rng.integers(1, 4))),
+        hlc_pack(T0 + int(rng.integers(0, 3)), 0),
+        int(rng.integers(1, 3)),
+        int(rng.integers(1, 4)),
+        now + int(rng.integers(-3 * GRACE, 3 * GRACE)),
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_merge_in_matches_copy_by_copy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    raw = random_keys(rng, 300)
+    pool = [raw[i : i + 40] for i in range(0, len(raw), 40)]
+    hard = 250
+    env = Env(StoreLimits(max_records=hard, hard_max_records=hard))
+    model: dict[bytes, Record] = {}
+    for _ in range(12):
+        env.now += int(rng.integers(0, 2 * GRACE))
+        # Few distinct keys per batch, so most batches repeat keys several times.
+        picked = rng.choice(len(pool), int(rng.integers(1, 400)))
+        picked = picked % int(rng.integers(1, len(pool) + 1))
+        batch = [(pool[i], _random_record(rng, env.now)) for i in picked]
+        k, h = packed(b"".join(r for r, _ in batch))
+        got = env.store.merge_in(k, h, results([r for _, r in batch]), env.now)
+        assert got == _merge_reference(model, batch, env.now, hard)
+        res = env.store.copies(*packed(b"".join(pool)))
+        stored = {pool[i]: shown(res, i) for i in range(len(pool)) if res[i]["status"] == Status.OK}
+        assert stored == model
+        assert env.store.counts() == _counts(model)
+        assert _embryos(env.store) == _model_embryos(model)
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def test_digests_agree_whatever_the_path_and_order() -> None:
+    a = Env()
+    a.claim(A4, B4, C4, pop=1)
+    a.confirm(B4, A6, B6, pop=1, server=2)
+    a.release(C4, pop=1)
+    a.claim(C6, pop=1, ttl=1_000)
+    a.now += 2_000  # C6's embryo has expired: left out of the digests
+    # b receives a's copies as entries, in reverse order and twice over.
+    entries = a.store.export_entries(None, 1, a.now)
+    assert len(entries) == 5
+    b = Env(now=a.now)
+    assert b.store.merge_entries(entries[::-1].copy(), None, b.now) == MergeStats(applied=5)
+    assert b.store.merge_entries(entries, None, b.now) == MergeStats(applied=0)
+    for n in (1, 7, 4096):
+        da, ca = a.store.partition_digests(n, a.now)
+        db, cb = b.store.partition_digests(n, b.now)
+        assert da.dtype == np.uint64 and ca.dtype == np.uint32
+        assert (da == db).all() and (ca == cb).all()
+        assert int(ca.sum()) == 5
+    # The expired copy is stored on a only, and the digests do not see it.
+    assert len(a.store) == 6 and len(b.store) == 5
+    # The digest is the sum of digest.record_fingerprints over the copies.
+    k = np.ascontiguousarray(entries["key"])
+    h = wire.key_hashes(k.tobytes())
+    fp = digest.record_fingerprints(h, np.ascontiguousarray(entries["rec"]))
+    assert a.store.partition_digests(1, a.now)[0][0] == np.sum(fp, dtype=np.uint64)
+
+
+@pytest.mark.parametrize(
+    "field_name",
+    ["state", "expiry_ms", "generation", "owner_pop", "owner_server", "birth_hlc", "birth_pop"],
+)
+def test_digests_differ_when_one_field_differs(field_name: str) -> None:
+    rec = Record(2, 1, State.ESTABLISHED, hlc_pack(T0, 0), 2, 3, T0 + 60_000)
+    value = State.RELEASED if field_name == "state" else getattr(rec, field_name) + 1
+    other = dataclasses.replace(rec, **{field_name: value})
+    a, b = Env(), Env()
+    a.merge([A4, A6, C6], [rec] * 3)
+    b.merge([A4, A6, C6], [rec, other, rec])
+    da, ca = a.store.partition_digests(8, T0)
+    db, cb = b.store.partition_digests(8, T0)
+    assert (ca == cb).all()
+    p = int(wire.key_hashes(wire.parse_flow(A6).to_bytes())[0] % 8)
+    assert da[p] != db[p]
+    assert (np.delete(da, p) == np.delete(db, p)).all()
+
+
+def test_digests_ignore_expired_copies_and_keep_unexpired_tombstones() -> None:
+    env = Env()
+    env.confirm(A4, A6)
+    env.claim(B4)
+    env.release(A6)
+    empty_digest = np.zeros(16, dtype=np.uint64)
+    d, c = env.store.partition_digests(16, env.now)
+    assert int(c.sum()) == 3  # the tombstone is in
+    d2, c2 = env.store.partition_digests(16, T0 + 10_000)  # B4's embryo expired
+    assert int(c2.sum()) == 2
+    p = int(wire.key_hashes(wire.parse_flow(B4).to_bytes())[0] % 16)
+    assert d[p] != d2[p]
+    d3, c3 = env.store.partition_digests(16, T0 + 10**9)
+    assert (d3 == empty_digest).all() and int(c3.sum()) == 0
+    # A replica that already purged the expired copy agrees.
+    other = Env(now=T0 + 10_000 + GRACE)
+    other.store.merge_entries(env.store.export_entries(None, 1, other.now), None, other.now)
+    assert len(other.store) == 2
+    for n, now in ((16, T0 + 10_000), (16, T0 + 10_000 + GRACE)):
+        assert (
+            env.store.partition_digests(n, now)[0] == other.store.partition_digests(n, now)[0]
+        ).all()
+
+
+# --------------------------------------------------------------------------- entries
+
+
+def _entry_keys(entries: EntryArray) -> list[bytes]:
+    raw = entries.tobytes()
+    return [raw[i : i + 40] for i in range(0, len(raw), wire.ENTRY_SIZE)]
+
+
+def test_export_entries_round_trips_keys_and_records() -> None:
+    env = Env()
+    flows = [A4, B4, C4, A6, B6, C6]
+    env.claim(*flows, pop=3, server=9)
+    env.release(B6, pop=3)
+    entries = env.store.export_entries(None, 4096, env.now)
+    assert entries.dtype == wire.ENTRY_DTYPE and len(entries) == 6
+    assert (entries["rec"]["status"] == Status.OK).all()
+    # Big-endian ports survive: the keys parse back to the flows.
+    assert sorted(str(wire.FlowKey.from_bytes(k)) for k in _entry_keys(entries)) == sorted(flows)
+    assert sorted(_entry_keys(entries)) == sorted(wire.parse_flow(f).to_bytes() for f in flows)
+    for k, row in zip(_entry_keys(entries), entries, strict=True):
+        rec = row["rec"].tolist()
+        assert env.store.get(k) == Record(
+            rec[2], rec[3], State(rec[1]), rec[8], rec[4], rec[5], rec[9]
+        )
+    # Into an empty store: the same copies, the same digests.
+    other = Env()
+    assert other.store.merge_entries(entries, None, env.now) == MergeStats(applied=6)
+    assert other.snapshot() == env.snapshot()
+    for store in (env.store, other.store):
+        assert (
+            store.partition_digests(64, env.now)[0] == env.store.partition_digests(64, env.now)[0]
+        ).all()
+    # Hashes may be passed in; the same result.
+    third = Env()
+    third.store.merge_entries(entries, wire.key_hashes(b"".join(_entry_keys(entries))), env.now)
+    assert third.snapshot() == env.snapshot()
+    empty = Env().store.export_entries(None, 16, T0)
+    assert empty.dtype == wire.ENTRY_DTYPE and len(empty) == 0
+    assert Env().store.merge_entries(empty, None, T0) == MergeStats()
+
+
+def test_export_entries_filters_by_partition_and_expiry() -> None:
+    env = Env()
+    raw = random_keys(np.random.default_rng(3), 2_000)
+    k, h = packed(raw)
+    env.store.confirm(k, h, pop=1, server=0, ttl_ms=None, now_ms=env.now)
+    n = 16
+    wanted = np.array([0, 3, 15])
+    entries = env.store.export_entries(wanted, n, env.now)
+    eh = wire.key_hashes(b"".join(_entry_keys(entries)))
+    assert set((eh % np.uint64(n)).tolist()) == {0, 3, 15}
+    assert len(entries) == int(np.isin(h % np.uint64(n), wanted).sum())
+    assert len(env.store.export_entries(np.array([], dtype=np.int64), n, env.now)) == 0
+    with pytest.raises(ValueError):
+        env.store.export_entries(np.array([16]), n, env.now)
+    # Expired copies are not exported (udp ones expire first).
+    later = T0 + 120_000
+    live = env.store.export_entries(None, n, later)
+    assert len(live) == int((k["proto"] == 6).sum())
+    assert (live["key"]["proto"] == 6).all()
+
+
+def test_merge_entries_skips_other_key_kinds() -> None:
+    env = Env()
+    env.confirm(A4, A6)
+    entries = env.store.export_entries(None, 1, env.now)
+    mixed = np.zeros(3, dtype=wire.ENTRY_DTYPE)
+    mixed[[0, 2]] = entries
+    affinity = np.frombuffer(wire.affinity_keys(np.zeros((1, 16), dtype=np.uint8)), wire.KEY_DTYPE)
+    mixed["key"][1] = affinity[0]
+    mixed["rec"][1] = entries["rec"][0]
+    other = Env()
+    hashes = wire.key_hashes(b"".join(_entry_keys(mixed)))
+    assert other.store.merge_entries(mixed, hashes, env.now) == MergeStats(applied=2)
+    assert other.snapshot() == env.snapshot()
 
 
 # --------------------------------------------------------------------------- model
@@ -558,26 +831,38 @@ class Model:
             wire.put_result(out, i, d.status, d.shown)
         return out
 
-    def merge_in(self, batch: list[bytes], recs: list[Record]) -> int:
-        refused = 0
-        for raw, rec in zip(batch, recs, strict=True):
-            old = self.recs.get(raw)
-            if old is None and len(self.recs) >= MODEL_LIMITS.hard_max_records:
-                refused += 1
-                continue
-            self.recs[raw] = rec if old is None else merge(old, rec)
-        self.hard_refused |= refused > 0
-        return refused
+    def merge_in(self, batch: list[bytes], recs: list[Record], now: int) -> MergeStats:
+        stats = _merge_reference(
+            self.recs, list(zip(batch, recs, strict=True)), now, MODEL_LIMITS.hard_max_records
+        )
+        self.hard_refused |= stats.refused > 0
+        return stats
 
     def counts(self) -> dict[tuple[str, str], int]:
-        out = {
-            (fam, s.name.lower()): 0
-            for fam in ("ipv4", "ipv6")
-            for s in (State.EMBRYONIC, State.ESTABLISHED, State.RELEASED)
-        }
-        for raw, rec in self.recs.items():
-            out[("ipv4" if _prefix(raw)[0] else "ipv6", rec.state.name.lower())] += 1
-        return out
+        return _counts(self.recs)
+
+
+def _counts(recs: dict[bytes, Record]) -> dict[tuple[str, str], int]:
+    out = {
+        (fam, s.name.lower()): 0
+        for fam in ("ipv4", "ipv6")
+        for s in (State.EMBRYONIC, State.ESTABLISHED, State.RELEASED)
+    }
+    for raw, rec in recs.items():
+        out[("ipv4" if _prefix(raw)[0] else "ipv6", rec.state.name.lower())] += 1
+    return out
+
+
+def _model_embryos(recs: dict[bytes, Record]) -> dict[tuple[bool, bytes], int]:
+    out: dict[tuple[bool, bytes], int] = {}
+    for raw, rec in recs.items():
+        if rec.state == State.EMBRYONIC:
+            out[_prefix(raw)] = out.get(_prefix(raw), 0) + 1
+    return out
+
+
+def _embryos(store: FlowStore) -> dict[tuple[bool, bytes], int]:
+    return {(t.family == "ipv4", k): n for t in store._tables for k, n in t.embryos.items()}
 
 
 model_records = st.builds(
@@ -588,7 +873,7 @@ model_records = st.builds(
     birth_hlc=st.sampled_from([hlc_pack(T0 - 5, 0), hlc_pack(T0, 0), hlc_pack(T0 + 1, 0)]),
     birth_pop=st.integers(1, 3),
     generation=st.integers(1, 3),
-    expiry_ms=st.integers(T0 - 1_000, T0 + 200_000),
+    expiry_ms=st.integers(-3 * GRACE, 200_000),  # relative to the time of the merge
 )
 indices = st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=5)
 steps = st.one_of(
@@ -605,15 +890,25 @@ steps = st.one_of(
 )
 
 
-def _check(store: FlowStore, model: Model) -> None:
-    k, _, recs = store.export()
-    got = {k[i : i + 1].tobytes(): r for i, r in enumerate(recs)}
+def _check(store: FlowStore, model: Model, now: int) -> None:
+    res = store.copies(*packed(b"".join(POOL_RAW)))
+    got = {raw: shown(res, i) for i, raw in enumerate(POOL_RAW) if res[i]["status"] == Status.OK}
     assert got == model.recs
     assert len(store) == len(model.recs)
     assert store.counts() == model.counts()
+    assert _embryos(store) == _model_embryos(model.recs)
     assert store.over_hard_limit == (
         model.hard_refused and len(model.recs) >= MODEL_LIMITS.hard_max_records
     )
+    # The digests are those of the model's unexpired copies.
+    shown_keys = [raw for raw, rec in model.recs.items() if rec.expiry_ms > now]
+    fp = digest.record_fingerprints(
+        wire.key_hashes(b"".join(shown_keys)), results([model.recs[k] for k in shown_keys])
+    )
+    hashes = wire.key_hashes(b"".join(shown_keys))
+    want = digest.partition_sums(hashes % np.uint64(3), fp, 3)
+    got_digests = store.partition_digests(3, now)
+    assert (got_digests[0] == want[0]).all() and (got_digests[1] == want[1]).all()
 
 
 @settings(
@@ -642,13 +937,17 @@ def test_store_matches_a_dict_model(ops: list[tuple[object, ...]]) -> None:
             gone = [raw for raw in before if raw not in left]
             assert len(gone) == removed
             for raw in gone:
-                assert model.recs.pop(raw).expiry_ms <= now[0]
+                assert model.recs.pop(raw).expiry_ms <= now[0] - GRACE
         elif step[0] == "merge":
             _, idx, recs = step
             batch = [POOL_RAW[i] for i in idx]
-            incoming = list(recs)[: len(batch)]
+            incoming = [
+                dataclasses.replace(r, expiry_ms=now[0] + r.expiry_ms)
+                for r in list(recs)[: len(batch)]
+            ]
             k, h = packed(b"".join(batch))
-            assert store.merge_in(k, h, incoming) == model.merge_in(batch, incoming)
+            got_stats = store.merge_in(k, h, results(incoming), now[0])
+            assert got_stats == model.merge_in(batch, incoming, now[0])
         else:
             op, idx, pop, server, ttl, advance = step
             now[0] += advance
@@ -665,9 +964,9 @@ def test_store_matches_a_dict_model(ops: list[tuple[object, ...]]) -> None:
                 got = mutate(k, h, pop=pop, server=server, ttl_ms=ttl, now_ms=now[0])
             want = model.mutate(str(op), batch, pop, server, ttl, now[0])
             assert got.tolist() == want.tolist(), (op, got.tolist(), want.tolist())
-        _check(store, model)
+        _check(store, model, now[0])
 
 
 def _stored_keys(store: FlowStore) -> list[bytes]:
-    k = store.export()[0]
-    return [k[i : i + 1].tobytes() for i in range(len(k))]
+    res = store.copies(*packed(b"".join(POOL_RAW)))
+    return [raw for i, raw in enumerate(POOL_RAW) if res[i]["status"] == Status.OK]

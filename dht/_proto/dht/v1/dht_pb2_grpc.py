@@ -403,3 +403,250 @@ class FlowTable:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NodeInternalStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Ping = channel.unary_unary(
+                '/dht.v1.NodeInternal/Ping',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingResponse.FromString,
+                _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/dht.v1.NodeInternal/Replicate',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
+        self.ReadCopies = channel.unary_unary(
+                '/dht.v1.NodeInternal/ReadCopies',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesResponse.FromString,
+                _registered_method=True)
+        self.PartitionDigests = channel.unary_unary(
+                '/dht.v1.NodeInternal/PartitionDigests',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.DigestRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.DigestResponse.FromString,
+                _registered_method=True)
+        self.FetchPartitions = channel.unary_stream(
+                '/dht.v1.NodeInternal/FetchPartitions',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.FetchRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.FromString,
+                _registered_method=True)
+
+
+class NodeInternalServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Ping(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replicate(self, request, context):
+        """Apply copies through the merge function; the acknowledgement of a quorum write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadCopies(self, request, context):
+        """Raw copies for a quorum read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PartitionDigests(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchPartitions(self, request, context):
+        """Every copy held in the partitions, in batches (anti-entropy, refill).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeInternalServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'ReadCopies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadCopies,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesResponse.SerializeToString,
+            ),
+            'PartitionDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.PartitionDigests,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.DigestRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.DigestResponse.SerializeToString,
+            ),
+            'FetchPartitions': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchPartitions,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.FetchRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dht.v1.NodeInternal', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dht.v1.NodeInternal', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeInternal:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.NodeInternal/Ping',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.NodeInternal/Replicate',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadCopies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.NodeInternal/ReadCopies',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PartitionDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.NodeInternal/PartitionDigests',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.DigestRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.DigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dht.v1.NodeInternal/FetchPartitions',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.FetchRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -183,3 +183,70 @@ class FlowTableServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dht_pb2.PartitionTable, _abc.Awaitable[_dht_pb2.PartitionTable]]: ...
 
 def add_FlowTableServicer_to_server(servicer: FlowTableServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class NodeInternalStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> NodeInternalAsyncStub: ...
+    Ping: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PingRequest, _dht_pb2.PingResponse]
+    Replicate: _grpc.UnaryUnaryMultiCallable[_dht_pb2.EntryBatch, _dht_pb2.ReplicateResponse]
+    """Apply copies through the merge function; the acknowledgement of a quorum write."""
+    ReadCopies: _grpc.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]
+    """Raw copies for a quorum read."""
+    PartitionDigests: _grpc.UnaryUnaryMultiCallable[_dht_pb2.DigestRequest, _dht_pb2.DigestResponse]
+    FetchPartitions: _grpc.UnaryStreamMultiCallable[_dht_pb2.FetchRequest, _dht_pb2.EntryBatch]
+    """Every copy held in the partitions, in batches (anti-entropy, refill)."""
+
+@_typing.type_check_only
+class NodeInternalAsyncStub(NodeInternalStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Ping: _aio.UnaryUnaryMultiCallable[_dht_pb2.PingRequest, _dht_pb2.PingResponse]  # type: ignore[assignment]
+    Replicate: _aio.UnaryUnaryMultiCallable[_dht_pb2.EntryBatch, _dht_pb2.ReplicateResponse]  # type: ignore[assignment]
+    """Apply copies through the merge function; the acknowledgement of a quorum write."""
+    ReadCopies: _aio.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]  # type: ignore[assignment]
+    """Raw copies for a quorum read."""
+    PartitionDigests: _aio.UnaryUnaryMultiCallable[_dht_pb2.DigestRequest, _dht_pb2.DigestResponse]  # type: ignore[assignment]
+    FetchPartitions: _aio.UnaryStreamMultiCallable[_dht_pb2.FetchRequest, _dht_pb2.EntryBatch]  # type: ignore[assignment]
+    """Every copy held in the partitions, in batches (anti-entropy, refill)."""
+
+class NodeInternalServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Ping(
+        self,
+        request: _dht_pb2.PingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.PingResponse, _abc.Awaitable[_dht_pb2.PingResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Replicate(
+        self,
+        request: _dht_pb2.EntryBatch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.ReplicateResponse, _abc.Awaitable[_dht_pb2.ReplicateResponse]]:
+        """Apply copies through the merge function; the acknowledgement of a quorum write."""
+
+    @_abc_1.abstractmethod
+    def ReadCopies(
+        self,
+        request: _dht_pb2.CopiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.CopiesResponse, _abc.Awaitable[_dht_pb2.CopiesResponse]]:
+        """Raw copies for a quorum read."""
+
+    @_abc_1.abstractmethod
+    def PartitionDigests(
+        self,
+        request: _dht_pb2.DigestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.DigestResponse, _abc.Awaitable[_dht_pb2.DigestResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def FetchPartitions(
+        self,
+        request: _dht_pb2.FetchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dht_pb2.EntryBatch], _abc.AsyncIterator[_dht_pb2.EntryBatch]]:
+        """Every copy held in the partitions, in batches (anti-entropy, refill)."""
+
+def add_NodeInternalServicer_to_server(servicer: NodeInternalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,371 @@
+"""Replication inside a PoP: quorum writes and reads, hinted hand-off, anti-entropy.
+
+DESIGN section 4: *acknowledged means on write_quorum replicas*, and *a read that finds
+nothing must come from a read quorum (R + W > RF)*. The coordinator of a partition (its
+primary, or the first replica that is up) applies a write to its own store first and then
+ships the changed copies to the other replicas; a key is acknowledged when W copies hold
+it. Copies that cannot be delivered are kept as hints, bounded per peer, and delivered
+when the peer answers again. Anti-entropy compares per-partition digests with each peer
+and exchanges the partitions that differ, so replicas converge after any fault,
+including a node that was paused for a long time and comes back with old data.
+
+Copies are only ever applied through the store's merge (record.merge), so the order in
+which hints, replication and anti-entropy deliver them does not matter.
+
+This module owns the protocol; the I/O goes through :class:`PeerTransport` (gRPC in
+dht.server), and the node's stores through :class:`LocalReplica` (dht.node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from dht.errors import DhtError
+from dht.peers import PeerHealth, coordinators, read_quorum, shared_partitions
+from dht.placement import Member, PartitionMap
+from dht.record import Status
+from dht.wire import ENTRY_DTYPE, ENTRY_SIZE, EntryArray, ResultArray, U64Array
+
+log = logging.getLogger(__name__)
+
+
+class PeerUnreachable(DhtError):
+    """A call to a peer failed. ``refused``: the peer is not listening (a dead process),
+    as opposed to slow or timed out."""
+
+    retryable = True
+
+    def __init__(self, peer: str, detail: str, refused: bool = False) -> None:
+        super().__init__(f"{peer}: {detail}")
+        self.refused = refused
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    applied: int = 0
+    refused: int = 0
+
+
+class PeerTransport(Protocol):
+    """Node-to-node calls. Each raises PeerUnreachable on failure and returns within the
+    configured RPC timeout."""
+
+    async def ping(self, member: Member) -> bool: ...
+
+    async def replicate(self, member: Member, entries: bytes, hinted: bool) -> MergeResult: ...
+
+    async def read_copies(self, member: Member, keys: bytes) -> bytes: ...
+
+    async def digests(
+        self, member: Member, partitions: npt.NDArray[np.intp]
+    ) -> tuple[U64Array, npt.NDArray[np.uint32]]: ...
+
+    def fetch(self, member: Member, partitions: npt.NDArray[np.intp]) -> AsyncIterator[bytes]: ...
+
+
+class LocalReplica(Protocol):
+    """The node's own copies (flows and affinity alike)."""
+
+    def merge_entries(self, entries: EntryArray) -> MergeResult: ...
+
+    def partition_digests(self) -> tuple[U64Array, npt.NDArray[np.uint32]]: ...
+
+    def export_entries(self, partitions: npt.NDArray[np.intp]) -> EntryArray: ...
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    write_quorum: int
+    rpc_timeout_ms: int
+    failure_timeout_ms: int
+    hint_limit: int
+    batch_entries: int = 5_000
+
+
+@dataclass
+class Hints:
+    """Copies a peer missed, newest per key, at most ``limit`` per peer (beyond it they
+    are dropped and left to anti-entropy, which repairs whatever hints do not)."""
+
+    limit: int
+    queued: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    dropped: int = 0
+    delivered: int = 0
+
+    def add(self, peer: str, entries: EntryArray) -> None:
+        box = self.queued.setdefault(peer, {})
+        raw = entries.tobytes()
+        for off in range(0, len(raw), ENTRY_SIZE):
+            key = raw[off : off + 40]
+            if key not in box and len(box) >= self.limit:
+                self.dropped += 1
+                continue
+            box[key] = raw[off + 40 : off + ENTRY_SIZE]
+
+    def take(self, peer: str, n: int) -> bytes:
+        box = self.queued.get(peer)
+        if not box:
+            return b""
+        keys = list(box)[:n]
+        return b"".join(k + box.pop(k) for k in keys)
+
+    def count(self, peer: str) -> int:
+        return len(self.queued.get(peer, ()))
+
+
+@dataclass
+class Stats:
+    quorum_failures: dict[str, int] = field(default_factory=dict)
+    read_quorum_failures: int = 0
+    ae_rounds: int = 0
+    ae_partitions_repaired: int = 0
+    ae_records_repaired: int = 0
+    resyncs: int = 0
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class Replicator:
+    """Replication protocol of one node. Not thread-safe; lives in the node's loop."""
+
+    def __init__(
+        self,
+        pmap: PartitionMap,
+        self_index: int,
+        transport: PeerTransport,
+        local: LocalReplica,
+        config: ReplicationConfig,
+        monotonic_ms: Callable[[], int] = _monotonic_ms,
+    ) -> None:
+        self.pmap = pmap
+        self.self_index = self_index
+        self.transport = transport
+        self.local = local
+        self.config = config
+        self._now = monotonic_ms
+        rf = pmap.replication_factor
+        if config.write_quorum > rf:
+            raise DhtError(f"write_quorum {config.write_quorum} exceeds the {rf} replicas")
+        self.read_quorum = read_quorum(rf, config.write_quorum)
+        now = self._now()
+        self.health = {
+            m.node_id: PeerHealth(last_ok_ms=now)
+            for i, m in enumerate(pmap.members)
+            if i != self_index
+        }
+        self.hints = Hints(config.hint_limit)
+        self.stats = Stats()
+        self._coordinators: npt.NDArray[np.int16] | None = None
+        self.on_peer_up: Callable[[Member], None] | None = None
+
+    # ------------------------------------------------------------------ health
+
+    def up_mask(self) -> npt.NDArray[np.bool_]:
+        mask = np.ones(len(self.pmap.members), dtype=bool)
+        for i, m in enumerate(self.pmap.members):
+            if i != self.self_index and not self.health[m.node_id].up:
+                mask[i] = False
+        return mask
+
+    def coordinators(self) -> npt.NDArray[np.int16]:
+        """Per partition, the first replica that is up (cached until health changes)."""
+        if self._coordinators is None:
+            self._coordinators = coordinators(self.pmap, self.up_mask())
+        return self._coordinators
+
+    def is_up(self, member: Member) -> bool:
+        h = self.health.get(member.node_id)
+        return h is None or h.up
+
+    def mark_ok(self, member: Member) -> None:
+        h = self.health[member.node_id]
+        if h.success(self._now()):
+            self._coordinators = None
+            log.info("peer %s is up", member.node_id)
+            if self.on_peer_up is not None:
+                self.on_peer_up(member)
+
+    def mark_failed(self, member: Member, err: PeerUnreachable) -> None:
+        h = self.health[member.node_id]
+        if h.failure(self._now(), self.config.failure_timeout_ms, unreachable=err.refused):
+            self._coordinators = None
+            log.warning("peer %s is down: %s", member.node_id, err)
+
+    async def probe(self) -> None:
+        """Ping every peer once, concurrently."""
+
+        async def one(member: Member) -> None:
+            try:
+                await self.transport.ping(member)
+            except PeerUnreachable as e:
+                self.mark_failed(member, e)
+            else:
+                self.mark_ok(member)
+
+        await asyncio.gather(*(one(m) for m in self._peers()))
+
+    def _peers(self) -> list[Member]:
+        return [m for i, m in enumerate(self.pmap.members) if i != self.self_index]
+
+    # ------------------------------------------------------------------ writes
+
+    def _others(self, parts: npt.NDArray[np.uint16]) -> dict[int, npt.NDArray[np.intp]]:
+        """Per other replica: positions (into ``parts``) of the keys it replicates."""
+        reps = self.pmap.replicas[parts]  # (n, rf)
+        out = {}
+        for member in np.unique(reps):
+            if member == self.self_index:
+                continue
+            out[int(member)] = np.flatnonzero((reps == member).any(axis=1))
+        return out
+
+    async def write(
+        self, entries: EntryArray, parts: npt.NDArray[np.uint16], op: str
+    ) -> npt.NDArray[np.bool_]:
+        """Ship copies the coordinator already applied locally to the other replicas.
+        Returns, per entry, whether W replicas (this one included) now hold it."""
+        acks = np.ones(len(entries), dtype=np.int32)
+        if len(entries) == 0:
+            return acks.astype(bool)
+
+        async def one(member: Member, idx: npt.NDArray[np.intp]) -> None:
+            sub = entries[idx]
+            if not self.is_up(member):
+                self.hints.add(member.node_id, sub)
+                return
+            try:
+                await self.transport.replicate(member, sub.tobytes(), hinted=False)
+            except PeerUnreachable as e:
+                self.mark_failed(member, e)
+                self.hints.add(member.node_id, sub)
+                return
+            self.mark_ok(member)
+            acks[idx] += 1
+
+        await asyncio.gather(
+            *(one(self.pmap.members[m], idx) for m, idx in self._others(parts).items())
+        )
+        ok = acks >= min(self.config.write_quorum, self.pmap.replication_factor)
+        failed = int(np.count_nonzero(~ok))
+        if failed:
+            self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
+        return ok
+
+    # ------------------------------------------------------------------ reads
+
+    async def read_repair(
+        self, keys: bytes, parts: npt.NDArray[np.uint16]
+    ) -> npt.NDArray[np.bool_]:
+        """Fetch the copies other replicas hold of ``keys`` and merge them into the local
+        store. True per key where a read quorum (this replica + R-1 others) answered."""
+        answers = np.ones(len(parts), dtype=np.int32)
+        need = self.read_quorum
+        if need > 1:
+            rows = np.frombuffer(keys, dtype=np.uint8).reshape(-1, 40)
+
+            async def one(member: Member, idx: npt.NDArray[np.intp]) -> None:
+                if not self.is_up(member):
+                    return
+                sub = rows[idx].tobytes()
+                try:
+                    raw = await self.transport.read_copies(member, sub)
+                except PeerUnreachable as e:
+                    self.mark_failed(member, e)
+                    return
+                self.mark_ok(member)
+                copies = np.frombuffer(raw, dtype=ENTRY_DTYPE["rec"])
+                found = copies["status"] == Status.OK
+                if found.any():
+                    entries = np.zeros(int(found.sum()), dtype=ENTRY_DTYPE)
+                    entries["key"] = np.frombuffer(sub, dtype=ENTRY_DTYPE["key"])[found]
+                    entries["rec"] = copies[found]
+                    self.local.merge_entries(entries)
+                answers[idx] += 1
+
+            await asyncio.gather(
+                *(one(self.pmap.members[m], idx) for m, idx in self._others(parts).items())
+            )
+        ok = answers >= need
+        self.stats.read_quorum_failures += int(np.count_nonzero(~ok))
+        return ok
+
+    # ------------------------------------------------------------------ hints
+
+    async def deliver_hints(self, member: Member) -> int:
+        """Send the hints queued for ``member`` in batches; stop at the first failure."""
+        sent = 0
+        while self.hints.count(member.node_id) and self.is_up(member):
+            raw = self.hints.take(member.node_id, self.config.batch_entries)
+            try:
+                await self.transport.replicate(member, raw, hinted=True)
+            except PeerUnreachable as e:
+                self.mark_failed(member, e)
+                self.hints.add(member.node_id, np.frombuffer(raw, dtype=ENTRY_DTYPE))
+                break
+            n = len(raw) // ENTRY_SIZE
+            self.hints.delivered += n
+            sent += n
+        if sent:
+            log.info("delivered %d hinted copies to %s", sent, member.node_id)
+        return sent
+
+    # ------------------------------------------------------------------ anti-entropy
+
+    async def sync_with(self, member: Member, push: bool = True) -> int:
+        """Compare digests of the partitions shared with ``member``; for those that
+        differ, pull its copies (and push ours). Returns the copies applied locally."""
+        shared = shared_partitions(self.pmap, self.self_index, self.pmap.index_of(member.node_id))
+        if shared.size == 0:
+            return 0
+        theirs, _ = await self.transport.digests(member, shared)
+        ours, _ = self.local.partition_digests()
+        differ = shared[theirs != ours[shared]]
+        if differ.size == 0:
+            return 0
+        applied = 0
+        async for raw in self.transport.fetch(member, differ):
+            applied += self.local.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE)).applied
+        if push:
+            mine = self.local.export_entries(differ)
+            step = self.config.batch_entries
+            for start in range(0, len(mine), step):
+                await self.transport.replicate(
+                    member, mine[start : start + step].tobytes(), hinted=False
+                )
+        self.stats.ae_partitions_repaired += int(differ.size)
+        self.stats.ae_records_repaired += applied
+        return applied
+
+    async def anti_entropy_round(self, push: bool = True) -> bool:
+        """One round with every peer that is up. True if every peer took part."""
+        complete = True
+        for member in self._peers():
+            if not self.is_up(member):
+                complete = False
+                continue
+            try:
+                await self.sync_with(member, push)
+            except PeerUnreachable as e:
+                self.mark_failed(member, e)
+                complete = False
+        self.stats.ae_rounds += 1
+        return complete
+
+    def results_as_entries(self, keys: bytes, results: ResultArray) -> EntryArray:
+        entries = np.zeros(len(results), dtype=ENTRY_DTYPE)
+        entries["key"] = np.frombuffer(keys, dtype=ENTRY_DTYPE["key"])
+        entries["rec"] = results
+        entries["rec"]["status"] = Status.OK
+        entries["rec"]["partition"] = 0
+        entries["rec"]["flags"] = 0
+        return entries
