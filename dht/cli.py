@@ -61,7 +61,8 @@ def add_node_parser(sub: Any) -> None:
         help="run one node",
         description="Run one DHT node. Flags override the --config file, which overrides "
         "the --profile defaults. With --announce the node prints one JSON line "
-        '{"node_id","grpc","admin","pid"} on stdout once it serves.',
+        '{"node_id","grpc","admin","pid"} on stdout once it is ready (serving, and its '
+        "partitions refilled from the other replicas).",
     )
     p.add_argument("--config", help="TOML configuration file (see dht/config.py for keys)")
     p.add_argument("--profile", choices=["local", "docker", "test"], help="default set (local)")
@@ -85,7 +86,7 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--tls-ca", help="PEM CA: require and verify client certificates (mTLS)")
     p.add_argument("--admin-token-file", help="file holding the token for mutating admin calls")
-    p.add_argument("--announce", action="store_true", help="print a JSON line once serving")
+    p.add_argument("--announce", action="store_true", help="print a JSON line once ready")
     p.add_argument("--log-level", default="info")
 
 
@@ -137,6 +138,8 @@ async def run_node(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await srv.start()
     if args.announce:
+        # Announce readiness, not just listening: after the start-up refill.
+        await srv.node.first_sync.wait()
         import os
 
         info = {

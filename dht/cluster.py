@@ -3,7 +3,7 @@
 Used by ``dht cluster``, ``dht demo`` and the system tests. Library code: it raises and
 never exits; signals belong to the CLI.
 
-Each node process is started with ``--announce``: once serving, it prints one JSON line
+Each node process is started with ``--announce``: once ready, it prints one JSON line
 (``{"node_id", "grpc", "admin", "pid"}``) on stdout, and that line, not a sleep, is what
 the cluster waits for.
 """

@@ -155,6 +155,7 @@ class Node:
         self.failed_loops: dict[str, str] = {}
         self.accepting = False
         self.in_sync = False
+        self.first_sync = asyncio.Event()  # set once the start-up refill is done
         self._resync: asyncio.Task[None] | None = None
         self._last_tick_ms = _monotonic_ms()
         self.pauses = 0
@@ -391,6 +392,7 @@ class Node:
             epoch=self.table.epoch,
             forwarded=True,
         )
+        started = self.replicator.now_ms()
         try:
             raw = await self.forwarder(member, sub)
             res = np.frombuffer(raw, dtype=out.dtype)
@@ -401,7 +403,7 @@ class Node:
         except PeerUnreachable as e:
             # The coordinator could not be reached in time: a replica takes over (after
             # a quorum read); other keys are UNAVAILABLE, never answered wrongly.
-            self.replicator.mark_failed(member, e)
+            self.replicator.mark_failed(member, e, started)
             self.metrics.forward_errors.inc()
             log.warning("forward of %d keys to %s failed: %s", len(idx), member.node_id, e)
             mine = self._replicas[b.parts[idx]]
@@ -535,6 +537,7 @@ class Node:
                 continue
             break
         self.in_sync = True
+        self.first_sync.set()
         log.info(
             "in sync after %.2f s (%d records)", time.perf_counter() - started, len(self.store)
         )

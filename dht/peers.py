@@ -39,9 +39,14 @@ class PeerHealth:
             return True
         return False
 
-    def failure(self, now_ms: int, failure_timeout_ms: int, unreachable: bool = False) -> bool:
-        """Record a failed call. ``unreachable`` = refused/reset, not merely slow. True if
-        the peer just went down."""
+    def failure(
+        self, now_ms: int, failure_timeout_ms: int, unreachable: bool = False, started_ms: int = 0
+    ) -> bool:
+        """Record a failed call that started at ``started_ms``. ``unreachable`` =
+        refused, not merely slow. A call older than the last answer is stale news and is
+        ignored. True if the peer just went down."""
+        if started_ms and started_ms < self.last_ok_ms:
+            return False
         self.failures += 1
         if self.up and (unreachable or now_ms - self.last_ok_ms >= failure_timeout_ms):
             self.up = False

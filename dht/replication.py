@@ -70,6 +70,10 @@ class PeerTransport(Protocol):
 
     def fetch(self, member: Member, partitions: npt.NDArray[np.intp]) -> AsyncIterator[bytes]: ...
 
+    def reset(self, member: Member) -> None:
+        """Drop the connection state to ``member`` (it came back: reconnect now, without
+        waiting out a reconnect backoff)."""
+
 
 class LocalReplica(Protocol):
     """The node's own copies (flows and affinity alike)."""
@@ -191,13 +195,25 @@ class Replicator:
         h = self.health[member.node_id]
         if h.success(self._now()):
             self._coordinators = None
+            self.transport.reset(member)
             log.info("peer %s is up", member.node_id)
             if self.on_peer_up is not None:
                 self.on_peer_up(member)
 
-    def mark_failed(self, member: Member, err: PeerUnreachable) -> None:
+    def heard_from(self, node_id: str) -> None:
+        """A peer called us: it is up (a node that starts after its peers is seen at
+        once, not only at their next probe)."""
+        for i, m in enumerate(self.pmap.members):
+            if m.node_id == node_id and i != self.self_index:
+                self.mark_ok(m)
+
+    def now_ms(self) -> int:
+        return self._now()
+
+    def mark_failed(self, member: Member, err: PeerUnreachable, started_ms: int = 0) -> None:
+        """Record a failed call to ``member`` that started at ``started_ms``."""
         h = self.health[member.node_id]
-        if h.failure(self._now(), self.config.failure_timeout_ms, unreachable=err.refused):
+        if h.failure(self._now(), self.config.failure_timeout_ms, err.refused, started_ms):
             self._coordinators = None
             log.warning("peer %s is down: %s", member.node_id, err)
 
@@ -205,10 +221,11 @@ class Replicator:
         """Ping every peer once, concurrently."""
 
         async def one(member: Member) -> None:
+            started = self._now()
             try:
                 await self.transport.ping(member)
             except PeerUnreachable as e:
-                self.mark_failed(member, e)
+                self.mark_failed(member, e, started)
             else:
                 self.mark_ok(member)
 
@@ -243,10 +260,11 @@ class Replicator:
             if not self.is_up(member):
                 self.hints.add(member.node_id, sub)
                 return
+            started = self._now()
             try:
                 await self.transport.replicate(member, sub.tobytes(), hinted=False)
             except PeerUnreachable as e:
-                self.mark_failed(member, e)
+                self.mark_failed(member, e, started)
                 self.hints.add(member.node_id, sub)
                 return
             self.mark_ok(member)
@@ -277,10 +295,11 @@ class Replicator:
                 if not self.is_up(member):
                     return
                 sub = rows[idx].tobytes()
+                started = self._now()
                 try:
                     raw = await self.transport.read_copies(member, sub)
                 except PeerUnreachable as e:
-                    self.mark_failed(member, e)
+                    self.mark_failed(member, e, started)
                     return
                 self.mark_ok(member)
                 copies = np.frombuffer(raw, dtype=ENTRY_DTYPE["rec"])

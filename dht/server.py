@@ -181,6 +181,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Ping(self, request: pb.PingRequest, context: Ctx) -> pb.PingResponse:
         n = self.node
+        n.replicator.heard_from(request.from_node)
         return pb.PingResponse(node_id=n.config.node_id, epoch=n.table.epoch, in_sync=n.in_sync)
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
@@ -246,6 +247,7 @@ class Peers:
         self._channels: dict[
             str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub, pb_grpc.NodeInternalAsyncStub]
         ] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _stubs(
         self, member: Member
@@ -329,7 +331,16 @@ class Peers:
             call.cancel()
             raise PeerUnreachable(member.node_id, "FetchPartitions stalled") from None
 
+    def reset(self, member: Member) -> None:
+        entry = self._channels.pop(member.address, None)
+        if entry is not None:
+            # Closing is async; calls still on the old channel finish or fail on their own.
+            task = asyncio.get_running_loop().create_task(entry[0].close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
+        await asyncio.gather(*self._closing, return_exceptions=True)
         channels = [c for c, _, _ in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
