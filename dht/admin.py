@@ -9,6 +9,9 @@ TCPSite.
     GET    /flow?flow=FLOW        look a flow up through the normal routing (JSON)
     DELETE /flow?flow=FLOW[&pop=NAME]  force-release a flow (needs the admin token)
     GET    /affinity?client=ADDR  the client's preferred PoP
+    GET    /digests[?partitions=1,2]  per-partition digests and record counts of the
+                                  partitions this node replicates (anti-entropy compares
+                                  these; equal digests = identical copies)
 
 Mutating calls need ``Authorization: Bearer <admin_token>``; with no token configured
 they are disabled (403).
@@ -19,10 +22,12 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from aiohttp import web
 
 from dht.errors import DhtError, InvalidArgument, PermissionDenied, http_status
 from dht.node import BatchCall, Op
+from dht.peers import replica_mask
 from dht.wire import decode_results, parse_address, parse_flow, result_to_dict
 
 if TYPE_CHECKING:
@@ -134,6 +139,29 @@ async def get_affinity(request: web.Request) -> web.Response:
     return _json({"client": str(addr), **result_to_dict(decode_results(raw)[0], _pop_names(srv))})
 
 
+async def digests(request: web.Request) -> web.Response:
+    node = request.app[NODE].node
+    wanted = request.query.get("partitions")
+    mine = np.flatnonzero(replica_mask(node.table, node.self_index))
+    if wanted:
+        try:
+            parts = np.array(sorted({int(p) for p in wanted.split(",")}), dtype=np.intp)
+        except ValueError:
+            raise InvalidArgument("partitions", f"{wanted!r}: want comma-separated ids") from None
+        mine = np.intersect1d(mine, parts)
+    sums, counts = node.partition_digests()
+    return _json(
+        {
+            "node_id": node.config.node_id,
+            "epoch": node.table.epoch,
+            "in_sync": node.in_sync,
+            "partitions": {
+                str(p): {"digest": f"{int(sums[p]):016x}", "records": int(counts[p])} for p in mine
+            },
+        }
+    )
+
+
 class AdminServer:
     def __init__(self, srv: NodeServer) -> None:
         self.app = web.Application(middlewares=[_errors])
@@ -145,6 +173,7 @@ class AdminServer:
         self.app.router.add_get("/flow", get_flow)
         self.app.router.add_delete("/flow", delete_flow)
         self.app.router.add_get("/affinity", get_affinity)
+        self.app.router.add_get("/digests", digests)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> int:

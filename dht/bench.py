@@ -38,8 +38,9 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--json", help="also write the results here")
 
 
-def synthetic_keys(n: int, seed: int) -> bytes:
-    """n distinct IPv4 TCP flow keys (client 10.x.y.z:port -> 192.0.2.1:443)."""
+def synthetic_keys(n: int, seed: int, start: int = 0) -> bytes:
+    """n distinct IPv4 TCP flow keys (client 10.x.y.z:port -> 192.0.2.1:443), ids
+    ``start .. start + n`` in an order shuffled by ``seed`` (same ``start``, same set)."""
     rng = np.random.default_rng(seed)
     arr = np.zeros(n, dtype=KEY_DTYPE)
     arr["kind"] = KIND_FLOW
@@ -47,7 +48,7 @@ def synthetic_keys(n: int, seed: int) -> bytes:
     arr["caddr"][:, 10:12] = 0xFF
     arr["saddr"][:, 10:12] = 0xFF
     arr["saddr"][:, 12:] = (192, 0, 2, 1)
-    ids = rng.permutation(n).astype(np.uint64) + np.uint64(1 << 20)
+    ids = rng.permutation(n).astype(np.uint64) + np.uint64((1 << 20) + start)
     arr["caddr"][:, 12] = 10
     arr["caddr"][:, 13] = (ids >> np.uint64(16)) & np.uint64(0xFF)
     arr["caddr"][:, 14] = (ids >> np.uint64(8)) & np.uint64(0xFF)

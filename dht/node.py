@@ -3,9 +3,10 @@
 Routing (DESIGN section 3): each key is hashed to its partition. The partition's
 *coordinator* is its first replica that is up (the primary, unless it is down):
 
-* this node is the coordinator and an in-sync primary: the keys are applied to the local
-  store in one synchronous step (so claims are serialized by the primary), and written
-  changes are shipped to the other replicas before they are acknowledged;
+* this node is the coordinator and an in-sync primary that sees all the partition's
+  replicas up: the keys are applied to the local store in one synchronous step (so claims
+  are serialized by the primary), and written changes are shipped to the other replicas
+  before they are acknowledged;
 * this node is another replica, or a primary that is not in sync (just started, or was
   paused): the same, after a quorum read has merged the other replicas' copies in;
 * otherwise the keys are forwarded one hop to the coordinator, or answered MOVED if the
@@ -319,10 +320,15 @@ class Node:
         return out.tobytes()
 
     def _plan(self, b: _Batch) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int16]]:
-        coord = self.replicator.coordinators()[b.parts]
+        repl = self.replicator
+        coord = repl.coordinators()[b.parts]
         me = coord == self.self_index
         replica = self._replicas[b.parts]
-        authoritative = (self.table.primaries[b.parts] == self.self_index) & self.in_sync
+        authoritative = (
+            (self.table.primaries[b.parts] == self.self_index)
+            & self.in_sync
+            & repl.all_replicas_up()[b.parts]
+        )
         actions = np.full(len(b.parts), Action.MOVED, dtype=np.uint8)
         actions[me & authoritative] = Action.LOCAL
         actions[me & ~authoritative] = Action.QUORUM

@@ -170,6 +170,7 @@ class Replicator:
         self.hints = Hints(config.hint_limit)
         self.stats = Stats()
         self._coordinators: npt.NDArray[np.int16] | None = None
+        self._all_up: npt.NDArray[np.bool_] = np.ones(pmap.num_partitions, dtype=bool)
         self.on_peer_up: Callable[[Member], None] | None = None
 
     # ------------------------------------------------------------------ health
@@ -184,8 +185,18 @@ class Replicator:
     def coordinators(self) -> npt.NDArray[np.int16]:
         """Per partition, the first replica that is up (cached until health changes)."""
         if self._coordinators is None:
-            self._coordinators = coordinators(self.pmap, self.up_mask())
+            up = self.up_mask()
+            self._coordinators = coordinators(self.pmap, up)
+            self._all_up = np.asarray(up[self.pmap.replicas].all(axis=1), dtype=bool)
         return self._coordinators
+
+    def all_replicas_up(self) -> npt.NDArray[np.bool_]:
+        """Per partition: does this node see every replica up? Only then may a primary
+        answer from its own copy: with a replica unreachable, another coordinator may
+        have acknowledged writes this one has not seen (an asymmetric cut), so it reads a
+        quorum instead."""
+        self.coordinators()
+        return self._all_up
 
     def is_up(self, member: Member) -> bool:
         h = self.health.get(member.node_id)

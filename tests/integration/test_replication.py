@@ -1,0 +1,176 @@
+"""Replication inside a PoP with real nodes over gRPC: quorum writes and reads, hinted
+hand-off, refill, anti-entropy (DESIGN section 4; issue 3)."""
+
+from __future__ import annotations
+
+import aiohttp
+import numpy as np
+import pytest
+
+from dht.bench import synthetic_keys
+from dht.client import Client
+from dht.config import build_config
+from dht.errors import ConfigError
+from dht.record import Status
+from dht.server import NodeServer
+from dht.wire import ENTRY_DTYPE, RESULT_DTYPE, key_hashes
+
+from .conftest import MakePop, pop_configs, wait_for
+
+
+def digests_of(srv: NodeServer) -> np.ndarray:  # type: ignore[type-arg]
+    return srv.node.partition_digests()[0]
+
+
+async def test_write_quorum_above_replicas_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="write_quorum 3 is impossible with 2 replicas"):
+        build_config({"node_id": "a", "pop": "ams", "write_quorum": 3, "peers": ["b=127.0.0.1:1"]})
+    with pytest.raises(ConfigError, match="write_quorum 4 is impossible with 3 replicas"):
+        pop_configs(5, write_quorum=4)
+
+
+async def test_quorum_survives_a_dead_node_and_it_refills(make_pop: MakePop) -> None:
+    nodes = await make_pop(3)
+    raw = synthetic_keys(3000, seed=3)
+    async with Client([nodes[0].grpc_address], timeout_s=10) as c:
+        first = await c.flow_packed("Claim", raw[: 1500 * 40], pop="ams")
+        assert set(first["status"].tolist()) == {Status.CREATED}
+        # One of three nodes goes away: W=2 still holds, hints queue up for it.
+        victim = nodes[2]
+        cfg = victim.config
+        await victim.stop()
+        second = await c.flow_packed("Claim", raw[1500 * 40 :], pop="ams")
+        assert set(second["status"].tolist()) == {Status.CREATED}
+        assert all(n.node.replicator.hints.count(cfg.node_id) > 0 for n in nodes[:2]), (
+            "the survivors keep hints for the dead replica"
+        )
+        # Reads answer from the survivors: nothing acknowledged is NOT_FOUND.
+        seen = await c.flow_packed("Lookup", raw)
+        assert set(seen["status"].tolist()) == {Status.OK}
+        assert np.array_equal(
+            seen["birth_hlc"], np.concatenate([first["birth_hlc"], second["birth_hlc"]])
+        )
+        # The node comes back empty on the same address: it refills before it is in
+        # sync, and the hints reach it.
+        back = NodeServer(cfg)
+        await back.start()
+        nodes.append(back)  # the fixture stops it
+        await wait_for(lambda: back.node.in_sync, what="refill")
+        assert len(back.node.store) == 3000
+        await wait_for(
+            lambda: all(n.node.replicator.hints.count(cfg.node_id) == 0 for n in nodes[:2]),
+            what="hints delivered",
+        )
+        await wait_for(
+            lambda: all(np.array_equal(digests_of(n), digests_of(back)) for n in nodes[:2]),
+            what="equal digests",
+        )
+        c.set_table(c.table)  # keep using the same table: the node has the same address
+        again = await c.flow_packed("Lookup", raw)
+        assert set(again["status"].tolist()) == {Status.OK}
+    await back.stop()
+
+
+async def test_primary_down_reads_come_from_a_read_quorum(make_pop: MakePop) -> None:
+    nodes = await make_pop(3)
+    raw = synthetic_keys(2000, seed=4)
+    async with Client([nodes[0].grpc_address], timeout_s=10, no_forward=True) as c:
+        await c.flow_packed("Confirm", raw, pop="fra")
+        table = c.table
+        hashes = key_hashes(raw)
+        primaries = table.primaries[table.partitions_of(hashes)]
+        victim_index = int(np.bincount(primaries).argmax())
+        victim = next(n for n in nodes if n.config.node_id == table.members[victim_index].node_id)
+        await victim.stop()
+        res = await c.flow_packed("Lookup", raw)
+        # Keys whose primary is dead were answered by the next replica after a quorum
+        # read: found, never NOT_FOUND.
+        assert set(res["status"].tolist()) == {Status.OK}
+        assert set(res["owner_pop"].tolist()) == {2}
+        survivors = [n for n in nodes if n is not victim]
+        assert sum(n.node.replicator.stats.read_quorum_failures for n in survivors) == 0
+        missing = synthetic_keys(50, seed=99, start=10_000_000)
+        assert set((await c.flow_packed("Lookup", missing))["status"].tolist()) == {
+            Status.NOT_FOUND
+        }
+        assert any(a == victim.grpc_address for _, a in c.failures)
+
+
+async def test_no_quorum_means_unavailable_not_a_wrong_answer(make_pop: MakePop) -> None:
+    nodes = await make_pop(3)
+    raw = synthetic_keys(200, seed=5)
+    async with Client([nodes[0].grpc_address], timeout_s=10) as c:
+        await nodes[1].stop()
+        await nodes[2].stop()
+        res = await c.flow_packed("Claim", raw, pop="ams")
+        # One replica of three cannot acknowledge (W=2) nor prove absence (R=2).
+        assert set(res["status"].tolist()) == {Status.UNAVAILABLE}
+        looked = await c.flow_packed("Lookup", synthetic_keys(100, seed=6, start=10_000_000))
+        assert set(looked["status"].tolist()) <= {Status.UNAVAILABLE}
+    text = nodes[0].node.metrics.render().decode()
+    assert 'dht_quorum_failures_total{method="Claim"}' in text
+
+
+async def test_anti_entropy_repairs_divergent_replicas(make_pop: MakePop) -> None:
+    nodes = await make_pop(3, anti_entropy_interval_s=0.2)
+    raw = synthetic_keys(500, seed=7)
+    async with Client([nodes[0].grpc_address]) as c:
+        await c.flow_packed("Confirm", raw, pop="ams")
+    # Divergence behind replication's back: a record only one node has, and a later
+    # expiry on another node only.
+    stray = np.zeros(1, dtype=ENTRY_DTYPE)
+    stray["key"] = np.frombuffer(
+        synthetic_keys(1, seed=8, start=10_000_000), dtype=ENTRY_DTYPE["key"]
+    )
+    rec = np.zeros(1, dtype=RESULT_DTYPE)
+    rec["status"], rec["state"], rec["owner_pop"], rec["birth_pop"] = Status.OK, 2, 3, 3
+    rec["generation"], rec["birth_hlc"] = 1, nodes[0].node.clock.now()
+    rec["expiry_ms"] = nodes[0].node.clock.wall_ms() + 600_000
+    stray["rec"] = rec
+    assert nodes[1].node.merge_entries(stray).applied == 1
+    copy = np.frombuffer(nodes[0].node.internal_copies(raw[:40]), dtype=RESULT_DTYPE).copy()
+    copy["expiry_ms"] += 1_000_000
+    later = np.zeros(1, dtype=ENTRY_DTYPE)
+    later["key"] = np.frombuffer(raw[:40], dtype=ENTRY_DTYPE["key"])
+    later["rec"] = copy
+    assert nodes[2].node.merge_entries(later).applied == 1
+    await wait_for(
+        lambda: all(np.array_equal(digests_of(n), digests_of(nodes[0])) for n in nodes),
+        what="anti-entropy to converge",
+    )
+    for n in nodes:
+        stored = np.frombuffer(
+            n.node.internal_copies(raw[:40] + stray["key"].tobytes()), dtype=RESULT_DTYPE
+        )
+        assert stored["expiry_ms"][0] == copy["expiry_ms"][0]
+        assert stored["owner_pop"][1] == 3
+    assert sum(n.node.replicator.stats.ae_records_repaired for n in nodes) >= 2
+
+
+async def test_digests_on_the_admin_endpoint(make_pop: MakePop) -> None:
+    nodes = await make_pop(3)
+    async with Client([nodes[0].grpc_address]) as c:
+        await c.flow_packed("Confirm", synthetic_keys(300, seed=9), pop="ams")
+    bodies = []
+    async with aiohttp.ClientSession() as http:
+        for n in nodes:
+            async with http.get(f"http://{n.admin_address}/digests") as r:
+                assert r.status == 200
+                bodies.append(await r.json())
+        async with http.get(
+            f"http://{nodes[0].admin_address}/digests", params={"partitions": "1,2,x"}
+        ) as r:
+            assert r.status == 400
+    assert all(len(b["partitions"]) == 4096 for b in bodies)
+    assert bodies[0]["partitions"] == bodies[1]["partitions"] == bodies[2]["partitions"]
+    assert sum(p["records"] for p in bodies[0]["partitions"].values()) == 300
+    metrics = nodes[0].node.metrics.render().decode()
+    for name in (
+        "dht_peer_up{",
+        "dht_hints_queued{",
+        "dht_hints_delivered_total",
+        "dht_anti_entropy_rounds_total",
+        "dht_anti_entropy_repaired_records_total",
+        "dht_in_sync 1.0",
+    ):
+        assert name in metrics, name
