@@ -511,13 +511,15 @@ class Node:
 
     def _check_pause(self) -> None:
         """A long gap since the last tick means this process was paused: peers may have
-        coordinated our partitions meanwhile, so resync before trusting our copy."""
+        coordinated our partitions meanwhile, so resync before trusting our copy. Called
+        by the ticker and by every batch (after a SIGCONT a call may run before a tick)."""
         now = _monotonic_ms()
-        if now - self._last_tick_ms > self.config.pause_threshold_ms and self.in_sync:
+        gap = now - self._last_tick_ms
+        if gap > self.config.pause_threshold_ms:
+            self._last_tick_ms = now
             self.pauses += 1
-            log.warning("event loop was paused for %d ms: resyncing", now - self._last_tick_ms)
+            log.warning("event loop was paused for %d ms: resyncing", gap)
             self.start_resync()
-        self._last_tick_ms = max(self._last_tick_ms, now - self.config.pause_threshold_ms // 2)
 
     def start_resync(self) -> None:
         self.in_sync = False
@@ -616,6 +618,8 @@ class Node:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.repl is not None:
+            await self.repl.close()
 
     # ------------------------------------------------------------------ metrics
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -172,6 +172,7 @@ class Replicator:
         self._coordinators: npt.NDArray[np.int16] | None = None
         self._all_up: npt.NDArray[np.bool_] = np.ones(pmap.num_partitions, dtype=bool)
         self.on_peer_up: Callable[[Member], None] | None = None
+        self._background: set[asyncio.Future[bool]] = set()
 
     # ------------------------------------------------------------------ health
 
@@ -257,34 +258,59 @@ class Replicator:
             out[int(member)] = np.flatnonzero((reps == member).any(axis=1))
         return out
 
+    async def _until_quorum(
+        self, calls: Sequence[tuple[npt.NDArray[np.intp], Awaitable[bool]]], n: int, need: int
+    ) -> npt.NDArray[np.int32]:
+        """Run per-peer calls concurrently until every key has ``need`` answers (this
+        node counts as one) or every call is done; returns the answer count per key.
+        Calls still running then finish in the background (a slow replica does not hold
+        up a quorum that is already there); they are owned and cancelled on close()."""
+        counts = np.ones(n, dtype=np.int32)
+        tasks: dict[asyncio.Future[bool], npt.NDArray[np.intp]] = {
+            asyncio.ensure_future(aw): idx for idx, aw in calls
+        }
+        pending: set[asyncio.Future[bool]] = set(tasks)
+        while pending and not bool((counts >= need).all()):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.result():
+                    counts[tasks[t]] += 1
+        for t in pending:
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
+        return counts
+
+    async def close(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
     async def write(
         self, entries: EntryArray, parts: npt.NDArray[np.uint16], op: str
     ) -> npt.NDArray[np.bool_]:
         """Ship copies the coordinator already applied locally to the other replicas.
-        Returns, per entry, whether W replicas (this one included) now hold it."""
-        acks = np.ones(len(entries), dtype=np.int32)
-        if len(entries) == 0:
-            return acks.astype(bool)
+        Returns, per entry, whether W replicas (this one included) now hold it. Copies a
+        replica misses (down, or the call failed) are kept as hints for it."""
+        need = min(self.config.write_quorum, self.pmap.replication_factor)
 
-        async def one(member: Member, idx: npt.NDArray[np.intp]) -> None:
-            sub = entries[idx]
+        async def one(member: Member, sub: EntryArray) -> bool:
             if not self.is_up(member):
                 self.hints.add(member.node_id, sub)
-                return
+                return False
             started = self._now()
             try:
                 await self.transport.replicate(member, sub.tobytes(), hinted=False)
             except PeerUnreachable as e:
                 self.mark_failed(member, e, started)
                 self.hints.add(member.node_id, sub)
-                return
+                return False
             self.mark_ok(member)
-            acks[idx] += 1
+            return True
 
-        await asyncio.gather(
-            *(one(self.pmap.members[m], idx) for m, idx in self._others(parts).items())
-        )
-        ok = acks >= min(self.config.write_quorum, self.pmap.replication_factor)
+        calls = [
+            (idx, one(self.pmap.members[m], entries[idx])) for m, idx in self._others(parts).items()
+        ]
+        ok = await self._until_quorum(calls, len(entries), need) >= need
         failed = int(np.count_nonzero(~ok))
         if failed:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
@@ -297,35 +323,35 @@ class Replicator:
     ) -> npt.NDArray[np.bool_]:
         """Fetch the copies other replicas hold of ``keys`` and merge them into the local
         store. True per key where a read quorum (this replica + R-1 others) answered."""
-        answers = np.ones(len(parts), dtype=np.int32)
         need = self.read_quorum
+        rows = np.frombuffer(keys, dtype=np.uint8).reshape(-1, 40)
+
+        async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
+            if not self.is_up(member):
+                return False
+            sub = rows[idx].tobytes()
+            started = self._now()
+            try:
+                raw = await self.transport.read_copies(member, sub)
+            except PeerUnreachable as e:
+                self.mark_failed(member, e, started)
+                return False
+            self.mark_ok(member)
+            copies = np.frombuffer(raw, dtype=ENTRY_DTYPE["rec"])
+            found = copies["status"] == Status.OK
+            if found.any():
+                entries = np.zeros(int(found.sum()), dtype=ENTRY_DTYPE)
+                entries["key"] = np.frombuffer(sub, dtype=ENTRY_DTYPE["key"])[found]
+                entries["rec"] = copies[found]
+                self.local.merge_entries(entries)
+            return True
+
+        calls = []
         if need > 1:
-            rows = np.frombuffer(keys, dtype=np.uint8).reshape(-1, 40)
-
-            async def one(member: Member, idx: npt.NDArray[np.intp]) -> None:
-                if not self.is_up(member):
-                    return
-                sub = rows[idx].tobytes()
-                started = self._now()
-                try:
-                    raw = await self.transport.read_copies(member, sub)
-                except PeerUnreachable as e:
-                    self.mark_failed(member, e, started)
-                    return
-                self.mark_ok(member)
-                copies = np.frombuffer(raw, dtype=ENTRY_DTYPE["rec"])
-                found = copies["status"] == Status.OK
-                if found.any():
-                    entries = np.zeros(int(found.sum()), dtype=ENTRY_DTYPE)
-                    entries["key"] = np.frombuffer(sub, dtype=ENTRY_DTYPE["key"])[found]
-                    entries["rec"] = copies[found]
-                    self.local.merge_entries(entries)
-                answers[idx] += 1
-
-            await asyncio.gather(
-                *(one(self.pmap.members[m], idx) for m, idx in self._others(parts).items())
-            )
-        ok = answers >= need
+            calls = [
+                (idx, one(self.pmap.members[m], idx)) for m, idx in self._others(parts).items()
+            ]
+        ok = await self._until_quorum(calls, len(parts), need) >= need
         self.stats.read_quorum_failures += int(np.count_nonzero(~ok))
         return ok
 
