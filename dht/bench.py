@@ -85,7 +85,7 @@ async def measure(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     raw = synthetic_keys(args.records, args.seed)
     step = args.batch * 40
     batches = [raw[o : o + step] for o in range(0, len(raw), step)]
-    cluster = LocalCluster(plan(1, nodes), ["--log-level", "warning"])
+    cluster = LocalCluster(plan(1, nodes), ["--log-level", "error"])
     async with cluster, Client([cluster.nodes[0].spec.grpc]) as client:
         await _fill(client, raw, args.batch)
         await _round(client, batches, args.in_flight)  # warm-up

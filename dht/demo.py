@@ -56,7 +56,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     # Two PoP names so that two PoPs can race for the same flows; this demo runs the
     # node set of the first one.
-    cluster = LocalCluster(plan(1, args.nodes), ["--pops", "ams=1,fra=2", "--log-level", "warning"])
+    cluster = LocalCluster(plan(1, args.nodes), ["--pops", "ams=1,fra=2", "--log-level", "error"])
     t0 = time.perf_counter()
     async with cluster:
         _say(f"started {args.nodes} node processes in {time.perf_counter() - t0:.1f} s:")
