@@ -94,6 +94,17 @@ class AffinityStore:
                 _put(out, i, rec)
         return out
 
+    def restore(self, prefixes: npt.NDArray[np.uint8], before: ResultArray) -> None:
+        """Undo a write: put back the copies :meth:`copies` returned before it."""
+        for prefix, rec in zip(prefixes, before, strict=True):
+            key = prefix.tobytes()
+            if int(rec["status"]) == Status.OK:
+                self._records[key] = Affinity(
+                    int(rec["owner_pop"]), int(rec["birth_hlc"]), int(rec["expiry_ms"])
+                )
+            else:
+                self._records.pop(key, None)
+
     def merge_entries(self, entries: EntryArray, now_ms: int, grace_ms: int) -> int:
         """Apply copies (kind-2 entries); dead copies (expired beyond the grace) are
         skipped and dead stored ones replaced. Returns the copies that changed a record."""

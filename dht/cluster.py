@@ -191,8 +191,8 @@ class LocalCluster:
     async def restart(self, node: NodeProcess) -> NodeProcess:
         """Start a stopped node again with the same arguments."""
         fresh = await self.spawn(node.spec)
+        self.nodes[self.nodes.index(node)] = fresh  # stop() owns it from here on
         await self.wait_ready(fresh)
-        self.nodes[self.nodes.index(node)] = fresh
         return fresh
 
     def endpoints(self) -> dict[str, object]:

@@ -160,6 +160,9 @@ class Node:
         self._resync: asyncio.Task[None] | None = None
         self._last_tick_ms = _monotonic_ms()
         self.pauses = 0
+        self.rollbacks = 0
+        # Keys held by writes in flight (see _coordinate).
+        self._locks: dict[bytes, asyncio.Future[None]] = {}
         self.metrics.add_gauges(self._gauges)
 
     # ------------------------------------------------------------------ membership
@@ -344,22 +347,72 @@ class Node:
     async def _coordinate(
         self, b: _Batch, idx: npt.NDArray[np.intp], quorum: bool, out: ResultArray
     ) -> None:
-        repl = self.replicator
-        if quorum:
-            ok = await repl.read_repair(b.keys40[idx].tobytes(), b.parts[idx])
-            out["status"][idx[~ok]] = Status.UNAVAILABLE
-            idx = idx[ok]
-            if not idx.size:
-                return
-        res = self._apply(b, idx)
-        if b.call.op in MUTATING:
-            written = np.flatnonzero(np.isin(res["status"], _WRITTEN))
-            if written.size:
-                widx = idx[written]
-                entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
-                acked = await repl.write(entries, b.parts[widx], b.call.op.value)
-                res["status"][written[~acked]] = Status.UNAVAILABLE
-        out[idx] = res
+        """Coordinate keys ``idx``: (quorum read,) apply locally, replicate, answer.
+        A mutating call holds its keys until its copies are acknowledged or undone, so
+        no other call sees or builds on a write that may still be undone."""
+        mutating = b.call.op in MUTATING
+        keys = [b.keys40[i].tobytes() for i in idx] if (mutating or self._locks) else []
+        lock = await self._lock(keys, hold=mutating)
+        try:
+            repl = self.replicator
+            if quorum:
+                ok = await repl.read_repair(b.keys40[idx].tobytes(), b.parts[idx])
+                out["status"][idx[~ok]] = Status.UNAVAILABLE
+                idx = idx[ok]
+                if not idx.size:
+                    return
+            before = self._copies(b, idx) if mutating else None
+            res = self._apply(b, idx)
+            if before is not None:
+                written = np.flatnonzero(np.isin(res["status"], _WRITTEN))
+                if written.size:
+                    widx = idx[written]
+                    entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
+                    acked, held = await repl.write(entries, b.parts[widx], b.call.op.value)
+                    res["status"][written[~acked]] = Status.UNAVAILABLE
+                    undo = written[~acked & (held <= 1)]
+                    if undo.size:
+                        self._restore(b, idx[undo], before[undo])
+            out[idx] = res
+        finally:
+            if lock is not None:
+                self._unlock(keys, lock)
+
+    async def _lock(self, keys: list[bytes], hold: bool) -> asyncio.Future[None] | None:
+        """Wait until none of ``keys`` is held by a write in flight; then, if ``hold``,
+        hold them all (all at once: no call holds some while waiting for others)."""
+        while True:
+            busy = {self._locks[k] for k in keys if k in self._locks}
+            if not busy:
+                break
+            await asyncio.wait(busy)
+        if not hold or not keys:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for k in keys:
+            self._locks[k] = fut
+        return fut
+
+    def _unlock(self, keys: list[bytes], fut: asyncio.Future[None]) -> None:
+        for k in keys:
+            if self._locks.get(k) is fut:
+                del self._locks[k]
+        fut.set_result(None)
+
+    def _copies(self, b: _Batch, idx: npt.NDArray[np.intp]) -> ResultArray:
+        if b.prefixes is not None:
+            return self.affinity.copies(b.prefixes[idx])
+        assert b.flows is not None
+        return self.store.copies(b.flows[idx], b.hashes[idx])
+
+    def _restore(self, b: _Batch, idx: npt.NDArray[np.intp], before: ResultArray) -> None:
+        """Undo a write no other replica took (see Replicator.write)."""
+        self.rollbacks += len(idx)
+        if b.prefixes is not None:
+            self.affinity.restore(b.prefixes[idx], before)
+            return
+        assert b.flows is not None
+        self.store.restore(b.flows[idx], b.hashes[idx], before)
 
     def _apply(self, b: _Batch, idx: npt.NDArray[np.intp]) -> ResultArray:
         """Apply the call to the local stores for keys ``idx`` (one synchronous step)."""
@@ -531,20 +584,22 @@ class Node:
             self._resync.add_done_callback(self._tasks.discard)
 
     async def _resync_loop(self) -> None:
-        """Pull every partition that differs from each peer that is up; then in sync."""
+        """Pull every partition that differs from each peer; in sync once a round got
+        through to every peer (a peer that is down may hold the only other copy of an
+        acknowledged write, so a partial round does not count)."""
         repl = self.replicator
         repl.stats.resyncs += 1
         started = time.perf_counter()
         while not self._stop.is_set():
             await repl.probe()
-            try:
-                await repl.anti_entropy_round(push=False)
-            except Exception:
-                log.exception("resync round failed; retrying")
-                await asyncio.sleep(self.config.probe_interval_s)
-                continue
-            break
+            if await repl.anti_entropy_round(push=False):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.config.probe_interval_s)
+        if self._stop.is_set():
+            return
         self.in_sync = True
+        repl.self_counts = True
         self.first_sync.set()
         log.info(
             "in sync after %.2f s (%d records)", time.perf_counter() - started, len(self.store)

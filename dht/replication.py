@@ -173,6 +173,9 @@ class Replicator:
         self._all_up: npt.NDArray[np.bool_] = np.ones(pmap.num_partitions, dtype=bool)
         self.on_peer_up: Callable[[Member], None] | None = None
         self._background: set[asyncio.Future[bool]] = set()
+        # Does this node's own copy count toward a read quorum? Not before a restarted
+        # (empty) node has refilled.
+        self.self_counts = False
 
     # ------------------------------------------------------------------ health
 
@@ -259,13 +262,17 @@ class Replicator:
         return out
 
     async def _until_quorum(
-        self, calls: Sequence[tuple[npt.NDArray[np.intp], Awaitable[bool]]], n: int, need: int
+        self,
+        calls: Sequence[tuple[npt.NDArray[np.intp], Awaitable[bool]]],
+        n: int,
+        need: int,
+        mine: int = 1,
     ) -> npt.NDArray[np.int32]:
         """Run per-peer calls concurrently until every key has ``need`` answers (this
-        node counts as one) or every call is done; returns the answer count per key.
+        node counts as ``mine``) or every call is done; returns the answers per key.
         Calls still running then finish in the background (a slow replica does not hold
         up a quorum that is already there); they are owned and cancelled on close()."""
-        counts = np.ones(n, dtype=np.int32)
+        counts = np.full(n, mine, dtype=np.int32)
         tasks: dict[asyncio.Future[bool], npt.NDArray[np.intp]] = {
             asyncio.ensure_future(aw): idx for idx, aw in calls
         }
@@ -287,34 +294,49 @@ class Replicator:
 
     async def write(
         self, entries: EntryArray, parts: npt.NDArray[np.uint16], op: str
-    ) -> npt.NDArray[np.bool_]:
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int32]]:
         """Ship copies the coordinator already applied locally to the other replicas.
-        Returns, per entry, whether W replicas (this one included) now hold it. Copies a
-        replica misses (down, or the call failed) are kept as hints for it."""
+
+        Returns per entry whether W replicas (this one included) now hold it, and how
+        many replicas are known to hold it. A copy held by this node alone (no replica
+        took it) is *not* kept as a hint: the caller undoes it, so a write that was
+        answered as failed cannot later win over one that was acknowledged. Every other
+        copy a replica missed is kept as a hint for it."""
         need = min(self.config.write_quorum, self.pmap.replication_factor)
+        missed: list[tuple[Member, npt.NDArray[np.intp]]] = []
+        settled = [False]
 
-        async def one(member: Member, sub: EntryArray) -> bool:
-            if not self.is_up(member):
-                self.hints.add(member.node_id, sub)
-                return False
-            started = self._now()
-            try:
-                await self.transport.replicate(member, sub.tobytes(), hinted=False)
-            except PeerUnreachable as e:
-                self.mark_failed(member, e, started)
-                self.hints.add(member.node_id, sub)
-                return False
-            self.mark_ok(member)
-            return True
+        async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
+            ok = False
+            if self.is_up(member):
+                started = self._now()
+                try:
+                    await self.transport.replicate(member, entries[idx].tobytes(), hinted=False)
+                    ok = True
+                except PeerUnreachable as e:
+                    self.mark_failed(member, e, started)
+            if ok:
+                self.mark_ok(member)
+            elif settled[0]:
+                # A straggler: every key already had its quorum when we answered.
+                self.hints.add(member.node_id, entries[idx])
+            else:
+                missed.append((member, idx))
+            return ok
 
-        calls = [
-            (idx, one(self.pmap.members[m], entries[idx])) for m, idx in self._others(parts).items()
-        ]
-        ok = await self._until_quorum(calls, len(entries), need) >= need
+        calls = [(idx, one(self.pmap.members[m], idx)) for m, idx in self._others(parts).items()]
+        held = await self._until_quorum(calls, len(entries), need)
+        settled[0] = True
+        ok = held >= need
+        keep = ok | (held > 1)
+        for member, idx in missed:
+            kept = idx[keep[idx]]
+            if kept.size:
+                self.hints.add(member.node_id, entries[kept])
         failed = int(np.count_nonzero(~ok))
         if failed:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
-        return ok
+        return ok, held
 
     # ------------------------------------------------------------------ reads
 

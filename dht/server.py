@@ -37,12 +37,14 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowTable"].full_name
 INTERNAL_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NodeInternal"].full_name
 
-# Reconnect quickly to a peer that comes back (gRPC's default backoff grows to 120 s,
-# which would keep a restarted node unused for minutes).
+# Reconnect attempts at most 2 s apart (gRPC's default backoff grows to 120 s, which would
+# keep a restarted node unused for minutes); a peer seen up again gets a fresh channel at
+# once (Peers.reset). The minimum backoff is also gRPC's connect timeout: 1 s, so a peer
+# that is merely slow to accept is not taken for one that refuses.
 CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.initial_reconnect_backoff_ms", 1_000),
+    ("grpc.min_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
     # Each channel its own connections: gRPC otherwise shares subchannels (and their
     # reconnect backoff) between all channels to one address in a process.
     ("grpc.use_local_subchannel_pool", 1),
@@ -81,9 +83,8 @@ def open_channel(address: str, creds: grpc.ChannelCredentials | None) -> grpc.ai
 
 def _unreachable(member: Member, e: grpc.aio.AioRpcError) -> PeerUnreachable:
     details = e.details() or ""
-    refused = e.code() == grpc.StatusCode.UNAVAILABLE and (
-        "refused" in details.lower() or "failed to connect" in details.lower()
-    )
+    # Only a refused connection proves the process is gone; a timeout may be a stall.
+    refused = e.code() == grpc.StatusCode.UNAVAILABLE and "connection refused" in details.lower()
     return PeerUnreachable(member.node_id, f"{e.code().name}: {details}", refused=refused)
 
 

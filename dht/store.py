@@ -862,6 +862,31 @@ class FlowStore:
             return Status.REFUSED_FULL
         return None
 
+    def restore(self, keys: KeyArray, hashes: U64Array, old: ResultArray) -> None:
+        """Undo a write: put back exactly the copies ``old`` (as :meth:`copies` returned
+        them before the write; NOT_FOUND = remove the record). Not a merge: only for a
+        write no other replica holds (a coordinator that missed its write quorum), while
+        the coordinator still has the keys locked."""
+        for table, at, compact, h in self._split(keys, hashes):
+            batch = _Batch(table, compact, h)
+            gone: list[int] = []
+            for j, i in enumerate(at.tolist()):
+                row, cur = batch.existing(j)
+                if int(old["status"][i]) == Status.OK:
+                    v = [int(old[f][i]) for f in _RECORD_FIELDS]
+                    rec = Record(v[0], v[1], _STATES[v[2]], v[3], v[4], v[5], v[6])
+                    if rec != cur:
+                        batch.put(j, row, cur, rec)
+                elif row >= 0 and cur is not None:
+                    gone.append(row)
+            batch.flush()
+            if gone:
+                rows = np.array(sorted(set(gone)), dtype=np.int64)
+                states = table.entries["state"][rows]
+                prefixes = table.prefixes(table.key_bytes(table.entries["key"][rows]))
+                table.recount(states, np.zeros_like(states), prefixes)
+                table.release_rows(rows)
+
     def merge_in(
         self, keys: KeyArray, hashes: U64Array, recs: ResultArray, now_ms: int
     ) -> MergeStats:

@@ -970,3 +970,37 @@ def test_store_matches_a_dict_model(ops: list[tuple[object, ...]]) -> None:
 def _stored_keys(store: FlowStore) -> list[bytes]:
     res = store.copies(*packed(b"".join(POOL_RAW)))
     return [raw for i, raw in enumerate(POOL_RAW) if res[i]["status"] == Status.OK]
+
+
+def test_restore_undoes_a_write_exactly() -> None:
+    from dht.wire import KEY_DTYPE, key_hashes, parse_flow
+
+    t = [1_000_000]
+    store = FlowStore(
+        TtlPolicy(),
+        StoreLimits(embryonic_quota_per_prefix=10),
+        HybridClock(500, wall_ms=lambda: t[0]),
+    )
+    a = parse_flow("tcp/198.51.100.7:1000/192.0.2.1:443").to_bytes()
+    b = parse_flow("udp/[2001:db8::7]:1000/[2001:db8::1]:443").to_bytes()
+    ka, kb = np.frombuffer(a, dtype=KEY_DTYPE), np.frombuffer(b, dtype=KEY_DTYPE)
+    store.claim(ka, key_hashes(a), pop=1, server=0, ttl_ms=None, now_ms=t[0])
+    keys = np.frombuffer(a + b, dtype=KEY_DTYPE)
+    hashes = key_hashes(a + b)
+    before = store.copies(keys, hashes)
+    digests_before = store.partition_digests(64, t[0])
+    counts_before = store.counts()
+    store.confirm(keys, hashes, pop=1, server=0, ttl_ms=None, now_ms=t[0])
+    assert store.counts() != counts_before
+    store.restore(keys, hashes, before)
+    after = store.copies(keys, hashes)
+    assert after.tobytes() == before.tobytes()
+    assert store.counts() == counts_before
+    assert len(store) == 1
+    for x, y in zip(store.partition_digests(64, t[0]), digests_before, strict=True):
+        assert np.array_equal(x, y)
+    # The quota count followed: the restored embryonic record still counts.
+    assert (
+        store.claim(kb, key_hashes(b), pop=1, server=0, ttl_ms=None, now_ms=t[0])["status"][0]
+        == Status.CREATED
+    )
