@@ -584,15 +584,22 @@ class Node:
             self._resync.add_done_callback(self._tasks.discard)
 
     async def _resync_loop(self) -> None:
-        """Pull every partition that differs from each peer; in sync once a round got
-        through to every peer (a peer that is down may hold the only other copy of an
-        acknowledged write, so a partial round does not count)."""
+        """Pull every partition that differs from the peers until enough replicas of
+        each partition took part to hold every acknowledged write this node may lack.
+        An acknowledged write is on W replicas. A node that kept its data but missed
+        writes (a pause) finds each one on RF - W of the others; a node that lost its
+        data (a restart) may itself have been one of the W, so it needs RF - W + 1."""
         repl = self.replicator
         repl.stats.resyncs += 1
+        rf = self.table.replication_factor
+        w = self.config.effective_write_quorum
+        need = min(rf - 1, rf - w if repl.self_counts else rf - w + 1)
         started = time.perf_counter()
+        took_part: set[int] = set()
         while not self._stop.is_set():
             await repl.probe()
-            if await repl.anti_entropy_round(push=False):
+            took_part |= await repl.anti_entropy_round(push=False)
+            if repl.covered(took_part, need):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.config.probe_interval_s)

@@ -401,7 +401,8 @@ class Replicator:
 
     async def sync_with(self, member: Member, push: bool = True) -> int:
         """Compare digests of the partitions shared with ``member``; for those that
-        differ, pull its copies (and push ours). Returns the copies applied locally."""
+        differ, pull its copies (and push ours). Returns the copies that changed a record
+        here or there."""
         shared = shared_partitions(self.pmap, self.self_index, self.pmap.index_of(member.node_id))
         if shared.size == 0:
             return 0
@@ -417,27 +418,38 @@ class Replicator:
             mine = self.local.export_entries(differ)
             step = self.config.batch_entries
             for start in range(0, len(mine), step):
-                await self.transport.replicate(
+                pushed = await self.transport.replicate(
                     member, mine[start : start + step].tobytes(), hinted=False
                 )
+                applied += pushed.applied
         self.stats.ae_partitions_repaired += int(differ.size)
         self.stats.ae_records_repaired += applied
         return applied
 
-    async def anti_entropy_round(self, push: bool = True) -> bool:
-        """One round with every peer that is up. True if every peer took part."""
-        complete = True
-        for member in self._peers():
-            if not self.is_up(member):
-                complete = False
+    async def anti_entropy_round(self, push: bool = True) -> set[int]:
+        """One round with every peer that is up. Returns the member indexes of the peers
+        the round got through to."""
+        done: set[int] = set()
+        for i, member in enumerate(self.pmap.members):
+            if i == self.self_index or not self.is_up(member):
                 continue
             try:
                 await self.sync_with(member, push)
             except PeerUnreachable as e:
                 self.mark_failed(member, e)
-                complete = False
+                continue
+            done.add(i)
         self.stats.ae_rounds += 1
-        return complete
+        return done
+
+    def covered(self, peers: set[int], need: int) -> bool:
+        """Did ``peers`` include at least ``need`` other replicas of every partition this
+        node replicates?"""
+        if need <= 0:
+            return True
+        reps = self.pmap.replicas[(self.pmap.replicas == self.self_index).any(axis=1)]
+        took_part = np.isin(reps, np.array(sorted(peers), dtype=reps.dtype))
+        return bool((took_part.sum(axis=1) >= need).all())
 
     def results_as_entries(self, keys: bytes, results: ResultArray) -> EntryArray:
         entries = np.zeros(len(results), dtype=ENTRY_DTYPE)
