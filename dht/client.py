@@ -19,6 +19,7 @@ import ipaddress
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -181,11 +182,7 @@ class Client:
         server: int = 0,
         ttl_s: int = 0,
     ) -> list[Result]:
-        return decode_results(
-            (
-                await self.flow_packed("Claim", _pack(keys), pop=pop, server=server, ttl_s=ttl_s)
-            ).tobytes()
-        )
+        return await self._flows("Claim", keys, pop=pop, server=server, ttl_s=ttl_s)
 
     async def confirm(
         self,
@@ -195,26 +192,25 @@ class Client:
         server: int = 0,
         ttl_s: int = 0,
     ) -> list[Result]:
-        return decode_results(
-            (
-                await self.flow_packed("Confirm", _pack(keys), pop=pop, server=server, ttl_s=ttl_s)
-            ).tobytes()
-        )
+        return await self._flows("Confirm", keys, pop=pop, server=server, ttl_s=ttl_s)
 
     async def lookup(self, keys: Sequence[FlowKey] | bytes) -> list[Result]:
-        return decode_results((await self.flow_packed("Lookup", _pack(keys))).tobytes())
+        return await self._flows("Lookup", keys)
 
     async def refresh(
         self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None, ttl_s: int = 0
     ) -> list[Result]:
-        return decode_results(
-            (await self.flow_packed("Refresh", _pack(keys), pop=pop, ttl_s=ttl_s)).tobytes()
-        )
+        return await self._flows("Refresh", keys, pop=pop, ttl_s=ttl_s)
 
     async def release(
         self, keys: Sequence[FlowKey] | bytes, *, pop: int | str | None = None
     ) -> list[Result]:
-        return decode_results((await self.flow_packed("Release", _pack(keys), pop=pop)).tobytes())
+        return await self._flows("Release", keys, pop=pop)
+
+    async def _flows(
+        self, method: str, keys: Sequence[FlowKey] | bytes, **kwargs: Any
+    ) -> list[Result]:
+        return decode_results((await self.flow_packed(method, _pack(keys), **kwargs)).tobytes())
 
     async def flow_packed(
         self,
