@@ -63,8 +63,10 @@ class NodeConfig:
     # The host other nodes and clients dial; defaults to ``host`` (set it when listening
     # on 0.0.0.0, e.g. the docker profile).
     advertise_host: str | None = None
-    # The other nodes of this PoP (static membership in this version).
+    # Nodes of this PoP known in advance (assumed alive until they say otherwise).
     peers: tuple[Member, ...] = ()
+    # gRPC addresses of running nodes to join through (their ids are learned).
+    seeds: tuple[str, ...] = ()
     # 4096 partitions: fine-grained enough that a node's share is within a few percent
     # of the mean with 256 vnodes, small enough that the table is 24 KiB at rf 3.
     num_partitions: int = DEFAULT_PARTITIONS
@@ -95,6 +97,14 @@ class NodeConfig:
     probe_interval_s: float = 1.0
     probe_timeout_ms: int = 500
     failure_timeout_s: float = 3.0
+    # SWIM: a member that misses a direct probe is probed through this many others, then
+    # suspected; it has suspicion_timeout_s to refute before it is declared dead and its
+    # partitions move. Detection of a dead node ~ failure probe + suspicion: ~5-6 s with
+    # these defaults (memberlist's LAN profile: 4-5 s), ~2-3 s with the test profile.
+    indirect_probes: int = 2
+    suspicion_timeout_s: float = 5.0
+    # A graceful leave (SIGTERM) hands the node's partitions off for at most this long.
+    leave_timeout_s: float = 30.0
     # Digests compared with every peer this often; differing partitions are exchanged.
     anti_entropy_interval_s: float = 10.0
     # Copies kept for an unreachable replica (per peer); beyond this anti-entropy repairs.
@@ -172,7 +182,10 @@ def validate(cfg: NodeConfig) -> None:
         bad("limits.max_records must not exceed limits.hard_max_records")
     if not 0 <= lim.prefix_v4 <= 32 or not 0 <= lim.prefix_v6 <= 128:
         bad("affinity/quota prefixes: prefix_v4 in 0..32, prefix_v6 in 0..128")
-    replicas = min(cfg.replication_factor, 1 + len(cfg.peers))
+    # With seeds the node count is learned later; only the configured factor bounds W.
+    replicas = (
+        cfg.replication_factor if cfg.seeds else min(cfg.replication_factor, 1 + len(cfg.peers))
+    )
     if cfg.write_quorum is not None and not 1 <= cfg.write_quorum <= replicas:
         bad(
             f"write_quorum {cfg.write_quorum} is impossible with {replicas} replicas "
@@ -212,6 +225,8 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
             "failure_timeout_s": 2.0,
             "anti_entropy_interval_s": 1.0,
             "pause_threshold_ms": 1_000,
+            "suspicion_timeout_s": 2.0,
+            "leave_timeout_s": 10.0,
         }
     return {}
 
@@ -242,6 +257,7 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
         v["pops"] = {v["pop"]: 1}
     v["pops"] = {str(k): int(i) for k, i in dict(v["pops"]).items()}
     v["peers"] = tuple(parse_peer(p) for p in v.get("peers", ()))
+    v["seeds"] = tuple(str(a) for a in v.get("seeds", ()))
     max_offset = int(v.get("max_clock_offset_ms", 500))
     ttl_in = v.get("ttl", {})
     if isinstance(ttl_in, Mapping):

@@ -3,11 +3,12 @@ generated ``*_pb2`` classes: protobuf <-> the package's own types."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from dht._proto.dht.v1 import dht_pb2 as pb
+from dht.membership import MemberState, MemberStatus
 from dht.node import BatchCall, Op
 from dht.placement import Member, PartitionMap
 
@@ -108,3 +109,27 @@ def table_from_pb(t: pb.PartitionTable) -> PartitionMap:
         np.frombuffer(t.assignment, dtype=">u2").astype(np.uint16).reshape(t.num_partitions, rf)
     )
     return PartitionMap(t.epoch, members, t.num_partitions, replicas)
+
+
+def members_to_pb(states: list[MemberState]) -> list[pb.MemberState]:
+    return [
+        pb.MemberState(
+            node_id=m.node_id,
+            address=m.address,
+            admin_address=m.admin_address,
+            incarnation=m.incarnation,
+            status=int(m.status),  # type: ignore[arg-type]
+        )
+        for m in states
+    ]
+
+
+def members_from_pb(states: Iterable[pb.MemberState]) -> list[MemberState]:
+    return [
+        MemberState(m.node_id, m.address, m.admin_address, m.incarnation, MemberStatus(m.status))
+        for m in states
+        if m.status in _STATUSES and m.node_id
+    ]
+
+
+_STATUSES = {int(s) for s in MemberStatus}

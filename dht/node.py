@@ -39,6 +39,7 @@ from dht import metrics as m
 from dht.affinity import AffinityStore
 from dht.config import NodeConfig
 from dht.errors import InvalidArgument, NotReady
+from dht.membership import Membership, MemberState, MemberStatus
 from dht.peers import replica_mask
 from dht.placement import Member, PartitionMap
 from dht.record import HybridClock, Status
@@ -155,7 +156,14 @@ class Node:
         self._stop = asyncio.Event()
         self.failed_loops: dict[str, str] = {}
         self.accepting = False
-        self.in_sync = False
+        self.membership: Membership
+        self.part_ready: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        self._transport: PeerTransport
+        self._resyncing = True
+        self.epochs = 0
+        self.leaving = False
+        self.transfers = 0  # partitions being handed to this node now
+        self.joined = not config.seeds
         self.first_sync = asyncio.Event()  # set once the start-up refill is done
         self._resync: asyncio.Task[None] | None = None
         self._last_tick_ms = _monotonic_ms()
@@ -167,32 +175,69 @@ class Node:
 
     # ------------------------------------------------------------------ membership
 
-    def set_membership(self, grpc_port: int, admin_port: int, transport: PeerTransport) -> None:
-        """Static membership: this node plus its configured peers. Called once the real
-        ports are known (the config may say 0 = pick a free port)."""
+    def init_membership(self, grpc_port: int, admin_port: int, transport: PeerTransport) -> None:
+        """This node, alive at a fresh incarnation, plus its configured peers (assumed
+        alive until they say otherwise); further members arrive by gossip and --seeds.
+        Called once the real ports are known (the config may say 0 = a free port)."""
         cfg = self.config
         self.grpc_port, self.admin_port = grpc_port, admin_port
         admin = f"{cfg.advertised}:{admin_port}" if admin_port > 0 else ""
-        me = Member(cfg.node_id, f"{cfg.advertised}:{grpc_port}", admin)
-        pmap = PartitionMap.build((me, *cfg.peers), cfg.num_partitions, cfg.replicas, cfg.vnodes)
+        me = MemberState(
+            cfg.node_id,
+            f"{cfg.advertised}:{grpc_port}",
+            admin,
+            self.clock.wall_ms(),  # a restart outranks every rumour about the old process
+            MemberStatus.ALIVE,
+        )
+        now = _monotonic_ms()
+        self.membership = Membership(me, round(cfg.suspicion_timeout_s * 1000))
+        for peer in cfg.peers:
+            self.membership.add_seed(peer, now)
+        self.part_ready = np.zeros(cfg.num_partitions, dtype=bool)
+        self._transport = transport
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Build the table of the active members (a new epoch if the set changed) and
+        start handing off the partitions this node newly replicates."""
+        cfg = self.config
+        if self.leaving:
+            return  # keep the last table: a leaving node only hands off
+        active = self.membership.active()
+        rf = min(cfg.replication_factor, len(active))
+        pmap = PartitionMap.build(active, cfg.num_partitions, rf, cfg.vnodes)
+        old = self.pmap
+        if old is not None and pmap.epoch == old.epoch:
+            return
         self.pmap = pmap
         self.self_index = pmap.index_of(cfg.node_id)
-        self._replicas = replica_mask(pmap, self.self_index)
-        self.repl = Replicator(
-            pmap,
-            self.self_index,
-            transport,
-            self,
-            ReplicationConfig(
-                write_quorum=cfg.effective_write_quorum,
-                rpc_timeout_ms=cfg.rpc_timeout_ms,
-                failure_timeout_ms=round(cfg.failure_timeout_s * 1000),
-                hint_limit=cfg.hint_limit,
-            ),
-        )
-        self.repl.on_peer_up = lambda member: self.spawn(
-            f"hints->{member.node_id}", self._deliver_hints(member)
-        )
+        mine = replica_mask(pmap, self.self_index)
+        if self.repl is None:
+            self.repl = Replicator(
+                pmap,
+                self.self_index,
+                self._transport,
+                self,
+                ReplicationConfig(
+                    write_quorum=cfg.write_quorum or 0,
+                    rpc_timeout_ms=cfg.rpc_timeout_ms,
+                    failure_timeout_ms=round(cfg.failure_timeout_s * 1000),
+                    hint_limit=cfg.hint_limit,
+                ),
+                self.part_ready,
+            )
+            self.repl.on_peer_up = lambda member: self.spawn(
+                f"hints->{member.node_id}", self._deliver_hints(member)
+            )
+        else:
+            self.repl.set_table(pmap, self.self_index)
+        if old is not None:
+            acquired = np.flatnonzero(mine & ~self._replicas)
+            self.part_ready[acquired] = False
+            self.epochs += 1
+            if acquired.size:
+                self.spawn(f"handoff-{pmap.epoch}", self._handoff(acquired, old))
+        self._replicas = mine
         log.info(
             "node %s (pop %s) epoch %d: %d members, %d replicas, W=%d R=%d, primary of %d",
             cfg.node_id,
@@ -200,10 +245,15 @@ class Node:
             pmap.epoch,
             len(pmap.members),
             pmap.replication_factor,
-            cfg.effective_write_quorum,
+            self.repl.write_quorum,
             self.repl.read_quorum,
             pmap.partition_counts(0)[self.self_index],
         )
+
+    @property
+    def in_sync(self) -> bool:
+        """Holds the data of every partition it replicates."""
+        return bool(self.part_ready[self._replicas].all()) and not self._resyncing
 
     @property
     def table(self) -> PartitionMap:
@@ -227,6 +277,10 @@ class Node:
         reasons = []
         if not self.accepting:
             reasons.append("not accepting calls (starting or stopping)")
+        if not self.joined:
+            reasons.append("joining: no seed answered yet")
+        if self.leaving:
+            reasons.append("leaving: handing its partitions off")
         if not self.in_sync:
             reasons.append("refilling its partitions from the other replicas")
         if self.failed_loops:
@@ -329,7 +383,7 @@ class Node:
         replica = self._replicas[b.parts]
         authoritative = (
             (self.table.primaries[b.parts] == self.self_index)
-            & self.in_sync
+            & self.part_ready[b.parts]
             & repl.all_replicas_up()[b.parts]
         )
         actions = np.full(len(b.parts), Action.MOVED, dtype=np.uint8)
@@ -575,7 +629,8 @@ class Node:
             self.start_resync()
 
     def start_resync(self) -> None:
-        self.in_sync = False
+        """Distrust the local copy until a resync round got through (start, pause)."""
+        self._resyncing = True
         if self._resync is None or self._resync.done():
             self._resync = asyncio.create_task(
                 self._resync_loop(), name=f"{self.config.node_id}:resync"
@@ -583,34 +638,193 @@ class Node:
             self._tasks.add(self._resync)
             self._resync.add_done_callback(self._tasks.discard)
 
+    def _need(self, lost_data: bool) -> int:
+        """Replicas of a partition a (re)sync must reach to see every acknowledged write
+        this node may lack. An acknowledged write is on W replicas. A node that kept its
+        data but missed writes (a pause) finds each one on RF - W of the others; a node
+        that lost or never had the data (a restart, a hand-off) may itself have been one
+        of the W, so it needs RF - W + 1."""
+        rf = self.table.replication_factor
+        w = self.replicator.write_quorum
+        return min(rf - 1, rf - w + 1 if lost_data else rf - w)
+
+    def _dead(self) -> set[str]:
+        return {s.node_id for s in self.membership.view() if not s.active}
+
     async def _resync_loop(self) -> None:
-        """Pull every partition that differs from the peers until enough replicas of
-        each partition took part to hold every acknowledged write this node may lack.
-        An acknowledged write is on W replicas. A node that kept its data but missed
-        writes (a pause) finds each one on RF - W of the others; a node that lost its
-        data (a restart) may itself have been one of the W, so it needs RF - W + 1."""
+        """Pull every partition that differs from the peers until enough replicas of each
+        partition took part (see _need); then the whole local copy counts again."""
         repl = self.replicator
         repl.stats.resyncs += 1
-        rf = self.table.replication_factor
-        w = self.config.effective_write_quorum
-        need = min(rf - 1, rf - w if repl.self_counts else rf - w + 1)
+        lost_data = not self.first_sync.is_set()
         started = time.perf_counter()
-        took_part: set[int] = set()
+        took_part: set[str] = set()
         while not self._stop.is_set():
-            await repl.probe()
+            await self._join()
+            await self._probe_step()
             took_part |= await repl.anti_entropy_round(push=False)
-            if repl.covered(took_part, need):
+            mine = np.flatnonzero(self._replicas)
+            if Replicator.covered(
+                self.table,
+                self.config.node_id,
+                mine,
+                took_part,
+                self._need(lost_data),
+                self._dead(),
+            ):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.config.probe_interval_s)
         if self._stop.is_set():
             return
-        self.in_sync = True
-        repl.self_counts = True
+        self.part_ready[self._replicas] = True
+        self._resyncing = False
         self.first_sync.set()
+        if not self.leaving:
+            self.accepting = True
         log.info(
             "in sync after %.2f s (%d records)", time.perf_counter() - started, len(self.store)
         )
+
+    async def _handoff(self, acquired: npt.NDArray[np.intp], old: PartitionMap) -> None:
+        """Stream the partitions this node newly replicates from their previous replicas
+        (and any other replica that has them) until enough of the old replicas answered."""
+        repl = self.replicator
+        started = time.perf_counter()
+        self.transfers += int(acquired.size)
+        took_part: set[str] = set()
+        while not self._stop.is_set() and self.pmap is not None:
+            acquired = acquired[~self.part_ready[acquired]]
+            if not acquired.size:
+                break
+            holders = {m.node_id: m for m in self.table.members}
+            holders.update({m.node_id: m for m in old.members})
+            holders.pop(self.config.node_id, None)
+            for member in holders.values():
+                if member.node_id in took_part or not repl.is_up(member):
+                    continue
+                try:
+                    await repl.sync_with(member, push=False, partitions=acquired)
+                except PeerUnreachable as e:
+                    repl.mark_failed(member, e)
+                    continue
+                took_part.add(member.node_id)
+            if Replicator.covered(
+                old, self.config.node_id, acquired, took_part, self._need(True), self._dead()
+            ):
+                self.part_ready[acquired] = True
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.config.probe_interval_s)
+        self.transfers -= int(acquired.size)
+        log.info(
+            "hand-off of %d partitions done in %.2f s", acquired.size, time.perf_counter() - started
+        )
+
+    # ------------------------------------------------------------------ membership: SWIM
+
+    @property
+    def peers_transport(self) -> PeerTransport:
+        return self._transport
+
+    def gossip_in(self, states: list[MemberState]) -> None:
+        """Merge a peer's membership view (every probe carries one each way)."""
+        if self.membership.apply(states, _monotonic_ms()):
+            self._rebuild()
+
+    async def _join(self) -> None:
+        """Ask the configured seeds for their view until one answers."""
+        if self.joined:
+            return
+        for address in self.config.seeds:
+            seed = Member(f"seed:{address}", address)
+            try:
+                view = await self._transport.ping(seed, self.membership.view())
+            except PeerUnreachable as e:
+                log.info("seed %s did not answer: %s", address, e)
+                continue
+            self.gossip_in(view)
+            self.joined = True
+            log.info("joined through seed %s: %d members", address, len(self.table.members))
+            return
+
+    async def _probe_step(self) -> None:
+        """Probe every other active member directly, carrying our view; a member that
+        does not answer is probed indirectly through up to ``indirect_probes`` others
+        before it is suspected. Then declare dead the suspects whose time ran out."""
+        repl = self.replicator
+        peers = [m for m in self.membership.active() if m.node_id != self.config.node_id]
+
+        async def direct(member: Member) -> bool:
+            started = repl.now_ms()
+            try:
+                view = await self._transport.ping(member, self.membership.view())
+            except PeerUnreachable as e:
+                repl.mark_failed(member, e, started)
+                return False
+            repl.mark_ok(member)
+            self.gossip_in(view)
+            return True
+
+        answers = await asyncio.gather(*(direct(m) for m in peers))
+        silent = [m for m, ok in zip(peers, answers, strict=True) if not ok]
+        for target in silent:
+            helpers = [m for m in peers if m not in silent][: self.config.indirect_probes]
+            oks = await asyncio.gather(
+                *(self._indirect(h, target) for h in helpers), return_exceptions=False
+            )
+            if not any(oks) and self.membership.suspect(target.node_id, _monotonic_ms()):
+                log.warning("suspecting %s", target.node_id)
+        if self.membership.tick(_monotonic_ms()):
+            log.warning("declared dead: %s", sorted(self._dead()))
+            self._rebuild()
+        for member in repl.pmap.members:
+            if repl.hints.count(member.node_id) and repl.is_up(member):
+                await self._deliver_hints(member)
+
+    async def _indirect(self, via: Member, target: Member) -> bool:
+        try:
+            return await self._transport.ping_req(via, target)
+        except PeerUnreachable:
+            return False
+
+    async def leave(self, timeout_s: float) -> None:
+        """Graceful leave: announce LEFT, then push this node's partitions to their new
+        replicas until their digests match ours (bounded by ``timeout_s``)."""
+        if self.pmap is None or self.leaving:
+            return
+        self.leaving = True
+        self.membership.leave()
+        others = [m for m in self.table.members if m.node_id != self.config.node_id]
+        started = time.perf_counter()
+
+        async def handoff() -> None:
+            await asyncio.gather(*(self._announce(m) for m in others), return_exceptions=True)
+            if not self.membership.active():
+                return  # the last member: nobody to hand off to
+            successor = PartitionMap.build(
+                self.membership.active(),
+                self.config.num_partitions,
+                min(self.config.replication_factor, len(self.membership.active())),
+                self.config.vnodes,
+            )
+            held = np.flatnonzero(self._replicas)
+            for i, member in enumerate(successor.members):
+                theirs = held[(successor.replicas[held] == i).any(axis=1)]
+                if theirs.size:
+                    await self.replicator.sync_with(member, push=True, partitions=theirs)
+
+        try:
+            await asyncio.wait_for(handoff(), timeout_s)
+            log.info("left after handing off in %.2f s", time.perf_counter() - started)
+        except (TimeoutError, PeerUnreachable) as e:
+            log.warning(
+                "leave hand-off incomplete after %.2f s: %r", time.perf_counter() - started, e
+            )
+
+    async def _announce(self, member: Member) -> None:
+        with contextlib.suppress(PeerUnreachable):
+            await self._transport.ping(member, self.membership.view())
 
     # ------------------------------------------------------------------ background loops
 
@@ -650,18 +864,11 @@ class Node:
         self._check_pause()
         self._last_tick_ms = _monotonic_ms()
 
-    async def _probe_step(self) -> None:
-        repl = self.replicator
-        await repl.probe()
-        for member in repl.pmap.members:
-            if repl.hints.count(member.node_id) and repl.is_up(member):
-                await self._deliver_hints(member)
-
     async def _deliver_hints(self, member: Member) -> None:
         await self.replicator.deliver_hints(member)
 
     async def _anti_entropy_step(self) -> None:
-        if self.in_sync:
+        if self.in_sync and not self.leaving:
             await self.replicator.anti_entropy_round()
 
     def start_loops(self) -> None:
@@ -775,3 +982,9 @@ class Node:
             {(): s.read_quorum_failures},
         )
         yield m.counter("dht_resyncs", "refills and resyncs started", {(): s.resyncs})
+        yield m.counter(
+            "dht_streamed_bytes",
+            "record copies streamed by anti-entropy, refill and hand-off",
+            {("pulled",): s.bytes_pulled, ("pushed",): s.bytes_pushed},
+            ["direction"],
+        )

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dht.errors import DhtError
+from dht.membership import MemberState
 from dht.peers import PeerHealth, coordinators, read_quorum, shared_partitions
 from dht.placement import Member, PartitionMap
 from dht.record import Status
@@ -58,7 +59,13 @@ class PeerTransport(Protocol):
     """Node-to-node calls. Each raises PeerUnreachable on failure and returns within the
     configured RPC timeout."""
 
-    async def ping(self, member: Member) -> bool: ...
+    async def ping(self, member: Member, view: Sequence[MemberState]) -> list[MemberState]:
+        """Probe ``member`` with our membership view; returns its view."""
+        ...
+
+    async def ping_req(self, via: Member, target: Member) -> bool:
+        """Ask ``via`` to probe ``target`` (SWIM indirect probe)."""
+        ...
 
     async def replicate(self, member: Member, entries: bytes, hinted: bool) -> MergeResult: ...
 
@@ -87,7 +94,7 @@ class LocalReplica(Protocol):
 
 @dataclass(frozen=True)
 class ReplicationConfig:
-    write_quorum: int
+    write_quorum: int  # 0 = a majority of the replicas
     rpc_timeout_ms: int
     failure_timeout_ms: int
     hint_limit: int
@@ -133,6 +140,8 @@ class Stats:
     ae_partitions_repaired: int = 0
     ae_records_repaired: int = 0
     resyncs: int = 0
+    bytes_pulled: int = 0
+    bytes_pushed: int = 0
 
 
 def _monotonic_ms() -> int:
@@ -149,33 +158,40 @@ class Replicator:
         transport: PeerTransport,
         local: LocalReplica,
         config: ReplicationConfig,
+        ready: npt.NDArray[np.bool_],
         monotonic_ms: Callable[[], int] = _monotonic_ms,
     ) -> None:
-        self.pmap = pmap
-        self.self_index = self_index
         self.transport = transport
         self.local = local
         self.config = config
+        # Per partition: does this node's own copy count (it holds the partition's data:
+        # refilled, or handed off)? Shared with the node, which flips it.
+        self.ready = ready
         self._now = monotonic_ms
-        rf = pmap.replication_factor
-        if config.write_quorum > rf:
-            raise DhtError(f"write_quorum {config.write_quorum} exceeds the {rf} replicas")
-        self.read_quorum = read_quorum(rf, config.write_quorum)
-        now = self._now()
-        self.health = {
-            m.node_id: PeerHealth(last_ok_ms=now)
-            for i, m in enumerate(pmap.members)
-            if i != self_index
-        }
+        self.health: dict[str, PeerHealth] = {}
         self.hints = Hints(config.hint_limit)
         self.stats = Stats()
-        self._coordinators: npt.NDArray[np.int16] | None = None
-        self._all_up: npt.NDArray[np.bool_] = np.ones(pmap.num_partitions, dtype=bool)
         self.on_peer_up: Callable[[Member], None] | None = None
         self._background: set[asyncio.Future[bool]] = set()
-        # Does this node's own copy count toward a read quorum? Not before a restarted
-        # (empty) node has refilled.
-        self.self_counts = False
+        self.set_table(pmap, self_index)
+
+    def set_table(self, pmap: PartitionMap, self_index: int) -> None:
+        """Adopt a new epoch's table (membership changed). Peers that left are
+        forgotten with their hints; new ones start as up."""
+        self.pmap = pmap
+        self.self_index = self_index
+        rf = pmap.replication_factor
+        # Configured W (0 = a majority of the replicas), never more than there are.
+        self.write_quorum = min(self.config.write_quorum or rf // 2 + 1, rf)
+        self.read_quorum = read_quorum(rf, self.write_quorum)
+        now = self._now()
+        ids = {m.node_id for i, m in enumerate(pmap.members) if i != self_index}
+        self.health = {n: self.health.get(n) or PeerHealth(last_ok_ms=now) for n in ids}
+        for gone in set(self.hints.queued) - ids:
+            self.hints.dropped += self.hints.count(gone)
+            del self.hints.queued[gone]
+        self._coordinators: npt.NDArray[np.int16] | None = None
+        self._all_up: npt.NDArray[np.bool_] = np.ones(pmap.num_partitions, dtype=bool)
 
     # ------------------------------------------------------------------ health
 
@@ -207,8 +223,8 @@ class Replicator:
         return h is None or h.up
 
     def mark_ok(self, member: Member) -> None:
-        h = self.health[member.node_id]
-        if h.success(self._now()):
+        h = self.health.get(member.node_id)
+        if h is not None and h.success(self._now()):
             self._coordinators = None
             self.transport.reset(member)
             log.info("peer %s is up", member.node_id)
@@ -227,24 +243,12 @@ class Replicator:
 
     def mark_failed(self, member: Member, err: PeerUnreachable, started_ms: int = 0) -> None:
         """Record a failed call to ``member`` that started at ``started_ms``."""
-        h = self.health[member.node_id]
-        if h.failure(self._now(), self.config.failure_timeout_ms, err.refused, started_ms):
+        h = self.health.get(member.node_id)
+        if h is not None and h.failure(
+            self._now(), self.config.failure_timeout_ms, err.refused, started_ms
+        ):
             self._coordinators = None
             log.warning("peer %s is down: %s", member.node_id, err)
-
-    async def probe(self) -> None:
-        """Ping every peer once, concurrently."""
-
-        async def one(member: Member) -> None:
-            started = self._now()
-            try:
-                await self.transport.ping(member)
-            except PeerUnreachable as e:
-                self.mark_failed(member, e, started)
-            else:
-                self.mark_ok(member)
-
-        await asyncio.gather(*(one(m) for m in self._peers()))
 
     def _peers(self) -> list[Member]:
         return [m for i, m in enumerate(self.pmap.members) if i != self.self_index]
@@ -266,13 +270,13 @@ class Replicator:
         calls: Sequence[tuple[npt.NDArray[np.intp], Awaitable[bool]]],
         n: int,
         need: int,
-        mine: int = 1,
+        mine: int | npt.NDArray[np.int32] = 1,
     ) -> npt.NDArray[np.int32]:
         """Run per-peer calls concurrently until every key has ``need`` answers (this
         node counts as ``mine``) or every call is done; returns the answers per key.
         Calls still running then finish in the background (a slow replica does not hold
         up a quorum that is already there); they are owned and cancelled on close()."""
-        counts = np.full(n, mine, dtype=np.int32)
+        counts = np.zeros(n, dtype=np.int32) + mine
         tasks: dict[asyncio.Future[bool], npt.NDArray[np.intp]] = {
             asyncio.ensure_future(aw): idx for idx, aw in calls
         }
@@ -302,7 +306,7 @@ class Replicator:
         took it) is *not* kept as a hint: the caller undoes it, so a write that was
         answered as failed cannot later win over one that was acknowledged. Every other
         copy a replica missed is kept as a hint for it."""
-        need = min(self.config.write_quorum, self.pmap.replication_factor)
+        need = self.write_quorum
         missed: list[tuple[Member, npt.NDArray[np.intp]]] = []
         settled = [False]
 
@@ -399,11 +403,20 @@ class Replicator:
 
     # ------------------------------------------------------------------ anti-entropy
 
-    async def sync_with(self, member: Member, push: bool = True) -> int:
+    async def sync_with(
+        self,
+        member: Member,
+        push: bool = True,
+        partitions: npt.NDArray[np.intp] | None = None,
+    ) -> int:
         """Compare digests of the partitions shared with ``member``; for those that
         differ, pull its copies (and push ours). Returns the copies that changed a record
         here or there."""
-        shared = shared_partitions(self.pmap, self.self_index, self.pmap.index_of(member.node_id))
+        if partitions is None:
+            partitions = shared_partitions(
+                self.pmap, self.self_index, self.pmap.index_of(member.node_id)
+            )
+        shared = partitions
         if shared.size == 0:
             return 0
         theirs, _ = await self.transport.digests(member, shared)
@@ -413,43 +426,63 @@ class Replicator:
             return 0
         applied = 0
         async for raw in self.transport.fetch(member, differ):
+            self.stats.bytes_pulled += len(raw)
             applied += self.local.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE)).applied
         if push:
             mine = self.local.export_entries(differ)
             step = self.config.batch_entries
             for start in range(0, len(mine), step):
-                pushed = await self.transport.replicate(
-                    member, mine[start : start + step].tobytes(), hinted=False
-                )
+                chunk = mine[start : start + step].tobytes()
+                self.stats.bytes_pushed += len(chunk)
+                pushed = await self.transport.replicate(member, chunk, hinted=False)
                 applied += pushed.applied
         self.stats.ae_partitions_repaired += int(differ.size)
         self.stats.ae_records_repaired += applied
         return applied
 
-    async def anti_entropy_round(self, push: bool = True) -> set[int]:
-        """One round with every peer that is up. Returns the member indexes of the peers
-        the round got through to."""
-        done: set[int] = set()
-        for i, member in enumerate(self.pmap.members):
-            if i == self.self_index or not self.is_up(member):
+    async def anti_entropy_round(
+        self,
+        push: bool = True,
+        members: Sequence[Member] | None = None,
+        partitions: Callable[[Member], npt.NDArray[np.intp]] | None = None,
+    ) -> set[str]:
+        """One round with each of ``members`` (default: every peer in the table) that is
+        up, over ``partitions(member)`` (default: the partitions shared with it).
+        Returns the node ids the round got through to."""
+        done: set[str] = set()
+        for member in self._peers() if members is None else members:
+            if not self.is_up(member):
                 continue
+            parts = None if partitions is None else partitions(member)
             try:
-                await self.sync_with(member, push)
+                await self.sync_with(member, push, parts)
             except PeerUnreachable as e:
                 self.mark_failed(member, e)
                 continue
-            done.add(i)
+            done.add(member.node_id)
         self.stats.ae_rounds += 1
         return done
 
-    def covered(self, peers: set[int], need: int) -> bool:
-        """Did ``peers`` include at least ``need`` other replicas of every partition this
-        node replicates?"""
-        if need <= 0:
+    @staticmethod
+    def covered(
+        table: PartitionMap,
+        self_id: str,
+        partitions: npt.NDArray[np.intp],
+        took_part: set[str],
+        need: int,
+        dead: set[str],
+    ) -> bool:
+        """Did ``took_part`` include, for each of ``partitions``, ``need`` of its other
+        replicas in ``table`` (fewer if the others are dead: their copies are gone)?"""
+        if partitions.size == 0:
             return True
-        reps = self.pmap.replicas[(self.pmap.replicas == self.self_index).any(axis=1)]
-        took_part = np.isin(reps, np.array(sorted(peers), dtype=reps.dtype))
-        return bool((took_part.sum(axis=1) >= need).all())
+        ids = np.array([m.node_id for m in table.members], dtype=object)
+        reps = ids[table.replicas[partitions]]  # (n, rf) node ids
+        others = reps != self_id
+        answered = np.isin(reps, np.array(sorted(took_part), dtype=object)) & others
+        alive = ~np.isin(reps, np.array(sorted(dead), dtype=object)) & others
+        want = np.minimum(need, alive.sum(axis=1))
+        return bool((answered.sum(axis=1) >= want).all())
 
     def results_as_entries(self, keys: bytes, results: ResultArray) -> EntryArray:
         entries = np.zeros(len(results), dtype=ENTRY_DTYPE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +25,7 @@ from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.admin import AdminServer
 from dht.config import NodeConfig, TlsConfig
 from dht.errors import DhtError, grpc_status
+from dht.membership import MemberState
 from dht.node import BatchCall, Node, Op
 from dht.placement import Member
 from dht.replication import MergeResult, PeerUnreachable
@@ -183,7 +184,22 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
     async def Ping(self, request: pb.PingRequest, context: Ctx) -> pb.PingResponse:
         n = self.node
         n.replicator.heard_from(request.from_node)
-        return pb.PingResponse(node_id=n.config.node_id, epoch=n.table.epoch, in_sync=n.in_sync)
+        n.gossip_in(convert.members_from_pb(request.members))
+        return pb.PingResponse(
+            node_id=n.config.node_id,
+            epoch=n.table.epoch,
+            in_sync=n.in_sync,
+            members=convert.members_to_pb(n.membership.view()),
+        )
+
+    async def PingReq(self, request: pb.PingReqRequest, context: Ctx) -> pb.PingReqResponse:
+        target = Member(request.target_node, request.target_address)
+        try:
+            view = await self.node.peers_transport.ping(target, self.node.membership.view())
+        except PeerUnreachable:
+            return pb.PingReqResponse(ok=False)
+        self.node.gossip_in(view)
+        return pb.PingReqResponse(ok=True)
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
         async def work() -> pb.ReplicateResponse:
@@ -276,14 +292,24 @@ class Peers:
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
 
-    async def ping(self, member: Member) -> bool:
+    async def ping(self, member: Member, view: Sequence[MemberState]) -> list[MemberState]:
+        req = pb.PingRequest(from_node=self._node_id, members=convert.members_to_pb(list(view)))
         try:
-            resp = await self._stubs(member)[1].Ping(
-                pb.PingRequest(from_node=self._node_id), timeout=self._probe_timeout_s
-            )
+            resp = await self._stubs(member)[1].Ping(req, timeout=self._probe_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
-        return resp.in_sync
+        return convert.members_from_pb(resp.members)
+
+    async def ping_req(self, via: Member, target: Member) -> bool:
+        req = pb.PingReqRequest(
+            from_node=self._node_id, target_node=target.node_id, target_address=target.address
+        )
+        try:
+            # The helper's own probe is bounded by the probe timeout; allow for it.
+            resp = await self._stubs(via)[1].PingReq(req, timeout=2 * self._probe_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(via, e) from None
+        return resp.ok
 
     async def replicate(self, member: Member, entries: bytes, hinted: bool) -> MergeResult:
         req = pb.EntryBatch(
@@ -400,10 +426,11 @@ class NodeServer:
         if cfg.admin_port >= 0:
             self._admin = AdminServer(self)
             admin_port = await self._admin.start(cfg.host, cfg.admin_port)
-        self.node.set_membership(port, admin_port, self.peers)
+        self.node.init_membership(port, admin_port, self.peers)
         await server.start()
         self.node.start_loops()
-        self.node.accepting = True
+        # A node joining through seeds accepts calls once it has joined and synced.
+        self.node.accepting = self.node.joined
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -413,10 +440,14 @@ class NodeServer:
             self.admin_address,
         )
 
-    async def stop(self) -> None:
+    async def stop(self, leave: bool = True) -> None:
+        """Graceful stop: with ``leave``, announce the leave and hand the partitions off
+        (bounded by leave_timeout_s) while still serving; then stop serving."""
         if self._stopped:
             return
         self._stopped = True
+        if leave:
+            await self.node.leave(self.config.leave_timeout_s)
         self.node.accepting = False
         await self._health.enter_graceful_shutdown()
         if self._server is not None:

@@ -38,7 +38,7 @@ async def test_quorum_survives_a_dead_node_and_it_refills(make_pop: MakePop) -> 
         # One of three nodes goes away: W=2 still holds, hints queue up for it.
         victim = nodes[2]
         cfg = victim.config
-        await victim.stop()
+        await victim.stop(leave=False)  # a crash, not a graceful leave
         second = await c.flow_packed("Claim", raw[1500 * 40 :], pop="ams")
         assert set(second["status"].tolist()) == {Status.CREATED}
         assert all(n.node.replicator.hints.count(cfg.node_id) > 0 for n in nodes[:2]), (
@@ -81,7 +81,7 @@ async def test_primary_down_reads_come_from_a_read_quorum(make_pop: MakePop) -> 
         primaries = table.primaries[table.partitions_of(hashes)]
         victim_index = int(np.bincount(primaries).argmax())
         victim = next(n for n in nodes if n.config.node_id == table.members[victim_index].node_id)
-        await victim.stop()
+        await victim.stop(leave=False)  # a crash, not a graceful leave
         res = await c.flow_packed("Lookup", raw)
         # Keys whose primary is dead were answered by the next replica after a quorum
         # read: found, never NOT_FOUND.
@@ -100,8 +100,8 @@ async def test_no_quorum_means_unavailable_not_a_wrong_answer(make_pop: MakePop)
     nodes = await make_pop(3)
     raw = synthetic_keys(200, seed=5)
     async with Client([nodes[0].grpc_address], timeout_s=10) as c:
-        await nodes[1].stop()
-        await nodes[2].stop()
+        await nodes[1].stop(leave=False)
+        await nodes[2].stop(leave=False)
         res = await c.flow_packed("Claim", raw, pop="ams")
         # One replica of three cannot acknowledge (W=2) nor prove absence (R=2).
         assert set(res["status"].tolist()) == {Status.UNAVAILABLE}

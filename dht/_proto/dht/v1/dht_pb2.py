@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ht/_proto/dht/v1/dht.proto\x12\x06\x64ht.v1\"\x9a\x01\n\x10\x46lowBatchRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0b\n\x03pop\x18\x03 \x01(\r\x12\x0e\n\x06server\x18\x04 \x01(\r\x12\r\n\x05ttl_s\x18\x05 \x01(\r\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x12\n\nno_forward\x18\x07 \x01(\x08\x12\x11\n\tforwarded\x18\x08 \x01(\x08\"K\n\x11\x46lowBatchResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07results\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x8c\x01\n\x0f\x41\x66\x66inityRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63lients\x18\x02 \x01(\x0c\x12\x0b\n\x03pop\x18\x03 \x01(\r\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nno_forward\x18\x06 \x01(\x08\x12\x11\n\tforwarded\x18\x07 \x01(\x08\"J\n\x10\x41\x66\x66inityResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07results\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x17\n\x15PartitionTableRequest\"\x1f\n\x03Pop\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"_\n\x08NodeInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0b\n\x03pop\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x15\n\radmin_address\x18\x05 \x01(\t\"\x92\x02\n\x0ePartitionTable\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03pop\x18\x02 \x01(\r\x12\x16\n\x0enum_partitions\x18\x03 \x01(\r\x12\x1a\n\x12replication_factor\x18\x04 \x01(\r\x12\x1f\n\x05nodes\x18\x05 \x03(\x0b\x32\x10.dht.v1.NodeInfo\x12\x12\n\nassignment\x18\x06 \x01(\x0c\x12\x19\n\x04pops\x18\x07 \x03(\x0b\x32\x0b.dht.v1.Pop\x12\x16\n\x0emax_batch_keys\x18\x08 \x01(\r\x12\x1a\n\x12\x61\x66\x66inity_prefix_v4\x18\t \x01(\r\x12\x1a\n\x12\x61\x66\x66inity_prefix_v6\x18\n \x01(\r\x12\x10\n\x08key_hash\x18\x0b \x01(\t\"/\n\x0bPingRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"?\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07in_sync\x18\x03 \x01(\x08\"X\n\nEntryBatch\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x0c\x12\x11\n\tfrom_node\x18\x03 \x01(\t\x12\x0e\n\x06hinted\x18\x04 \x01(\x08\"5\n\x11ReplicateResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07refused\x18\x02 \x01(\r\"5\n\rCopiesRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\"!\n\x0e\x43opiesResponse\x12\x0f\n\x07results\x18\x01 \x01(\x0c\"#\n\rDigestRequest\x12\x12\n\npartitions\x18\x01 \x01(\x0c\"@\n\x0e\x44igestResponse\x12\x0f\n\x07\x64igests\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\"\n\x0c\x46\x65tchRequest\x12\x12\n\npartitions\x18\x01 \x01(\x0c*\x97\x02\n\tKeyStatus\x12\x1a\n\x16KEY_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rKEY_STATUS_OK\x10\x01\x12\x16\n\x12KEY_STATUS_CREATED\x10\x02\x12\x1c\n\x18KEY_STATUS_ALREADY_OWNED\x10\x03\x12\x1e\n\x1aKEY_STATUS_OWNED_ELSEWHERE\x10\x04\x12\x18\n\x14KEY_STATUS_NOT_FOUND\x10\x05\x12\x14\n\x10KEY_STATUS_MOVED\x10\x06\x12\x1b\n\x17KEY_STATUS_REFUSED_FULL\x10\x07\x12\x1c\n\x18KEY_STATUS_REFUSED_QUOTA\x10\x08\x12\x1a\n\x16KEY_STATUS_UNAVAILABLE\x10\t*\x80\x01\n\x0bRecordState\x12\x1c\n\x18RECORD_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RECORD_STATE_EMBRYONIC\x10\x01\x12\x1c\n\x18RECORD_STATE_ESTABLISHED\x10\x02\x12\x19\n\x15RECORD_STATE_RELEASED\x10\x03\x32\x98\x04\n\tFlowTable\x12<\n\x05\x43laim\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12>\n\x07\x43onfirm\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12=\n\x06Lookup\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12>\n\x07Refresh\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12>\n\x07Release\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12@\n\x0bGetAffinity\x12\x17.dht.v1.AffinityRequest\x1a\x18.dht.v1.AffinityResponse\x12@\n\x0bSetAffinity\x12\x17.dht.v1.AffinityRequest\x1a\x18.dht.v1.AffinityResponse\x12J\n\x11GetPartitionTable\x12\x1d.dht.v1.PartitionTableRequest\x1a\x16.dht.v1.PartitionTable2\xbc\x02\n\x0cNodeInternal\x12\x31\n\x04Ping\x12\x13.dht.v1.PingRequest\x1a\x14.dht.v1.PingResponse\x12:\n\tReplicate\x12\x12.dht.v1.EntryBatch\x1a\x19.dht.v1.ReplicateResponse\x12;\n\nReadCopies\x12\x15.dht.v1.CopiesRequest\x1a\x16.dht.v1.CopiesResponse\x12\x41\n\x10PartitionDigests\x12\x15.dht.v1.DigestRequest\x1a\x16.dht.v1.DigestResponse\x12=\n\x0f\x46\x65tchPartitions\x12\x14.dht.v1.FetchRequest\x1a\x12.dht.v1.EntryBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ht/_proto/dht/v1/dht.proto\x12\x06\x64ht.v1\"\x9a\x01\n\x10\x46lowBatchRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0b\n\x03pop\x18\x03 \x01(\r\x12\x0e\n\x06server\x18\x04 \x01(\r\x12\r\n\x05ttl_s\x18\x05 \x01(\r\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x12\n\nno_forward\x18\x07 \x01(\x08\x12\x11\n\tforwarded\x18\x08 \x01(\x08\"K\n\x11\x46lowBatchResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07results\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x8c\x01\n\x0f\x41\x66\x66inityRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63lients\x18\x02 \x01(\x0c\x12\x0b\n\x03pop\x18\x03 \x01(\r\x12\r\n\x05ttl_s\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nno_forward\x18\x06 \x01(\x08\x12\x11\n\tforwarded\x18\x07 \x01(\x08\"J\n\x10\x41\x66\x66inityResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07results\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x17\n\x15PartitionTableRequest\"\x1f\n\x03Pop\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"_\n\x08NodeInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0b\n\x03pop\x18\x03 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x15\n\radmin_address\x18\x05 \x01(\t\"\x92\x02\n\x0ePartitionTable\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03pop\x18\x02 \x01(\r\x12\x16\n\x0enum_partitions\x18\x03 \x01(\r\x12\x1a\n\x12replication_factor\x18\x04 \x01(\r\x12\x1f\n\x05nodes\x18\x05 \x03(\x0b\x32\x10.dht.v1.NodeInfo\x12\x12\n\nassignment\x18\x06 \x01(\x0c\x12\x19\n\x04pops\x18\x07 \x03(\x0b\x32\x0b.dht.v1.Pop\x12\x16\n\x0emax_batch_keys\x18\x08 \x01(\r\x12\x1a\n\x12\x61\x66\x66inity_prefix_v4\x18\t \x01(\r\x12\x1a\n\x12\x61\x66\x66inity_prefix_v6\x18\n \x01(\r\x12\x10\n\x08key_hash\x18\x0b \x01(\t\"\x81\x01\n\x0bMemberState\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\radmin_address\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12$\n\x06status\x18\x05 \x01(\x0e\x32\x14.dht.v1.MemberStatus\"U\n\x0bPingRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12$\n\x07members\x18\x03 \x03(\x0b\x32\x13.dht.v1.MemberState\"e\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07in_sync\x18\x03 \x01(\x08\x12$\n\x07members\x18\x04 \x03(\x0b\x32\x13.dht.v1.MemberState\"P\n\x0ePingReqRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x16\n\x0etarget_address\x18\x03 \x01(\t\"\x1d\n\x0fPingReqResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"X\n\nEntryBatch\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x0c\x12\x11\n\tfrom_node\x18\x03 \x01(\t\x12\x0e\n\x06hinted\x18\x04 \x01(\x08\"5\n\x11ReplicateResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\x12\x0f\n\x07refused\x18\x02 \x01(\r\"5\n\rCopiesRequest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\"!\n\x0e\x43opiesResponse\x12\x0f\n\x07results\x18\x01 \x01(\x0c\"#\n\rDigestRequest\x12\x12\n\npartitions\x18\x01 \x01(\x0c\"@\n\x0e\x44igestResponse\x12\x0f\n\x07\x64igests\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\"\n\x0c\x46\x65tchRequest\x12\x12\n\npartitions\x18\x01 \x01(\x0c*\x97\x02\n\tKeyStatus\x12\x1a\n\x16KEY_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rKEY_STATUS_OK\x10\x01\x12\x16\n\x12KEY_STATUS_CREATED\x10\x02\x12\x1c\n\x18KEY_STATUS_ALREADY_OWNED\x10\x03\x12\x1e\n\x1aKEY_STATUS_OWNED_ELSEWHERE\x10\x04\x12\x18\n\x14KEY_STATUS_NOT_FOUND\x10\x05\x12\x14\n\x10KEY_STATUS_MOVED\x10\x06\x12\x1b\n\x17KEY_STATUS_REFUSED_FULL\x10\x07\x12\x1c\n\x18KEY_STATUS_REFUSED_QUOTA\x10\x08\x12\x1a\n\x16KEY_STATUS_UNAVAILABLE\x10\t*\x80\x01\n\x0bRecordState\x12\x1c\n\x18RECORD_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RECORD_STATE_EMBRYONIC\x10\x01\x12\x1c\n\x18RECORD_STATE_ESTABLISHED\x10\x02\x12\x19\n\x15RECORD_STATE_RELEASED\x10\x03*\x91\x01\n\x0cMemberStatus\x12\x1d\n\x19MEMBER_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13MEMBER_STATUS_ALIVE\x10\x01\x12\x19\n\x15MEMBER_STATUS_SUSPECT\x10\x02\x12\x16\n\x12MEMBER_STATUS_DEAD\x10\x03\x12\x16\n\x12MEMBER_STATUS_LEFT\x10\x04\x32\x98\x04\n\tFlowTable\x12<\n\x05\x43laim\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12>\n\x07\x43onfirm\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12=\n\x06Lookup\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12>\n\x07Refresh\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12>\n\x07Release\x12\x18.dht.v1.FlowBatchRequest\x1a\x19.dht.v1.FlowBatchResponse\x12@\n\x0bGetAffinity\x12\x17.dht.v1.AffinityRequest\x1a\x18.dht.v1.AffinityResponse\x12@\n\x0bSetAffinity\x12\x17.dht.v1.AffinityRequest\x1a\x18.dht.v1.AffinityResponse\x12J\n\x11GetPartitionTable\x12\x1d.dht.v1.PartitionTableRequest\x1a\x16.dht.v1.PartitionTable2\xf8\x02\n\x0cNodeInternal\x12\x31\n\x04Ping\x12\x13.dht.v1.PingRequest\x1a\x14.dht.v1.PingResponse\x12:\n\x07PingReq\x12\x16.dht.v1.PingReqRequest\x1a\x17.dht.v1.PingReqResponse\x12:\n\tReplicate\x12\x12.dht.v1.EntryBatch\x1a\x19.dht.v1.ReplicateResponse\x12;\n\nReadCopies\x12\x15.dht.v1.CopiesRequest\x1a\x16.dht.v1.CopiesResponse\x12\x41\n\x10PartitionDigests\x12\x15.dht.v1.DigestRequest\x1a\x16.dht.v1.DigestResponse\x12=\n\x0f\x46\x65tchPartitions\x12\x14.dht.v1.FetchRequest\x1a\x12.dht.v1.EntryBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dht._proto.dht.v1.dht_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYSTATUS']._serialized_start=1413
-  _globals['_KEYSTATUS']._serialized_end=1692
-  _globals['_RECORDSTATE']._serialized_start=1695
-  _globals['_RECORDSTATE']._serialized_end=1823
+  _globals['_KEYSTATUS']._serialized_start=1734
+  _globals['_KEYSTATUS']._serialized_end=2013
+  _globals['_RECORDSTATE']._serialized_start=2016
+  _globals['_RECORDSTATE']._serialized_end=2144
+  _globals['_MEMBERSTATUS']._serialized_start=2147
+  _globals['_MEMBERSTATUS']._serialized_end=2292
   _globals['_FLOWBATCHREQUEST']._serialized_start=40
   _globals['_FLOWBATCHREQUEST']._serialized_end=194
   _globals['_FLOWBATCHRESPONSE']._serialized_start=196
@@ -51,26 +53,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEINFO']._serialized_end=645
   _globals['_PARTITIONTABLE']._serialized_start=648
   _globals['_PARTITIONTABLE']._serialized_end=922
-  _globals['_PINGREQUEST']._serialized_start=924
-  _globals['_PINGREQUEST']._serialized_end=971
-  _globals['_PINGRESPONSE']._serialized_start=973
-  _globals['_PINGRESPONSE']._serialized_end=1036
-  _globals['_ENTRYBATCH']._serialized_start=1038
-  _globals['_ENTRYBATCH']._serialized_end=1126
-  _globals['_REPLICATERESPONSE']._serialized_start=1128
-  _globals['_REPLICATERESPONSE']._serialized_end=1181
-  _globals['_COPIESREQUEST']._serialized_start=1183
-  _globals['_COPIESREQUEST']._serialized_end=1236
-  _globals['_COPIESRESPONSE']._serialized_start=1238
-  _globals['_COPIESRESPONSE']._serialized_end=1271
-  _globals['_DIGESTREQUEST']._serialized_start=1273
-  _globals['_DIGESTREQUEST']._serialized_end=1308
-  _globals['_DIGESTRESPONSE']._serialized_start=1310
-  _globals['_DIGESTRESPONSE']._serialized_end=1374
-  _globals['_FETCHREQUEST']._serialized_start=1376
-  _globals['_FETCHREQUEST']._serialized_end=1410
-  _globals['_FLOWTABLE']._serialized_start=1826
-  _globals['_FLOWTABLE']._serialized_end=2362
-  _globals['_NODEINTERNAL']._serialized_start=2365
-  _globals['_NODEINTERNAL']._serialized_end=2681
+  _globals['_MEMBERSTATE']._serialized_start=925
+  _globals['_MEMBERSTATE']._serialized_end=1054
+  _globals['_PINGREQUEST']._serialized_start=1056
+  _globals['_PINGREQUEST']._serialized_end=1141
+  _globals['_PINGRESPONSE']._serialized_start=1143
+  _globals['_PINGRESPONSE']._serialized_end=1244
+  _globals['_PINGREQREQUEST']._serialized_start=1246
+  _globals['_PINGREQREQUEST']._serialized_end=1326
+  _globals['_PINGREQRESPONSE']._serialized_start=1328
+  _globals['_PINGREQRESPONSE']._serialized_end=1357
+  _globals['_ENTRYBATCH']._serialized_start=1359
+  _globals['_ENTRYBATCH']._serialized_end=1447
+  _globals['_REPLICATERESPONSE']._serialized_start=1449
+  _globals['_REPLICATERESPONSE']._serialized_end=1502
+  _globals['_COPIESREQUEST']._serialized_start=1504
+  _globals['_COPIESREQUEST']._serialized_end=1557
+  _globals['_COPIESRESPONSE']._serialized_start=1559
+  _globals['_COPIESRESPONSE']._serialized_end=1592
+  _globals['_DIGESTREQUEST']._serialized_start=1594
+  _globals['_DIGESTREQUEST']._serialized_end=1629
+  _globals['_DIGESTRESPONSE']._serialized_start=1631
+  _globals['_DIGESTRESPONSE']._serialized_end=1695
+  _globals['_FETCHREQUEST']._serialized_start=1697
+  _globals['_FETCHREQUEST']._serialized_end=1731
+  _globals['_FLOWTABLE']._serialized_start=2295
+  _globals['_FLOWTABLE']._serialized_end=2831
+  _globals['_NODEINTERNAL']._serialized_start=2834
+  _globals['_NODEINTERNAL']._serialized_end=3210
 # @@protoc_insertion_point(module_scope)

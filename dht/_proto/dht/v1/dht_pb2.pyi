@@ -153,6 +153,38 @@ RECORD_STATE_RELEASED: RecordState.ValueType  # 3
 """A tombstone: the flow was released. Never returned by lookup as live."""
 Global___RecordState: _TypeAlias = RecordState  # noqa: Y015
 
+class _MemberStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemberStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemberStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMBER_STATUS_UNSPECIFIED: _MemberStatus.ValueType  # 0
+    MEMBER_STATUS_ALIVE: _MemberStatus.ValueType  # 1
+    MEMBER_STATUS_SUSPECT: _MemberStatus.ValueType  # 2
+    MEMBER_STATUS_DEAD: _MemberStatus.ValueType  # 3
+    MEMBER_STATUS_LEFT: _MemberStatus.ValueType  # 4
+
+class MemberStatus(_MemberStatus, metaclass=_MemberStatusEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------
+    Node-to-node calls inside a PoP: replication, probes, quorum reads, anti-entropy.
+    Not for forwarders (it shares the server, its credentials and its mutual TLS).
+
+    ENTRY RECORD (format 1): 72 bytes = a 40-byte key record followed by a 32-byte result
+    record (status OK) holding the copy: flows (key kind 1) and affinity (kind 2, prefix
+    masked) alike.
+    ---------------------------------------------------------------------------------------
+
+    SWIM member states; at equal incarnation the higher value wins.
+    """
+
+MEMBER_STATUS_UNSPECIFIED: MemberStatus.ValueType  # 0
+MEMBER_STATUS_ALIVE: MemberStatus.ValueType  # 1
+MEMBER_STATUS_SUSPECT: MemberStatus.ValueType  # 2
+MEMBER_STATUS_DEAD: MemberStatus.ValueType  # 3
+MEMBER_STATUS_LEFT: MemberStatus.ValueType  # 4
+Global___MemberStatus: _TypeAlias = MemberStatus  # noqa: Y015
+
 @_typing.final
 class FlowBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -437,32 +469,60 @@ class PartitionTable(_message.Message):
 Global___PartitionTable: _TypeAlias = PartitionTable  # noqa: Y015
 
 @_typing.final
+class MemberState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ADMIN_ADDRESS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    address: _builtins.str
+    admin_address: _builtins.str
+    incarnation: _builtins.int
+    """Raised only by the member itself: at start, and to refute a suspicion."""
+    status: Global___MemberStatus.ValueType
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        admin_address: _builtins.str = ...,
+        incarnation: _builtins.int = ...,
+        status: Global___MemberStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_address", b"admin_address", "incarnation", b"incarnation", "node_id", b"node_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberState: _TypeAlias = MemberState  # noqa: Y015
+
+@_typing.final
 class PingRequest(_message.Message):
-    """---------------------------------------------------------------------------------------
-    Node-to-node calls inside a PoP: replication, probes, quorum reads, anti-entropy.
-    Not for forwarders (it shares the server, its credentials and its mutual TLS).
-
-    ENTRY RECORD (format 1): 72 bytes = a 40-byte key record followed by a 32-byte result
-    record (status OK) holding the copy: flows (key kind 1) and affinity (kind 2, prefix
-    masked) alike.
-    ---------------------------------------------------------------------------------------
-    """
-
     DESCRIPTOR: _descriptor.Descriptor
 
     FROM_NODE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
     from_node: _builtins.str
     epoch: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberState]:
+        """The sender's membership view (gossip, push half)."""
+
     def __init__(
         self,
         *,
         from_node: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        members: _abc.Iterable[Global___MemberState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "from_node", b"from_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "from_node", b"from_node", "members", b"members"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,24 +535,75 @@ class PingResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     IN_SYNC_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     epoch: _builtins.int
     in_sync: _builtins.bool
     """False while the node refills or resyncs after a restart or a pause."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberState]:
+        """The receiver's membership view (gossip, pull half)."""
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         in_sync: _builtins.bool = ...,
+        members: _abc.Iterable[Global___MemberState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "in_sync", b"in_sync", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "in_sync", b"in_sync", "members", b"members", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PingResponse: _TypeAlias = PingResponse  # noqa: Y015
+
+@_typing.final
+class PingReqRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    TARGET_NODE_FIELD_NUMBER: _builtins.int
+    TARGET_ADDRESS_FIELD_NUMBER: _builtins.int
+    from_node: _builtins.str
+    target_node: _builtins.str
+    """Probe this member on the sender's behalf (SWIM indirect probe)."""
+    target_address: _builtins.str
+    def __init__(
+        self,
+        *,
+        from_node: _builtins.str = ...,
+        target_node: _builtins.str = ...,
+        target_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node", b"from_node", "target_address", b"target_address", "target_node", b"target_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PingReqRequest: _TypeAlias = PingReqRequest  # noqa: Y015
+
+@_typing.final
+class PingReqResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PingReqResponse: _TypeAlias = PingReqResponse  # noqa: Y015
 
 @_typing.final
 class EntryBatch(_message.Message):

@@ -419,6 +419,11 @@ class NodeInternalStub:
                 request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingRequest.SerializeToString,
                 response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.PingReq = channel.unary_unary(
+                '/dht.v1.NodeInternal/PingReq',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingReqRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingReqResponse.FromString,
+                _registered_method=True)
         self.Replicate = channel.unary_unary(
                 '/dht.v1.NodeInternal/Replicate',
                 request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.SerializeToString,
@@ -445,6 +450,12 @@ class NodeInternalServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Ping(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PingReq(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -484,6 +495,11 @@ def add_NodeInternalServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingRequest.FromString,
                     response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingResponse.SerializeToString,
+            ),
+            'PingReq': grpc.unary_unary_rpc_method_handler(
+                    servicer.PingReq,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingReqRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingReqResponse.SerializeToString,
             ),
             'Replicate': grpc.unary_unary_rpc_method_handler(
                     servicer.Replicate,
@@ -533,6 +549,33 @@ class NodeInternal:
             '/dht.v1.NodeInternal/Ping',
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingRequest.SerializeToString,
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PingReq(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.NodeInternal/PingReq',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingReqRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PingReqResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -190,6 +190,7 @@ class NodeInternalStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeInternalAsyncStub: ...
     Ping: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PingRequest, _dht_pb2.PingResponse]
+    PingReq: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PingReqRequest, _dht_pb2.PingReqResponse]
     Replicate: _grpc.UnaryUnaryMultiCallable[_dht_pb2.EntryBatch, _dht_pb2.ReplicateResponse]
     """Apply copies through the merge function; the acknowledgement of a quorum write."""
     ReadCopies: _grpc.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]
@@ -202,6 +203,7 @@ class NodeInternalStub:
 class NodeInternalAsyncStub(NodeInternalStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ping: _aio.UnaryUnaryMultiCallable[_dht_pb2.PingRequest, _dht_pb2.PingResponse]  # type: ignore[assignment]
+    PingReq: _aio.UnaryUnaryMultiCallable[_dht_pb2.PingReqRequest, _dht_pb2.PingReqResponse]  # type: ignore[assignment]
     Replicate: _aio.UnaryUnaryMultiCallable[_dht_pb2.EntryBatch, _dht_pb2.ReplicateResponse]  # type: ignore[assignment]
     """Apply copies through the merge function; the acknowledgement of a quorum write."""
     ReadCopies: _aio.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]  # type: ignore[assignment]
@@ -217,6 +219,13 @@ class NodeInternalServicer(metaclass=_abc_1.ABCMeta):
         request: _dht_pb2.PingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dht_pb2.PingResponse, _abc.Awaitable[_dht_pb2.PingResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PingReq(
+        self,
+        request: _dht_pb2.PingReqRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.PingReqResponse, _abc.Awaitable[_dht_pb2.PingReqResponse]]: ...
 
     @_abc_1.abstractmethod
     def Replicate(
