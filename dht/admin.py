@@ -9,6 +9,7 @@ TCPSite.
     GET    /flow?flow=FLOW        look a flow up through the normal routing (JSON)
     DELETE /flow?flow=FLOW[&pop=NAME]  force-release a flow (needs the admin token)
     GET    /affinity?client=ADDR  the client's preferred PoP
+    GET    /members               this node's membership view (SWIM states, incarnations)
     GET    /digests[?partitions=1,2]  per-partition digests and record counts of the
                                   partitions this node replicates (anti-entropy compares
                                   these; equal digests = identical copies)
@@ -139,6 +140,26 @@ async def get_affinity(request: web.Request) -> web.Response:
     return _json({"client": str(addr), **result_to_dict(decode_results(raw)[0], _pop_names(srv))})
 
 
+async def members(request: web.Request) -> web.Response:
+    node = request.app[NODE].node
+    return _json(
+        {
+            "node_id": node.config.node_id,
+            "epoch": node.table.epoch,
+            "members": [
+                {
+                    "node_id": s.node_id,
+                    "address": s.address,
+                    "admin_address": s.admin_address,
+                    "incarnation": s.incarnation,
+                    "status": s.status.name.lower(),
+                }
+                for s in sorted(node.membership.view(), key=lambda s: s.node_id)
+            ],
+        }
+    )
+
+
 async def digests(request: web.Request) -> web.Response:
     node = request.app[NODE].node
     wanted = request.query.get("partitions")
@@ -174,6 +195,7 @@ class AdminServer:
         self.app.router.add_delete("/flow", delete_flow)
         self.app.router.add_get("/affinity", get_affinity)
         self.app.router.add_get("/digests", digests)
+        self.app.router.add_get("/members", members)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> int:

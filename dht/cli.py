@@ -79,6 +79,12 @@ def add_node_parser(sub: Any) -> None:
         metavar="ID=HOST:PORT[,ADMIN]",
         help="the other nodes of this PoP (static membership)",
     )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        metavar="HOST:PORT",
+        help="gRPC addresses of running nodes of this PoP to join through",
+    )
     p.add_argument("--replication-factor", type=int)
     p.add_argument("--num-partitions", type=int)
     p.add_argument("--max-records", type=int, help="soft limit: new claims refused beyond it")
@@ -104,6 +110,7 @@ def node_config(args: argparse.Namespace) -> Any:
         "grpc_port": args.grpc_port,
         "admin_port": args.admin_port,
         "peers": args.peers,
+        "seeds": args.seeds,
         "replication_factor": args.replication_factor,
         "num_partitions": args.num_partitions,
     }

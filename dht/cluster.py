@@ -161,6 +161,9 @@ class LocalCluster:
 
     async def spawn(self, spec: NodeSpec) -> NodeProcess:
         args = node_args(spec, self.specs, [*self.extra_args, "--announce"])
+        return await self._exec(spec, args)
+
+    async def _exec(self, spec: NodeSpec, args: list[str]) -> NodeProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -188,9 +191,33 @@ class LocalCluster:
         if info.get("grpc") != node.spec.grpc:
             raise DhtError(f"node {node.spec.node_id} announced {info}, expected {node.spec.grpc}")
 
+    async def add_node(self, pop: str | None = None) -> NodeProcess:
+        """Start one more node in ``pop`` (default: the first PoP) that joins the running
+        ones through ``--seeds`` (their gRPC addresses) rather than a static peer list."""
+        pop = pop or self.specs[0].pop
+        same = [s for s in self.specs if s.pop == pop]
+        host = same[0].host
+        grpc_port, admin_port = free_ports(host, 2)
+        spec = NodeSpec(pop, f"{pop}-{len(same) + 1}", host, grpc_port, admin_port)
+        pop_ids = ",".join(
+            f"{name}={i + 1}"
+            for i, name in enumerate(sorted({s.pop for s in self.specs}, key=pop_names_order))
+        )
+        args = [
+            "node", "--node-id", spec.node_id, "--pop", pop, "--pops", pop_ids,
+            "--host", host, "--grpc-port", str(grpc_port), "--admin-port", str(admin_port),
+            "--seeds", *(s.grpc for s in same),
+            *self.extra_args, "--announce",
+        ]  # fmt: skip
+        node = await self._exec(spec, args)
+        self.specs.append(spec)
+        self.nodes.append(node)
+        await self.wait_ready(node)
+        return node
+
     async def restart(self, node: NodeProcess) -> NodeProcess:
         """Start a stopped node again with the same arguments."""
-        fresh = await self.spawn(node.spec)
+        fresh = await self._exec(node.spec, node.args)
         self.nodes[self.nodes.index(node)] = fresh  # stop() owns it from here on
         await self.wait_ready(fresh)
         return fresh
