@@ -794,6 +794,10 @@ class Node:
         if self.pmap is None or self.leaving:
             return
         self.leaving = True
+        # Stop coordinating at once: the others stop sending us writes as soon as they
+        # hear we left, so our copy may fall behind. Callers get UNAVAILABLE and retry
+        # at another replica; the internal service keeps serving the hand-off.
+        self.accepting = False
         self.membership.leave()
         others = [m for m in self.table.members if m.node_id != self.config.node_id]
         started = time.perf_counter()
