@@ -94,6 +94,16 @@ class AffinityStore:
                 _put(out, i, rec)
         return out
 
+    def drop_partitions(self, keep: npt.NDArray[np.bool_]) -> int:
+        prefixes = np.frombuffer(b"".join(self._records), dtype=np.uint8).reshape(-1, 16)
+        if not len(prefixes):
+            return 0
+        parts = key_hashes(affinity_keys(prefixes)) % np.uint64(len(keep))
+        gone = [bytes(k) for k, p in zip(prefixes, parts.tolist(), strict=True) if not keep[p]]
+        for k in gone:
+            del self._records[k]
+        return len(gone)
+
     def restore(self, prefixes: npt.NDArray[np.uint8], before: ResultArray) -> None:
         """Undo a write: put back the copies :meth:`copies` returned before it."""
         for prefix, rec in zip(prefixes, before, strict=True):

@@ -105,6 +105,10 @@ class NodeConfig:
     suspicion_timeout_s: float = 5.0
     # A graceful leave (SIGTERM) hands the node's partitions off for at most this long.
     leave_timeout_s: float = 30.0
+    # Copies of partitions this node no longer replicates are dropped once the table has
+    # been stable this long: far longer than a hand-off takes, so a new replica still
+    # pulling finds them.
+    handoff_grace_s: float = 120.0
     # Digests compared with every peer this often; differing partitions are exchanged.
     anti_entropy_interval_s: float = 10.0
     # Copies kept for an unreachable replica (per peer); beyond this anti-entropy repairs.
@@ -227,6 +231,7 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
             "pause_threshold_ms": 1_000,
             "suspicion_timeout_s": 2.0,
             "leave_timeout_s": 10.0,
+            "handoff_grace_s": 10.0,
         }
     return {}
 

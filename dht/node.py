@@ -163,6 +163,9 @@ class Node:
         self.epochs = 0
         self.leaving = False
         self.transfers = 0  # partitions being handed to this node now
+        self.dropped = 0  # copies dropped after their partitions moved away
+        self._epoch_since_ms = 0
+        self._dropped_since_epoch = False
         self.joined = not config.seeds
         self.first_sync = asyncio.Event()  # set once the start-up refill is done
         self._resync: asyncio.Task[None] | None = None
@@ -238,6 +241,8 @@ class Node:
             if acquired.size:
                 self.spawn(f"handoff-{pmap.epoch}", self._handoff(acquired, old))
         self._replicas = mine
+        self._epoch_since_ms = _monotonic_ms()
+        self._dropped_since_epoch = False
         log.info(
             "node %s (pop %s) epoch %d: %d members, %d replicas, W=%d R=%d, primary of %d",
             cfg.node_id,
@@ -874,6 +879,21 @@ class Node:
     async def _anti_entropy_step(self) -> None:
         if self.in_sync and not self.leaving:
             await self.replicator.anti_entropy_round()
+            self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Drop the partitions this node no longer replicates, once the table has been
+        stable for ``handoff_grace_s`` (their new replicas have long pulled them)."""
+        if not self._dropped_since_epoch and (
+            _monotonic_ms() - self._epoch_since_ms >= self.config.handoff_grace_s * 1000
+        ):
+            self._dropped_since_epoch = True
+            n = self.store.drop_partitions(self._replicas) + self.affinity.drop_partitions(
+                self._replicas
+            )
+            if n:
+                self.dropped += n
+                log.info("dropped %d copies of partitions handed off to other nodes", n)
 
     def start_loops(self) -> None:
         cfg = self.config

@@ -862,6 +862,22 @@ class FlowStore:
             return Status.REFUSED_FULL
         return None
 
+    def drop_partitions(self, keep: npt.NDArray[np.bool_]) -> int:
+        """Remove every record whose partition (``hash % len(keep)``) is not kept: the
+        partitions this node no longer replicates, once they were handed off."""
+        removed = 0
+        p = np.uint64(len(keep))
+        for table in self._tables:
+            live = table.entries[: table.high]
+            rows = np.flatnonzero((live["state"] != 0) & ~keep[(live["hash"] % p).astype(np.intp)])
+            if rows.size:
+                states = table.entries["state"][rows]
+                prefixes = table.prefixes(table.key_bytes(table.entries["key"][rows]))
+                table.recount(states, np.zeros_like(states), prefixes)
+                table.release_rows(rows.astype(np.int64))
+                removed += int(rows.size)
+        return removed
+
     def restore(self, keys: KeyArray, hashes: U64Array, old: ResultArray) -> None:
         """Undo a write: put back exactly the copies ``old`` (as :meth:`copies` returned
         them before the write; NOT_FOUND = remove the record). Not a merge: only for a

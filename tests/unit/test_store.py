@@ -1004,3 +1004,22 @@ def test_restore_undoes_a_write_exactly() -> None:
         store.claim(kb, key_hashes(b), pop=1, server=0, ttl_ms=None, now_ms=t[0])["status"][0]
         == Status.CREATED
     )
+
+
+def test_drop_partitions_keeps_only_what_is_kept() -> None:
+    from dht.bench import synthetic_keys
+    from dht.wire import KEY_DTYPE, key_hashes
+
+    t = [1_000_000]
+    store = FlowStore(TtlPolicy(), StoreLimits(), HybridClock(500, wall_ms=lambda: t[0]))
+    raw = synthetic_keys(2000, seed=1)
+    keys, hashes = np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw)
+    store.confirm(keys, hashes, pop=1, server=0, ttl_ms=None, now_ms=t[0])
+    keep = np.zeros(16, dtype=bool)
+    keep[:8] = True
+    kept = keep[(hashes % np.uint64(16)).astype(np.intp)]
+    assert store.drop_partitions(keep) == int((~kept).sum())
+    assert len(store) == int(kept.sum())
+    found = store.copies(keys, hashes)["status"] == Status.OK
+    assert np.array_equal(found, kept)
+    assert store.counts()[("ipv4", "established")] == int(kept.sum())
