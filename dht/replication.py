@@ -413,6 +413,8 @@ class Replicator:
         differ, pull its copies (and push ours). Returns the copies that changed a record
         here or there."""
         if partitions is None:
+            if member.node_id not in {m.node_id for m in self.pmap.members}:
+                return 0  # it left the table while the round was under way
             partitions = shared_partitions(
                 self.pmap, self.self_index, self.pmap.index_of(member.node_id)
             )
