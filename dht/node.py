@@ -374,8 +374,9 @@ class Node:
                 work.append(self._coordinate(b, idx, action is Action.QUORUM, out))
         out["status"][actions == Action.MOVED] = Status.MOVED
         fwd = np.flatnonzero(actions == Action.FORWARD)
+        members = self.table.members  # resolved now: the table may change while we wait
         for target in np.unique(coord[fwd]):
-            work.append(self._forward(b, int(target), fwd[coord[fwd] == target], out))
+            work.append(self._forward(b, members[int(target)], fwd[coord[fwd] == target], out))
         await asyncio.gather(*work)
         out["partition"] = b.parts
         self._count_keys(call.op, out)
@@ -496,10 +497,9 @@ class Node:
         return s.release(k, h, pop=b.pop, now_ms=now)
 
     async def _forward(
-        self, b: _Batch, target: int, idx: npt.NDArray[np.intp], out: ResultArray
+        self, b: _Batch, member: Member, idx: npt.NDArray[np.intp], out: ResultArray
     ) -> None:
         assert self.forwarder is not None
-        member = self.table.members[target]
         call = b.call
         sub = BatchCall(
             op=call.op,
