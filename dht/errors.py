@@ -80,6 +80,11 @@ def from_grpc(code: grpc.StatusCode, details: str) -> DhtError:
         return LimitExceeded(details)
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(details)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    # CANCELLED: the node stopped serving mid-call (a graceful stop): try another node.
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    ):
         return Unavailable(f"{code.name}: {details}")
     return DhtError(f"{code.name}: {details}")

@@ -667,7 +667,11 @@ class Node:
         while not self._stop.is_set():
             await self._join()
             await self._probe_step()
-            took_part |= await repl.anti_entropy_round(push=False)
+            # Pull only once every peer that is up uses our table: writes acknowledged
+            # under another table (say, while the others had declared us dead) are then
+            # already on them.
+            if repl.epochs_agree():
+                took_part |= await repl.anti_entropy_round(push=False)
             mine = np.flatnonzero(self._replicas)
             if Replicator.covered(
                 self.table,
@@ -734,8 +738,13 @@ class Node:
 
     def gossip_in(self, states: list[MemberState]) -> None:
         """Merge a peer's membership view (every probe carries one each way)."""
+        refuted = self.membership.refutations
         if self.membership.apply(states, _monotonic_ms()):
             self._rebuild()
+        if self.membership.refutations != refuted and self.first_sync.is_set():
+            # Others took us for suspect or dead: they may have acknowledged writes
+            # without us. Resync before answering alone again.
+            self.start_resync()
 
     async def _join(self) -> None:
         """Ask the configured seeds for their view until one answers."""
@@ -744,7 +753,7 @@ class Node:
         for address in self.config.seeds:
             seed = Member(f"seed:{address}", address)
             try:
-                view = await self._transport.ping(seed, self.membership.view())
+                _, view = await self._transport.ping(seed, self.membership.view())
             except PeerUnreachable as e:
                 log.info("seed %s did not answer: %s", address, e)
                 continue
@@ -763,12 +772,13 @@ class Node:
         async def direct(member: Member) -> bool:
             started = repl.now_ms()
             try:
-                view = await self._transport.ping(member, self.membership.view())
+                epoch, view = await self._transport.ping(member, self.membership.view())
             except PeerUnreachable as e:
                 repl.mark_failed(member, e, started)
                 return False
             repl.mark_ok(member)
             self.gossip_in(view)
+            self.replicator.saw_epoch(member.node_id, epoch)
             return True
 
         answers = await asyncio.gather(*(direct(m) for m in peers))

@@ -59,8 +59,10 @@ class PeerTransport(Protocol):
     """Node-to-node calls. Each raises PeerUnreachable on failure and returns within the
     configured RPC timeout."""
 
-    async def ping(self, member: Member, view: Sequence[MemberState]) -> list[MemberState]:
-        """Probe ``member`` with our membership view; returns its view."""
+    async def ping(
+        self, member: Member, view: Sequence[MemberState]
+    ) -> tuple[int, list[MemberState]]:
+        """Probe ``member`` with our membership view; returns its epoch and view."""
         ...
 
     async def ping_req(self, via: Member, target: Member) -> bool:
@@ -192,6 +194,21 @@ class Replicator:
             del self.hints.queued[gone]
         self._coordinators: npt.NDArray[np.int16] | None = None
         self._all_up: npt.NDArray[np.bool_] = np.ones(pmap.num_partitions, dtype=bool)
+        self.peer_epochs: dict[str, int] = {}
+
+    def saw_epoch(self, node_id: str, epoch: int) -> None:
+        """A peer's table epoch, as its last answer to a probe said."""
+        if self.peer_epochs.get(node_id) != epoch:
+            self.peer_epochs[node_id] = epoch
+            self._coordinators = None
+
+    def epochs_agree(self) -> bool:
+        """Every peer that is up uses our table."""
+        return all(
+            self.peer_epochs.get(m.node_id) == self.pmap.epoch
+            for m in self._peers()
+            if self.is_up(m)
+        )
 
     # ------------------------------------------------------------------ health
 
@@ -207,13 +224,20 @@ class Replicator:
         if self._coordinators is None:
             up = self.up_mask()
             self._coordinators = coordinators(self.pmap, up)
-            self._all_up = np.asarray(up[self.pmap.replicas].all(axis=1), dtype=bool)
+            agree = up & np.array(
+                [
+                    i == self.self_index or self.peer_epochs.get(m.node_id) == self.pmap.epoch
+                    for i, m in enumerate(self.pmap.members)
+                ]
+            )
+            self._all_up = np.asarray(agree[self.pmap.replicas].all(axis=1), dtype=bool)
         return self._coordinators
 
     def all_replicas_up(self) -> npt.NDArray[np.bool_]:
-        """Per partition: does this node see every replica up? Only then may a primary
-        answer from its own copy: with a replica unreachable, another coordinator may
-        have acknowledged writes this one has not seen (an asymmetric cut), so it reads a
+        """Per partition: does this node see every replica up, and on its own table?
+        Only then may a primary answer from its own copy: with a replica unreachable, or
+        using another table, another coordinator may have acknowledged writes this one
+        has not seen (an asymmetric cut, a membership change under way), so it reads a
         quorum instead."""
         self.coordinators()
         return self._all_up

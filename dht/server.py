@@ -195,7 +195,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
     async def PingReq(self, request: pb.PingReqRequest, context: Ctx) -> pb.PingReqResponse:
         target = Member(request.target_node, request.target_address)
         try:
-            view = await self.node.peers_transport.ping(target, self.node.membership.view())
+            _, view = await self.node.peers_transport.ping(target, self.node.membership.view())
         except PeerUnreachable:
             return pb.PingReqResponse(ok=False)
         self.node.gossip_in(view)
@@ -292,13 +292,15 @@ class Peers:
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
 
-    async def ping(self, member: Member, view: Sequence[MemberState]) -> list[MemberState]:
+    async def ping(
+        self, member: Member, view: Sequence[MemberState]
+    ) -> tuple[int, list[MemberState]]:
         req = pb.PingRequest(from_node=self._node_id, members=convert.members_to_pb(list(view)))
         try:
             resp = await self._stubs(member)[1].Ping(req, timeout=self._probe_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
-        return convert.members_from_pb(resp.members)
+        return resp.epoch, convert.members_from_pb(resp.members)
 
     async def ping_req(self, via: Member, target: Member) -> bool:
         req = pb.PingReqRequest(

@@ -29,8 +29,9 @@ class TrackedCluster(LocalCluster):
         super().__init__(specs, extra_args)
         self.started: list[NodeProcess] = []
 
-    async def spawn(self, spec: NodeSpec) -> NodeProcess:
-        node = await super().spawn(spec)
+    async def _exec(self, spec: NodeSpec, args: list[str]) -> NodeProcess:
+        # Every start goes through here: start(), restart() and add_node().
+        node = await super()._exec(spec, args)
         self.started.append(node)
         return node
 
