@@ -42,7 +42,7 @@ from dht.errors import InvalidArgument, NotReady
 from dht.membership import Membership, MemberState, MemberStatus
 from dht.peers import replica_mask
 from dht.placement import Member, PartitionMap
-from dht.record import HybridClock, Status
+from dht.record import HybridClock, Status, hlc_physical_ms
 from dht.replication import (
     MergeResult,
     PeerTransport,
@@ -422,13 +422,14 @@ class Node:
                 if not idx.size:
                     return
             before = self._copies(b, idx) if mutating else None
+            issued = self.clock.now()
             res = self._apply(b, idx)
             if before is not None:
                 written = np.flatnonzero(np.isin(res["status"], _WRITTEN))
                 if written.size:
                     widx = idx[written]
                     entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
-                    acked, held = await repl.write(entries, b.parts[widx], b.call.op.value)
+                    acked, held = await repl.write(entries, b.parts[widx], b.call.op.value, issued)
                     res["status"][written[~acked]] = Status.UNAVAILABLE
                     undo = written[~acked & (held <= 1)]
                     if undo.size:
@@ -576,8 +577,14 @@ class Node:
 
     # ---- the NodeInternal calls (validated here: they come from the network)
 
-    def internal_replicate(self, raw: bytes) -> MergeResult:
+    def internal_replicate(self, raw: bytes, issued_hlc: int = 0) -> MergeResult:
+        """Apply copies; a coordinator's write (``issued_hlc`` set) older than anyone can
+        still be told about is refused whole (see dht.proto EntryBatch.issued_hlc)."""
         check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
+        if issued_hlc:
+            limit = self.config.forward_timeout_ms + self.config.max_clock_offset_ms
+            if hlc_physical_ms(issued_hlc) < self.clock.wall_ms() - limit:
+                return MergeResult(stale=True)
         return self.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE))
 
     def internal_copies(self, raw: bytes) -> bytes:
@@ -1016,6 +1023,9 @@ class Node:
             {(): s.read_quorum_failures},
         )
         yield m.counter("dht_resyncs", "refills and resyncs started", {(): s.resyncs})
+        yield m.counter(
+            "dht_stale_writes", "writes a replica refused for their age", {(): s.stale_writes}
+        )
         yield m.counter(
             "dht_streamed_bytes",
             "record copies streamed by anti-entropy, refill and hand-off",

@@ -53,6 +53,7 @@ class PeerUnreachable(DhtError):
 class MergeResult:
     applied: int = 0
     refused: int = 0
+    stale: bool = False  # a write refused whole for its age (nothing applied)
 
 
 class PeerTransport(Protocol):
@@ -69,7 +70,9 @@ class PeerTransport(Protocol):
         """Ask ``via`` to probe ``target`` (SWIM indirect probe)."""
         ...
 
-    async def replicate(self, member: Member, entries: bytes, hinted: bool) -> MergeResult: ...
+    async def replicate(
+        self, member: Member, entries: bytes, hinted: bool, issued_hlc: int = 0
+    ) -> MergeResult: ...
 
     async def read_copies(self, member: Member, keys: bytes) -> bytes: ...
 
@@ -144,6 +147,7 @@ class Stats:
     resyncs: int = 0
     bytes_pulled: int = 0
     bytes_pushed: int = 0
+    stale_writes: int = 0
 
 
 def _monotonic_ms() -> int:
@@ -321,7 +325,7 @@ class Replicator:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def write(
-        self, entries: EntryArray, parts: npt.NDArray[np.uint16], op: str
+        self, entries: EntryArray, parts: npt.NDArray[np.uint16], op: str, issued_hlc: int = 0
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int32]]:
         """Ship copies the coordinator already applied locally to the other replicas.
 
@@ -335,16 +339,21 @@ class Replicator:
         settled = [False]
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
-            ok = False
+            ok = stale = False
             if self.is_up(member):
                 started = self._now()
                 try:
-                    await self.transport.replicate(member, entries[idx].tobytes(), hinted=False)
-                    ok = True
+                    res = await self.transport.replicate(
+                        member, entries[idx].tobytes(), hinted=False, issued_hlc=issued_hlc
+                    )
+                    ok, stale = not res.stale, res.stale
                 except PeerUnreachable as e:
                     self.mark_failed(member, e, started)
-            if ok:
+            if ok or stale:
                 self.mark_ok(member)
+            if stale:
+                self.stats.stale_writes += 1
+                return False  # refused for its age: neither an ack nor a hint
             elif settled[0]:
                 # A straggler: every key already had its quorum when we answered.
                 self.hints.add(member.node_id, entries[idx])

@@ -203,8 +203,8 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
         async def work() -> pb.ReplicateResponse:
-            res = self.node.internal_replicate(request.entries)
-            return pb.ReplicateResponse(applied=res.applied, refused=res.refused)
+            res = self.node.internal_replicate(request.entries, request.issued_hlc)
+            return pb.ReplicateResponse(applied=res.applied, refused=res.refused, stale=res.stale)
 
         result: pb.ReplicateResponse = await self._guard(context, work)
         return result
@@ -313,15 +313,21 @@ class Peers:
             raise _unreachable(via, e) from None
         return resp.ok
 
-    async def replicate(self, member: Member, entries: bytes, hinted: bool) -> MergeResult:
+    async def replicate(
+        self, member: Member, entries: bytes, hinted: bool, issued_hlc: int = 0
+    ) -> MergeResult:
         req = pb.EntryBatch(
-            format_version=FORMAT_VERSION, entries=entries, from_node=self._node_id, hinted=hinted
+            format_version=FORMAT_VERSION,
+            entries=entries,
+            from_node=self._node_id,
+            hinted=hinted,
+            issued_hlc=issued_hlc,
         )
         try:
             resp = await self._stubs(member)[1].Replicate(req, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
-        return MergeResult(resp.applied, resp.refused)
+        return MergeResult(resp.applied, resp.refused, resp.stale)
 
     async def read_copies(self, member: Member, keys: bytes) -> bytes:
         req = pb.CopiesRequest(format_version=FORMAT_VERSION, keys=keys)

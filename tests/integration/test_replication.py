@@ -174,3 +174,32 @@ async def test_digests_on_the_admin_endpoint(make_pop: MakePop) -> None:
         "dht_in_sync 1.0",
     ):
         assert name in metrics, name
+
+
+async def test_a_write_older_than_anyone_can_be_told_is_refused(make_pop: MakePop) -> None:
+    from dht.record import hlc_pack
+
+    nodes = await make_pop(3)
+    node = nodes[1].node
+    entry = np.zeros(1, dtype=ENTRY_DTYPE)
+    entry["key"] = np.frombuffer(
+        synthetic_keys(1, seed=30, start=20_000_000), dtype=ENTRY_DTYPE["key"]
+    )
+    rec = np.zeros(1, dtype=RESULT_DTYPE)
+    rec["status"], rec["state"], rec["owner_pop"], rec["birth_pop"], rec["generation"] = (
+        1,
+        1,
+        2,
+        2,
+        1,
+    )
+    now = node.clock.wall_ms()
+    rec["birth_hlc"], rec["expiry_ms"] = hlc_pack(now - 10_000, 0), now + 600_000
+    entry["rec"] = rec
+    # A coordinator paused mid-write resumes and sends it 10 s late: refused whole.
+    late = hlc_pack(now - node.config.forward_timeout_ms - node.config.max_clock_offset_ms - 1, 0)
+    res = node.internal_replicate(entry.tobytes(), late)
+    assert res.stale
+    assert len(node.store) == 0
+    # Hints and anti-entropy carry old copies legitimately: no write stamp, applied.
+    assert node.internal_replicate(entry.tobytes()).applied == 1

@@ -613,12 +613,19 @@ class EntryBatch(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     FROM_NODE_FIELD_NUMBER: _builtins.int
     HINTED_FIELD_NUMBER: _builtins.int
+    ISSUED_HLC_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     entries: _builtins.bytes
     """N entry records of 72 bytes each."""
     from_node: _builtins.str
     hinted: _builtins.bool
     """True when these are hinted hand-offs delivered late."""
+    issued_hlc: _builtins.int
+    """A coordinator's write: its HLC stamp when it applied the write (0 = not a write).
+    A replica refuses a write older than the forward timeout plus the maximum clock
+    offset: nobody can still be told it was acknowledged, and applied late (after the
+    coordinator was paused mid-write) its claim could beat one acknowledged since.
+    """
     def __init__(
         self,
         *,
@@ -626,10 +633,11 @@ class EntryBatch(_message.Message):
         entries: _builtins.bytes = ...,
         from_node: _builtins.str = ...,
         hinted: _builtins.bool = ...,
+        issued_hlc: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "format_version", b"format_version", "from_node", b"from_node", "hinted", b"hinted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "format_version", b"format_version", "from_node", b"from_node", "hinted", b"hinted", "issued_hlc", b"issued_hlc"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,18 +649,22 @@ class ReplicateResponse(_message.Message):
 
     APPLIED_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     applied: _builtins.int
     """Copies that changed the receiver's store, and copies refused at its hard ceiling."""
     refused: _builtins.int
+    stale: _builtins.bool
+    """The whole batch was refused as a stale write (see EntryBatch.issued_hlc)."""
     def __init__(
         self,
         *,
         applied: _builtins.int = ...,
         refused: _builtins.int = ...,
+        stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "refused", b"refused", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
