@@ -578,11 +578,13 @@ class Node:
     # ---- the NodeInternal calls (validated here: they come from the network)
 
     def internal_replicate(self, raw: bytes, issued_hlc: int = 0) -> MergeResult:
-        """Apply copies; a coordinator's write (``issued_hlc`` set) older than anyone can
-        still be told about is refused whole (see dht.proto EntryBatch.issued_hlc)."""
+        """Apply copies; a coordinator's write (``issued_hlc`` set) older than the failure
+        timeout is refused whole (see dht.proto EntryBatch.issued_hlc)."""
         check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
         if issued_hlc:
-            limit = self.config.forward_timeout_ms + self.config.max_clock_offset_ms
+            # Past the failure timeout others may have routed around the coordinator
+            # and acknowledged a conflicting claim (a paused coordinator cannot know).
+            limit = round(self.config.failure_timeout_s * 1000) + self.config.max_clock_offset_ms
             if hlc_physical_ms(issued_hlc) < self.clock.wall_ms() - limit:
                 return MergeResult(stale=True)
         return self.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE))

@@ -197,7 +197,9 @@ async def test_a_write_older_than_anyone_can_be_told_is_refused(make_pop: MakePo
     rec["birth_hlc"], rec["expiry_ms"] = hlc_pack(now - 10_000, 0), now + 600_000
     entry["rec"] = rec
     # A coordinator paused mid-write resumes and sends it 10 s late: refused whole.
-    late = hlc_pack(now - node.config.forward_timeout_ms - node.config.max_clock_offset_ms - 1, 0)
+    late = hlc_pack(
+        now - round(node.config.failure_timeout_s * 1000) - node.config.max_clock_offset_ms - 1, 0
+    )
     res = node.internal_replicate(entry.tobytes(), late)
     assert res.stale
     assert len(node.store) == 0

@@ -622,9 +622,9 @@ class EntryBatch(_message.Message):
     """True when these are hinted hand-offs delivered late."""
     issued_hlc: _builtins.int
     """A coordinator's write: its HLC stamp when it applied the write (0 = not a write).
-    A replica refuses a write older than the forward timeout plus the maximum clock
-    offset: nobody can still be told it was acknowledged, and applied late (after the
-    coordinator was paused mid-write) its claim could beat one acknowledged since.
+    A replica refuses a write older than the failure timeout plus the maximum clock
+    offset: by then others may have routed around the coordinator and acknowledged a
+    conflicting claim, which a late write (its coordinator paused mid-write) would beat.
     """
     def __init__(
         self,
