@@ -77,7 +77,7 @@ def add_node_parser(sub: Any) -> None:
         "--peers",
         nargs="+",
         metavar="ID=HOST:PORT[,ADMIN]",
-        help="the other nodes of this PoP (static membership)",
+        help="nodes of this PoP known in advance (more are learned by gossip)",
     )
     p.add_argument(
         "--seeds",

@@ -14,7 +14,7 @@ Example file (all keys optional except ``node_id`` and ``pop``)::
     [pops]               # PoP name -> small integer id used on the wire
     ams = 1
     fra = 2
-    [[peers]]            # the other nodes of this PoP (static membership)
+    [[peers]]            # nodes of this PoP known in advance (more by gossip)
     node_id = "ams-2"
     address = "127.0.0.1:7102"
     admin_address = "127.0.0.1:8102"

@@ -1,9 +1,10 @@
 """Which peers are up, and so which replica coordinates each partition (pure).
 
-Static membership (this version): the member list is fixed; only health changes. A peer
-is *up* until it has not answered for ``failure_timeout_ms`` (probes) or a data-path call
-found it unreachable (connection refused: a dead process is routed around at once, not
-after the timeout). One successful probe brings it back up.
+This is the fast, local view used for routing (membership, in dht.membership, decides
+who is in the partition table). A peer is *up* until it has not answered for
+``failure_timeout_ms`` (probes) or a data-path call found it unreachable (connection
+refused: a dead process is routed around at once, not after the timeout). One
+successful probe brings it back up.
 
 The coordinator of a partition is its first replica that is up (primary first). A
 coordinator other than an in-sync primary reads a quorum before it decides (DESIGN

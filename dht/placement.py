@@ -41,7 +41,7 @@ def _ring_hash(key: str) -> int:
 def membership_epoch(
     members: Sequence[Member], num_partitions: int, replication_factor: int
 ) -> int:
-    """With static membership the epoch is derived from the membership itself: the same
+    """The epoch is derived from the (active) membership itself: the same
     node set gives the same epoch on every node, a different one (almost surely) another.
     Kept below 2**63 so it survives signed 64-bit consumers."""
     desc = "|".join(sorted(f"{m.node_id}@{m.address}" for m in members))
