@@ -76,12 +76,6 @@ class AffinityStore:
             _put(out, i, rec)
         return out
 
-    def merge_in(self, prefix: bytes, rec: Affinity) -> Affinity:
-        old = self._records.get(prefix)
-        merged = rec if old is None else merge_affinity(old, rec)
-        self._records[prefix] = merged
-        return merged
-
     # ------------------------------------------------------------------ replication
 
     def copies(self, prefixes: npt.NDArray[np.uint8]) -> ResultArray:

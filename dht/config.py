@@ -132,15 +132,6 @@ class NodeConfig:
         return self.pops[self.pop]
 
     @property
-    def replicas(self) -> int:
-        """Copies of each partition: replication_factor capped at the node count."""
-        return min(self.replication_factor, 1 + len(self.peers))
-
-    @property
-    def effective_write_quorum(self) -> int:
-        return self.write_quorum if self.write_quorum is not None else self.replicas // 2 + 1
-
-    @property
     def advertised(self) -> str:
         return self.advertise_host or self.host
 

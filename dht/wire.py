@@ -305,10 +305,6 @@ def key_hashes(raw: bytes) -> U64Array:
     )
 
 
-def encode_keys(keys: list[FlowKey]) -> bytes:
-    return b"".join(k.to_bytes() for k in keys)
-
-
 # --------------------------------------------------------------------------- affinity keys
 
 

@@ -424,6 +424,21 @@ class PopLedger:
             return (owner, birth, birth_pop)
         return None
 
+    def record_claims(self, keys: list[bytes], res: ResultArray) -> None:
+        for key, r in zip(keys, res, strict=True):
+            self.statuses[f"claim_{Status(int(r['status'])).name}"] += 1
+            self.claims[key] = (
+                int(r["status"]),
+                int(r["owner_pop"]),
+                int(r["birth_hlc"]),
+                int(r["birth_pop"]),
+            )
+
+    def record_confirms(self, keys: list[bytes], res: ResultArray) -> None:
+        for key, r in zip(keys, res, strict=True):
+            self.statuses[f"confirm_{Status(int(r['status'])).name}"] += 1
+            self.confirms[key] = int(r["status"])
+
 
 async def test_sigstop_beyond_failure_timeout_then_sigcont(
     make_cluster: MakeCluster, http: aiohttp.ClientSession
@@ -448,21 +463,12 @@ async def test_sigstop_beyond_failure_timeout_then_sigcont(
             ledger = ledgers[pop]
             res = await client.flow_packed("Claim", raw, pop=pop, ttl_s=TTL_S)
             keys = rows(raw)
-            for key, r in zip(keys, res, strict=True):
-                ledger.statuses[f"claim_{Status(int(r['status'])).name}"] += 1
-                ledger.claims[key] = (
-                    int(r["status"]),
-                    int(r["owner_pop"]),
-                    int(r["birth_hlc"]),
-                    int(r["birth_pop"]),
-                )
+            ledger.record_claims(keys, res)
             won = [k for k in keys if ledger.acked(k, pops[pop])]
             if not won:
                 return
             res = await client.flow_packed("Confirm", b"".join(won), pop=pop, ttl_s=TTL_S)
-            for key, r in zip(won, res, strict=True):
-                ledger.statuses[f"confirm_{Status(int(r['status'])).name}"] += 1
-                ledger.confirms[key] = int(r["status"])
+            ledger.record_confirms(won, res)
 
         async def race_round(i: int) -> None:
             raw = pool[i * batch * KEY_SIZE : (i + 1) * batch * KEY_SIZE]

@@ -364,6 +364,16 @@ class Load:
             f"wrong_lookups={len(self.wrong)}"
         )
 
+    def report_problems(self, tag: str, failures: int = 10) -> None:
+        """REPORT lines for every kind of problem the load saw, and its timeline."""
+        for line in self.failures[:failures]:
+            report(f"{tag}: failed: {line}")
+        for line in self.errors[:10]:
+            report(f"{tag}: exception: {line}")
+        for line in self.wrong[:10]:
+            report(f"{tag}: wrong lookup: {line}")
+        report(f"{tag}: timeline {self.timeline}")
+
 
 async def stop_load(stop: asyncio.Event, tasks: list[asyncio.Task[int]]) -> int:
     stop.set()
@@ -471,13 +481,7 @@ async def test_fourth_node_joins_under_load(
         f"missing/different on replicas={on_replicas}; new node dht_records="
         f"{new_records:.0f}; records held {agreed['records_held']}"
     )
-    for line in load.failures[:10]:
-        report(f"join: failed: {line}")
-    for line in load.errors[:10]:
-        report(f"join: exception: {line}")
-    for line in load.wrong[:10]:
-        report(f"join: wrong lookup: {line}")
-    report(f"join: timeline {load.timeline}")
+    load.report_problems("join")
     assert lost == 0, f"{lost} acknowledged claims lost: {examples}"
     assert not any(on_replicas.values()), f"acknowledged copies missing: {on_replicas}"
     assert not load.wrong, f"{len(load.wrong)} lookups contradicted an ack: {load.wrong[:5]}"
@@ -554,13 +558,7 @@ async def test_graceful_rolling_restart_under_load(
         f"rolling {size}: {load.summary()} skipped_slots={skipped}; lost by lookup={lost}, "
         f"missing/different on replicas={on_replicas}"
     )
-    for line in load.failures[:20]:
-        report(f"rolling {size}: failed: {line}")
-    for line in load.errors[:10]:
-        report(f"rolling {size}: exception: {line}")
-    for line in load.wrong[:10]:
-        report(f"rolling {size}: wrong lookup: {line}")
-    report(f"rolling {size}: timeline {load.timeline}")
+    load.report_problems(f"rolling {size}", failures=20)
     assert lost == 0, f"{lost} acknowledged claims lost: {examples}"
     assert not any(on_replicas.values()), f"acknowledged copies missing: {on_replicas}"
     assert not load.wrong, f"{len(load.wrong)} lookups contradicted an ack: {load.wrong[:5]}"
@@ -629,10 +627,7 @@ async def test_sigkill_one_of_four_is_detected_and_rereplicated(
         f"missing/different on replicas={on_replicas}; victim in survivors' views "
         f"{[s.get(dead) for s in statuses]}"
     )
-    for line in load.failures[:10]:
-        report(f"sigkill: failed: {line}")
-    for line in load.errors[:10]:
-        report(f"sigkill: exception: {line}")
+    load.report_problems("sigkill")
     assert lost == 0, f"{lost} acknowledged claims lost: {examples}"
     assert not any(on_replicas.values()), f"acknowledged copies missing: {on_replicas}"
     assert not load.wrong, f"{len(load.wrong)} lookups contradicted an ack: {load.wrong[:5]}"
@@ -690,14 +685,7 @@ async def test_node_declared_dead_comes_back_without_double_ownership(
                 errors.append(f"{tl.at(time.monotonic())} {pop} Claim {e!r}")
                 return
             keys = rows(raw)
-            for key, r in zip(keys, res, strict=True):
-                ledger.statuses[f"claim_{Status(int(r['status'])).name}"] += 1
-                ledger.claims[key] = (
-                    int(r["status"]),
-                    int(r["owner_pop"]),
-                    int(r["birth_hlc"]),
-                    int(r["birth_pop"]),
-                )
+            ledger.record_claims(keys, res)
             won = [k for k in keys if ledger.acked(k, pops[pop])]
             if not won:
                 return
@@ -706,9 +694,7 @@ async def test_node_declared_dead_comes_back_without_double_ownership(
             except Exception as e:  # reported and asserted on below
                 errors.append(f"{tl.at(time.monotonic())} {pop} Confirm {e!r}")
                 return
-            for key, r in zip(won, res, strict=True):
-                ledger.statuses[f"confirm_{Status(int(r['status'])).name}"] += 1
-                ledger.confirms[key] = int(r["status"])
+            ledger.record_confirms(won, res)
 
         async def lagged(raw: bytes) -> None:
             """fra claims flows ams already holds: only ams-acknowledged, fra-unclaimed."""
