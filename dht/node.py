@@ -42,7 +42,7 @@ from dht.errors import InvalidArgument, NotReady
 from dht.membership import Membership, MemberState, MemberStatus
 from dht.peers import replica_mask
 from dht.placement import Member, PartitionMap
-from dht.record import HybridClock, Status, hlc_physical_ms
+from dht.record import HybridClock, Status, hlc_pack, hlc_physical_ms
 from dht.replication import (
     MergeResult,
     PeerTransport,
@@ -174,6 +174,9 @@ class Node:
         self.rollbacks = 0
         # Keys held by writes in flight (see _coordinate).
         self._locks: dict[bytes, asyncio.Future[None]] = {}
+        # Per write in flight: its keys and their copies before it (see _unsettled).
+        self._inflight: dict[asyncio.Future[None], tuple[list[bytes], ResultArray]] = {}
+        self._takeover = asyncio.Lock()
         self.metrics.add_gauges(self._gauges)
 
     # ------------------------------------------------------------------ membership
@@ -226,8 +229,13 @@ class Node:
                     rpc_timeout_ms=cfg.rpc_timeout_ms,
                     failure_timeout_ms=round(cfg.failure_timeout_s * 1000),
                     hint_limit=cfg.hint_limit,
+                    max_clock_offset_ms=cfg.max_clock_offset_ms,
                 ),
                 self.part_ready,
+                # Terms are HLC stamps. A restart forgets the promises it made; terms
+                # handed out before it are below its wall clock at start (up to a clock
+                # offset, which a restart - a new process, imports, a refill - outlasts).
+                term_floor=hlc_pack(self.clock.wall_ms(), 0),
             )
             self.repl.on_peer_up = lambda member: self.spawn(
                 f"hints->{member.node_id}", self._deliver_hints(member)
@@ -415,13 +423,27 @@ class Node:
         lock = await self._lock(keys, hold=mutating)
         try:
             repl = self.replicator
-            if quorum:
+            if mutating:
+                ok = await self._take_over(b.parts[idx])
+                if not ok.all():
+                    out["status"][idx[~ok]] = Status.UNAVAILABLE
+                    op = b.call.op.value
+                    fails = repl.stats.quorum_failures
+                    fails[op] = fails.get(op, 0) + int(np.count_nonzero(~ok))
+                idx = idx[ok]
+            if quorum and idx.size:
                 ok = await repl.read_repair(b.keys40[idx].tobytes(), b.parts[idx])
                 out["status"][idx[~ok]] = Status.UNAVAILABLE
                 idx = idx[ok]
-                if not idx.size:
-                    return
+            if not idx.size:
+                return
             before = self._copies(b, idx) if mutating else None
+            if lock is not None and before is not None:
+                self._inflight[lock] = (
+                    keys if len(keys) == len(idx) else [b.keys40[i].tobytes() for i in idx],
+                    before,
+                )
+            terms = repl.held[b.parts[idx]]  # fixed now: a promise may end them meanwhile
             issued = self.clock.now()
             res = self._apply(b, idx)
             if before is not None:
@@ -429,7 +451,9 @@ class Node:
                 if written.size:
                     widx = idx[written]
                     entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
-                    acked, held = await repl.write(entries, b.parts[widx], b.call.op.value, issued)
+                    acked, held = await repl.write(
+                        entries, b.parts[widx], b.call.op.value, issued, terms[written]
+                    )
                     res["status"][written[~acked]] = Status.UNAVAILABLE
                     undo = written[~acked & (held <= 1)]
                     if undo.size:
@@ -437,7 +461,26 @@ class Node:
             out[idx] = res
         finally:
             if lock is not None:
+                self._inflight.pop(lock, None)
                 self._unlock(keys, lock)
+
+    async def _take_over(self, parts: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
+        """Per key of ``parts``: does this node hold a term for its partition (taking
+        the partitions over first where it does not, see dht.replication)?"""
+        repl = self.replicator
+        if bool((repl.held[parts] > 0).all()):
+            return np.ones(len(parts), dtype=bool)
+        async with self._takeover:  # one take-over at a time; later callers reuse it
+            need = np.unique(parts[repl.held[parts] == 0]).astype(np.intp)
+            if need.size:
+                got = await repl.acquire(need, repl.next_term(need, self.clock.now()))
+                if not got.all():
+                    log.warning(
+                        "took over %d of %d partitions (no promise quorum for the rest)",
+                        int(got.sum()),
+                        need.size,
+                    )
+        return np.asarray(repl.held[parts] > 0, dtype=bool)
 
     async def _lock(self, keys: list[bytes], hold: bool) -> asyncio.Future[None] | None:
         """Wait until none of ``keys`` is held by a write in flight; then, if ``hold``,
@@ -567,27 +610,67 @@ class Node:
             return d1 + d2, c1 + c2
 
     def export_entries(self, partitions: npt.NDArray[np.intp]) -> EntryArray:
+        """Every copy of ``partitions``, except those of writes still in flight."""
         now = self._now_ms()
         p = self.table.num_partitions
         raw = (
             self.store.export_entries(partitions, p, now).tobytes()
             + self.affinity.export_entries(partitions, p, now).tobytes()
         )
-        return np.frombuffer(raw, dtype=ENTRY_DTYPE)
+        entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
+        if self._inflight and len(entries):
+            unsettled = self._unsettled()
+            keys = entries["key"].tobytes()
+            keep = [keys[i : i + KEY_SIZE] not in unsettled for i in range(0, len(keys), KEY_SIZE)]
+            entries = entries[np.array(keep, dtype=bool)]
+        return entries
+
+    def _unsettled(self) -> dict[bytes, ResultArray]:
+        """Keys of writes in flight, with their copies before the write. A write in
+        flight may still be undone (no replica took it), so other nodes must not get it
+        from this one by any other path (quorum reads, anti-entropy) meanwhile: they get
+        the copy from before it, or nothing."""
+        out: dict[bytes, ResultArray] = {}
+        for keys, before in self._inflight.values():
+            for i, k in enumerate(keys):
+                out[k] = before[i : i + 1]
+        return out
 
     # ---- the NodeInternal calls (validated here: they come from the network)
 
-    def internal_replicate(self, raw: bytes, issued_hlc: int = 0) -> MergeResult:
-        """Apply copies; a coordinator's write (``issued_hlc`` set) older than the failure
-        timeout is refused whole (see dht.proto EntryBatch.issued_hlc)."""
+    def internal_replicate(
+        self, raw: bytes, issued_hlc: int = 0, terms: bytes = b""
+    ) -> MergeResult:
+        """Apply copies. A coordinator's write (``terms`` set) is refused whole when a
+        higher term was promised for any of its partitions, or when it was issued longer
+        ago than the failure timeout (see dht.proto EntryBatch)."""
         check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
+        entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
         if issued_hlc:
             # Past the failure timeout others may have routed around the coordinator
             # and acknowledged a conflicting claim (a paused coordinator cannot know).
             limit = round(self.config.failure_timeout_s * 1000) + self.config.max_clock_offset_ms
             if hlc_physical_ms(issued_hlc) < self.clock.wall_ms() - limit:
                 return MergeResult(stale=True)
-        return self.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE))
+        if terms:
+            if len(terms) != 8 * len(entries):
+                raise InvalidArgument(
+                    "terms", f"{len(terms)} bytes for {len(entries)} entries (want 8 each)"
+                )
+            parts = self.table.partitions_of(key_hashes(entries["key"].tobytes()))
+            fenced, by = self.replicator.fence(
+                parts.astype(np.intp), np.frombuffer(terms, dtype=">u8").astype(np.uint64)
+            )
+            if fenced:
+                return MergeResult(fenced=fenced, fenced_by=by)
+        return self.merge_entries(entries)
+
+    def internal_promise(self, raw_parts: bytes, term: int) -> bytes:
+        """Promise ``term`` for partitions (another node takes them over)."""
+        parts = self.partitions_arg(raw_parts)
+        if term == 0:
+            raise InvalidArgument("term", "must be set")
+        return self.replicator.promise_in(parts, term).astype(">u8").tobytes()
 
     def internal_copies(self, raw: bytes) -> bytes:
         check_batch_size(len(raw), KEY_SIZE, 1_000_000, "keys")
@@ -601,6 +684,12 @@ class Node:
             out[aff] = self.affinity.copies(keys["caddr"][aff])
         other = (keys["kind"] != KIND_FLOW) & (keys["kind"] != KIND_AFFINITY)
         out["status"][other] = Status.NOT_FOUND
+        if self._inflight:
+            unsettled = self._unsettled()
+            for i in range(len(keys)):
+                row = unsettled.get(raw[i * KEY_SIZE : (i + 1) * KEY_SIZE])
+                if row is not None:
+                    out[i] = row[0]
         return out.tobytes()
 
     def internal_digests(
@@ -643,8 +732,12 @@ class Node:
             self.start_resync()
 
     def start_resync(self) -> None:
-        """Distrust the local copy until a resync round got through (start, pause)."""
+        """Distrust the local copy until a resync round got through (start, pause). The
+        terms this node held may have been taken over meanwhile: take them over again
+        before the next write rather than learn it from a refused one."""
         self._resyncing = True
+        if self.repl is not None:
+            self.repl.held[:] = 0
         if self._resync is None or self._resync.done():
             self._resync = asyncio.create_task(
                 self._resync_loop(), name=f"{self.config.node_id}:resync"
@@ -1027,6 +1120,17 @@ class Node:
         yield m.counter("dht_resyncs", "refills and resyncs started", {(): s.resyncs})
         yield m.counter(
             "dht_stale_writes", "writes a replica refused for their age", {(): s.stale_writes}
+        )
+        yield m.counter(
+            "dht_fenced_writes",
+            "writes a replica refused: another node took the partition over (a higher term)",
+            {(): s.fenced_writes},
+        )
+        yield m.counter(
+            "dht_takeovers",
+            "partitions this node took over as coordinator, by result",
+            {("ok",): s.takeovers, ("no_quorum",): s.takeover_failures},
+            ["result"],
         )
         yield m.counter(
             "dht_streamed_bytes",

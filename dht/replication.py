@@ -12,6 +12,18 @@ including a node that was paused for a long time and comes back with old data.
 Copies are only ever applied through the store's merge (record.merge), so the order in
 which hints, replication and anti-entropy deliver them does not matter.
 
+Coordinators are fenced per partition by *terms* (phase one of Paxos, per partition).
+Before a node coordinates writes of a partition it picks a term above every term it has
+seen, has ``RF - W + 1`` replicas (itself included) promise to refuse lower terms, and
+pulls their copies; every coordinated write carries its term, and a replica refuses
+writes below its promise. So a coordinator that was paused mid-write and resumes after
+another took over cannot get a late write acknowledged: the promise quorum and its write
+quorum intersect in a replica that refuses it. And the new coordinator has seen every
+write an earlier one got acknowledged (the promise quorum intersects that write quorum
+too), so create-once holds across a change of coordinator. While a membership change
+settles, promises and writes need quorums in the previous table *and* the new one
+(joint quorums), because nodes still using the previous table count their quorums there.
+
 This module owns the protocol; the I/O goes through :class:`PeerTransport` (gRPC in
 dht.server), and the node's stores through :class:`LocalReplica` (dht.node).
 """
@@ -23,7 +35,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +66,10 @@ class MergeResult:
     applied: int = 0
     refused: int = 0
     stale: bool = False  # a write refused whole for its age (nothing applied)
+    # A write refused whole because a higher term was promised for these partitions
+    # (big-endian uint16) - the highest such term is ``fenced_by``.
+    fenced: bytes = b""
+    fenced_by: int = 0
 
 
 class PeerTransport(Protocol):
@@ -71,8 +87,23 @@ class PeerTransport(Protocol):
         ...
 
     async def replicate(
-        self, member: Member, entries: bytes, hinted: bool, issued_hlc: int = 0
-    ) -> MergeResult: ...
+        self,
+        member: Member,
+        entries: bytes,
+        hinted: bool,
+        issued_hlc: int = 0,
+        terms: bytes = b"",
+    ) -> MergeResult:
+        """Apply copies at ``member``; ``terms`` (big-endian uint64 per entry) makes it a
+        coordinated write, fenced by the member's promises."""
+        ...
+
+    async def promise(
+        self, member: Member, partitions: npt.NDArray[np.intp], term: int
+    ) -> npt.NDArray[np.uint64]:
+        """Ask ``member`` to promise ``term`` for ``partitions``; returns its promised
+        term per partition after the call (== ``term`` where granted)."""
+        ...
 
     async def read_copies(self, member: Member, keys: bytes) -> bytes: ...
 
@@ -104,6 +135,7 @@ class ReplicationConfig:
     failure_timeout_ms: int
     hint_limit: int
     batch_entries: int = 5_000
+    max_clock_offset_ms: int = 0
 
 
 @dataclass
@@ -148,10 +180,44 @@ class Stats:
     bytes_pulled: int = 0
     bytes_pushed: int = 0
     stale_writes: int = 0
+    fenced_writes: int = 0  # our writes a replica refused: another coordinator took over
+    takeovers: int = 0  # partitions this node took over (promise quorum reached)
+    takeover_failures: int = 0  # partitions whose promise quorum was not reached
 
 
 def _monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+@dataclass
+class _Tally:
+    """Answers per key, per table in force (rows), against the quorum each table needs.
+    The last row counts every replica that holds the key, in any table."""
+
+    counts: npt.NDArray[np.int32]  # (tables + 1, keys)
+    needs: npt.NDArray[np.int32]  # (tables + 1, 1)
+
+    def add(
+        self,
+        idx: npt.NDArray[np.intp],
+        rows: npt.NDArray[np.bool_],
+        answer: npt.NDArray[np.bool_] | bool,
+    ) -> None:
+        """One replica answered for keys ``idx`` (where it counts: ``rows``)."""
+        self.counts[:, idx] += rows & answer
+
+    def ok(self) -> npt.NDArray[np.bool_]:
+        """Per key: a quorum in every table."""
+        return np.asarray((self.counts >= self.needs).all(axis=0), dtype=bool)
+
+    def met(self) -> bool:
+        return bool(self.ok().all())
+
+    @property
+    def holders(self) -> npt.NDArray[np.int32]:
+        """Per key: replicas known to hold it (this node included)."""
+        held: npt.NDArray[np.int32] = self.counts[-1]
+        return held
 
 
 class Replicator:
@@ -166,6 +232,7 @@ class Replicator:
         config: ReplicationConfig,
         ready: npt.NDArray[np.bool_],
         monotonic_ms: Callable[[], int] = _monotonic_ms,
+        term_floor: int = 0,
     ) -> None:
         self.transport = transport
         self.local = local
@@ -178,12 +245,27 @@ class Replicator:
         self.hints = Hints(config.hint_limit)
         self.stats = Stats()
         self.on_peer_up: Callable[[Member], None] | None = None
-        self._background: set[asyncio.Future[bool]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        # Per partition: the highest term this replica promised (or accepted a write
+        # under); and the term under which this node coordinates it (0 = none: take it
+        # over first). The floor (set at start from the clock) fences every term handed
+        # out before this process started: a restart forgets its promises.
+        self.promised = np.full(pmap.num_partitions, term_floor, dtype=np.uint64)
+        self.held = np.zeros(pmap.num_partitions, dtype=np.uint64)
+        self.prev: PartitionMap | None = None
+        self.joint_until_ms = 0
+        self.joint_ms = config.failure_timeout_ms + config.max_clock_offset_ms
+        self.pmap = pmap
         self.set_table(pmap, self_index)
 
     def set_table(self, pmap: PartitionMap, self_index: int) -> None:
         """Adopt a new epoch's table (membership changed). Peers that left are
-        forgotten with their hints; new ones start as up."""
+        forgotten with their hints; new ones start as up. Until the change settles (every
+        peer that is up uses the new table, and a late write from before it would be
+        refused as stale anyway), quorums are joint with the previous table."""
+        if self.pmap.epoch != pmap.epoch:
+            self.prev = self.pmap
+            self.joint_until_ms = self._now() + self.joint_ms
         self.pmap = pmap
         self.self_index = self_index
         rf = pmap.replication_factor
@@ -191,7 +273,10 @@ class Replicator:
         self.write_quorum = min(self.config.write_quorum or rf // 2 + 1, rf)
         self.read_quorum = read_quorum(rf, self.write_quorum)
         now = self._now()
-        ids = {m.node_id for i, m in enumerate(pmap.members) if i != self_index}
+        ids = {m.node_id for m in pmap.members}
+        if self.prev is not None:
+            ids |= {m.node_id for m in self.prev.members}
+        ids.discard(pmap.members[self_index].node_id)
         self.health = {n: self.health.get(n) or PeerHealth(last_ok_ms=now) for n in ids}
         for gone in set(self.hints.queued) - ids:
             self.hints.dropped += self.hints.count(gone)
@@ -293,31 +378,82 @@ class Replicator:
             out[int(member)] = np.flatnonzero((reps == member).any(axis=1))
         return out
 
+    def _tables(self) -> list[tuple[PartitionMap, int]]:
+        """The tables (with this node's index in each, -1 if absent) whose quorums a
+        write or a take-over must reach: ours, and while a membership change settles
+        the previous one too (see set_table)."""
+        tables = [(self.pmap, self.self_index)]
+        if self.prev is not None:
+            if self._now() < self.joint_until_ms or not self.epochs_agree():
+                ids = [m.node_id for m in self.prev.members]
+                me = self.pmap.members[self.self_index].node_id
+                tables.append((self.prev, ids.index(me) if me in ids else -1))
+            else:
+                self.prev = None
+        return tables
+
+    def _quorum_plan(
+        self, parts: npt.NDArray[np.uint16], need: Callable[[int, int], int]
+    ) -> tuple[list[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]], _Tally]:
+        """Per other replica of ``parts`` in any of the tables in force: the positions it
+        replicates and, per table, whether it counts there. Plus the tally to fill, where
+        this node already counts wherever it is a replica, and each table needs
+        ``need(rf, W)`` answers (a last row counts every holder, needing none)."""
+        tables = self._tables()
+        n = len(parts)
+        counts = np.zeros((len(tables) + 1, n), dtype=np.int32)
+        needs = np.zeros((len(tables) + 1, 1), dtype=np.int32)
+        rows: dict[str, tuple[Member, npt.NDArray[np.bool_]]] = {}
+        for t, (table, me) in enumerate(tables):
+            rf = table.replication_factor
+            needs[t] = need(rf, min(self.config.write_quorum or rf // 2 + 1, rf))
+            reps = table.replicas[parts]  # (n, rf)
+            if me >= 0:
+                counts[t] = (reps == me).any(axis=1)
+            for m in np.unique(reps):
+                if m == me:
+                    continue
+                member = table.members[int(m)]
+                row = rows.setdefault(
+                    member.node_id, (member, np.zeros((len(tables) + 1, n), dtype=bool))
+                )[1]
+                row[t] |= (reps == m).any(axis=1)
+        counts[-1] = 1
+        plan = []
+        for member, row in rows.values():
+            row[-1] = row[:-1].any(axis=0)
+            idx = np.flatnonzero(row[-1])
+            plan.append((member, idx, row[:, idx]))
+        return plan, _Tally(counts, needs)
+
     async def _until_quorum(
         self,
-        calls: Sequence[tuple[npt.NDArray[np.intp], Awaitable[bool]]],
-        n: int,
-        need: int,
-        mine: int | npt.NDArray[np.int32] = 1,
-    ) -> npt.NDArray[np.int32]:
-        """Run per-peer calls concurrently until every key has ``need`` answers (this
-        node counts as ``mine``) or every call is done; returns the answers per key.
-        Calls still running then finish in the background (a slow replica does not hold
-        up a quorum that is already there); they are owned and cancelled on close()."""
-        counts = np.zeros(n, dtype=np.int32) + mine
-        tasks: dict[asyncio.Future[bool], npt.NDArray[np.intp]] = {
-            asyncio.ensure_future(aw): idx for idx, aw in calls
+        calls: Sequence[
+            tuple[
+                npt.NDArray[np.intp],
+                npt.NDArray[np.bool_],
+                Awaitable[npt.NDArray[np.bool_] | bool],
+            ]
+        ],
+        tally: _Tally,
+    ) -> _Tally:
+        """Run per-peer calls concurrently until every key has its quorum in every table
+        or every call is done. A call answers for its keys (``rows``: where it counts,
+        per table) as a whole or per key. Calls still running then finish in the
+        background (a slow replica does not hold up a quorum that is already there);
+        they are owned and cancelled on close()."""
+        tasks: dict[asyncio.Future[Any], tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]] = {
+            asyncio.ensure_future(aw): (idx, rows) for idx, rows, aw in calls
         }
-        pending: set[asyncio.Future[bool]] = set(tasks)
-        while pending and not bool((counts >= need).all()):
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        while pending and not tally.met():
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t.result():
-                    counts[tasks[t]] += 1
+                tally.add(*tasks[t], t.result())
         for t in pending:
             self._background.add(t)
             t.add_done_callback(self._background.discard)
-        return counts
+        return tally
 
     async def close(self) -> None:
         for t in list(self._background):
@@ -325,46 +461,62 @@ class Replicator:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def write(
-        self, entries: EntryArray, parts: npt.NDArray[np.uint16], op: str, issued_hlc: int = 0
+        self,
+        entries: EntryArray,
+        parts: npt.NDArray[np.uint16],
+        op: str,
+        issued_hlc: int,
+        terms: npt.NDArray[np.uint64],
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int32]]:
-        """Ship copies the coordinator already applied locally to the other replicas.
+        """Ship copies the coordinator already applied locally, under ``terms`` (its
+        term per entry's partition), to the other replicas.
 
-        Returns per entry whether W replicas (this one included) now hold it, and how
-        many replicas are known to hold it. A copy held by this node alone (no replica
-        took it) is *not* kept as a hint: the caller undoes it, so a write that was
-        answered as failed cannot later win over one that was acknowledged. Every other
-        copy a replica missed is kept as a hint for it."""
-        need = self.write_quorum
+        Returns per entry whether W replicas (this one included; in each table in
+        force) now hold it, and how many replicas are known to hold it. A copy held by
+        this node alone (no replica took it) is *not* kept as a hint: the caller undoes
+        it, so a write that was answered as failed cannot later win over one that was
+        acknowledged. Every other copy a replica missed is kept as a hint for it. A
+        replica that refuses the write as fenced (it promised a higher term) ends this
+        node's term for those partitions: the next write takes them over again."""
         missed: list[tuple[Member, npt.NDArray[np.intp]]] = []
         settled = [False]
+        wire_terms = terms.astype(">u8")
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
-            ok = stale = False
+            res: MergeResult | None = None
             if self.is_up(member):
                 started = self._now()
                 try:
                     res = await self.transport.replicate(
-                        member, entries[idx].tobytes(), hinted=False, issued_hlc=issued_hlc
+                        member,
+                        entries[idx].tobytes(),
+                        hinted=False,
+                        issued_hlc=issued_hlc,
+                        terms=wire_terms[idx].tobytes(),
                     )
-                    ok, stale = not res.stale, res.stale
                 except PeerUnreachable as e:
                     self.mark_failed(member, e, started)
-            if ok or stale:
+            if res is not None:
                 self.mark_ok(member)
-            if stale:
-                self.stats.stale_writes += 1
-                return False  # refused for its age: neither an ack nor a hint
-            elif settled[0]:
+                if res.fenced:
+                    self._fenced(res.fenced, res.fenced_by)
+                if res.stale:
+                    self.stats.stale_writes += 1
+                # A refused write is neither an acknowledgement nor a hint.
+                return not (res.stale or res.fenced)
+            if settled[0]:
                 # A straggler: every key already had its quorum when we answered.
                 self.hints.add(member.node_id, entries[idx])
             else:
                 missed.append((member, idx))
-            return ok
+            return False
 
-        calls = [(idx, one(self.pmap.members[m], idx)) for m, idx in self._others(parts).items()]
-        held = await self._until_quorum(calls, len(entries), need)
+        plan, tally = self._quorum_plan(parts, lambda rf, w: w)
+        calls = [(idx, rows, one(member, idx)) for member, idx, rows in plan]
+        await self._until_quorum(calls, tally)
         settled[0] = True
-        ok = held >= need
+        ok = tally.ok()
+        held = tally.holders
         keep = ok | (held > 1)
         for member, idx in missed:
             kept = idx[keep[idx]]
@@ -375,14 +527,91 @@ class Replicator:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
         return ok, held
 
+    # ------------------------------------------------------------------ terms
+
+    def _fenced(self, raw_parts: bytes, term: int) -> None:
+        """A replica refused our write: it promised ``term`` for these partitions."""
+        parts = np.frombuffer(raw_parts, dtype=">u2").astype(np.intp)
+        parts = parts[parts < len(self.held)]
+        self.stats.fenced_writes += 1
+        self.held[parts] = 0
+        self.promised[parts] = np.maximum(self.promised[parts], np.uint64(term))
+        log.info("fenced out of %d partitions by term %d", parts.size, term)
+
+    def next_term(self, parts: npt.NDArray[np.intp], now_hlc: int) -> int:
+        """A term above every term this node has seen for ``parts``."""
+        top = int(self.promised[parts].max()) if parts.size else 0
+        return max(now_hlc, top + 1)
+
+    async def acquire(self, parts: npt.NDArray[np.intp], term: int) -> npt.NDArray[np.bool_]:
+        """Take over ``parts`` under ``term`` (above any term promised here): have
+        RF - W + 1 replicas of each (this one included, in each table in force) promise
+        it, pulling each one's copies after its promise. Returns per partition whether
+        this node now coordinates it under ``term``."""
+        self.promised[parts] = np.maximum(self.promised[parts], np.uint64(term))
+
+        async def one(member: Member, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+            mine = parts[idx]
+            no = np.zeros(len(idx), dtype=bool)
+            if not self.is_up(member):
+                return no
+            started = self._now()
+            try:
+                theirs = await self.transport.promise(member, mine, term)
+                granted: npt.NDArray[np.bool_] = theirs == np.uint64(term)
+                # Learn a higher promise: the next take-over picks a term above it.
+                self.promised[mine] = np.maximum(self.promised[mine], theirs)
+                if granted.any():
+                    await self.sync_with(member, push=False, partitions=mine[granted])
+            except PeerUnreachable as e:
+                self.mark_failed(member, e, started)
+                return no
+            self.mark_ok(member)
+            return granted
+
+        plan, tally = self._quorum_plan(parts.astype(np.uint16), lambda rf, w: rf - w + 1)
+        calls = [(idx, rows, one(member, idx)) for member, idx, rows in plan]
+        await self._until_quorum(calls, tally)
+        # Granted, and not promised to a higher term meanwhile.
+        ok: npt.NDArray[np.bool_] = tally.ok() & (self.promised[parts] == np.uint64(term))
+        self.held[parts[ok]] = term
+        self.stats.takeovers += int(np.count_nonzero(ok))
+        self.stats.takeover_failures += int(np.count_nonzero(~ok))
+        return ok
+
+    def promise_in(self, parts: npt.NDArray[np.intp], term: int) -> npt.NDArray[np.uint64]:
+        """Another node takes ``parts`` over under ``term``: promise it where it is above
+        every earlier promise (ending this node's own term there). Returns the promised
+        term per partition after the call."""
+        t = np.uint64(term)
+        grant = self.promised[parts] < t
+        self.promised[parts[grant]] = t
+        self.held[parts[grant]] = 0
+        return self.promised[parts].copy()
+
+    def fence(
+        self, parts: npt.NDArray[np.intp], terms: npt.NDArray[np.uint64]
+    ) -> tuple[bytes, int]:
+        """Check a coordinated write (its terms per entry): the partitions where it is
+        below our promise, and the highest such promise. If it passes, its terms count as
+        promises (a coordinator needs only a quorum of explicit promises)."""
+        below = terms < self.promised[parts]
+        if below.any():
+            fenced = np.unique(parts[below])
+            return fenced.astype(">u2").tobytes(), int(self.promised[fenced].max())
+        np.maximum.at(self.promised, parts, terms)
+        above = self.held[parts] < terms
+        self.held[parts[above & (self.held[parts] > 0)]] = 0
+        return b"", 0
+
     # ------------------------------------------------------------------ reads
 
     async def read_repair(
         self, keys: bytes, parts: npt.NDArray[np.uint16]
     ) -> npt.NDArray[np.bool_]:
         """Fetch the copies other replicas hold of ``keys`` and merge them into the local
-        store. True per key where a read quorum (this replica + R-1 others) answered."""
-        need = self.read_quorum
+        store. True per key where a read quorum (this replica + R-1 others, in each
+        table in force) answered."""
         rows = np.frombuffer(keys, dtype=np.uint8).reshape(-1, 40)
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
@@ -405,12 +634,11 @@ class Replicator:
                 self.local.merge_entries(entries)
             return True
 
-        calls = []
-        if need > 1:
-            calls = [
-                (idx, one(self.pmap.members[m], idx)) for m, idx in self._others(parts).items()
-            ]
-        ok = await self._until_quorum(calls, len(parts), need) >= need
+        plan, tally = self._quorum_plan(parts, read_quorum)
+        if not tally.met():
+            calls = [(idx, rows_, one(member, idx)) for member, idx, rows_ in plan]
+            await self._until_quorum(calls, tally)
+        ok = tally.ok()
         self.stats.read_quorum_failures += int(np.count_nonzero(~ok))
         return ok
 

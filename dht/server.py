@@ -203,10 +203,26 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
         async def work() -> pb.ReplicateResponse:
-            res = self.node.internal_replicate(request.entries, request.issued_hlc)
-            return pb.ReplicateResponse(applied=res.applied, refused=res.refused, stale=res.stale)
+            res = self.node.internal_replicate(request.entries, request.issued_hlc, request.terms)
+            return pb.ReplicateResponse(
+                applied=res.applied,
+                refused=res.refused,
+                stale=res.stale,
+                fenced=res.fenced,
+                fenced_by=res.fenced_by,
+            )
 
         result: pb.ReplicateResponse = await self._guard(context, work)
+        return result
+
+    async def Promise(self, request: pb.PromiseRequest, context: Ctx) -> pb.PromiseResponse:
+        async def work() -> pb.PromiseResponse:
+            self.node.replicator.heard_from(request.from_node)
+            return pb.PromiseResponse(
+                promised=self.node.internal_promise(request.partitions, request.term)
+            )
+
+        result: pb.PromiseResponse = await self._guard(context, work)
         return result
 
     async def ReadCopies(self, request: pb.CopiesRequest, context: Ctx) -> pb.CopiesResponse:
@@ -314,7 +330,12 @@ class Peers:
         return resp.ok
 
     async def replicate(
-        self, member: Member, entries: bytes, hinted: bool, issued_hlc: int = 0
+        self,
+        member: Member,
+        entries: bytes,
+        hinted: bool,
+        issued_hlc: int = 0,
+        terms: bytes = b"",
     ) -> MergeResult:
         req = pb.EntryBatch(
             format_version=FORMAT_VERSION,
@@ -322,12 +343,30 @@ class Peers:
             from_node=self._node_id,
             hinted=hinted,
             issued_hlc=issued_hlc,
+            terms=terms,
         )
         try:
             resp = await self._stubs(member)[1].Replicate(req, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
-        return MergeResult(resp.applied, resp.refused, resp.stale)
+        return MergeResult(resp.applied, resp.refused, resp.stale, resp.fenced, resp.fenced_by)
+
+    async def promise(
+        self, member: Member, partitions: npt.NDArray[np.intp], term: int
+    ) -> npt.NDArray[np.uint64]:
+        req = pb.PromiseRequest(
+            from_node=self._node_id,
+            partitions=partitions.astype(">u2").tobytes(),
+            term=term,
+        )
+        try:
+            resp = await self._stubs(member)[1].Promise(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        promised = np.frombuffer(resp.promised, dtype=">u8").astype(np.uint64)
+        if len(promised) != len(partitions):
+            raise PeerUnreachable(member.node_id, f"answered {len(promised)} promises")
+        return promised
 
     async def read_copies(self, member: Member, keys: bytes) -> bytes:
         req = pb.CopiesRequest(format_version=FORMAT_VERSION, keys=keys)

@@ -3,6 +3,9 @@ hand-off, refill, anti-entropy (DESIGN section 4; issue 3)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import aiohttp
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from dht.config import build_config
 from dht.errors import ConfigError
 from dht.record import Status
 from dht.server import NodeServer
-from dht.wire import ENTRY_DTYPE, RESULT_DTYPE, key_hashes
+from dht.wire import ENTRY_DTYPE, KEY_DTYPE, RESULT_DTYPE, FlowKey, key_hashes
 
 from .conftest import MakePop, pop_configs, wait_for
 
@@ -205,3 +208,126 @@ async def test_a_write_older_than_anyone_can_be_told_is_refused(make_pop: MakePo
     assert len(node.store) == 0
     # Hints and anti-entropy carry old copies legitimately: no write stamp, applied.
     assert node.internal_replicate(entry.tobytes()).applied == 1
+
+
+def _stub(srv: NodeServer) -> tuple[Any, Any]:
+    import grpc
+
+    from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+
+    ch = grpc.aio.insecure_channel(srv.grpc_address)
+    return ch, pb_grpc.FlowTableStub(ch)
+
+
+async def test_a_coordinator_stalled_mid_write_is_fenced_by_a_take_over(
+    make_pop: MakePop,
+) -> None:
+    """The race of a coordinator paused mid-write (issue 3): its claim A is applied
+    locally and in flight when another replica takes the partition over and gets a
+    conflicting claim B acknowledged. A must not be acknowledged too (its earlier birth
+    would later beat B everywhere): the take-over's promises fence A's term."""
+    from dht._proto.dht.v1 import dht_pb2 as pb
+    from dht.wire import decode_results
+
+    nodes = await make_pop(3)
+    raw = synthetic_keys(1, seed=40, start=30_000_000)
+    part = int(nodes[0].node.table.partitions_of(key_hashes(raw))[0])
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    order = [ids[int(i)] for i in nodes[0].node.table.replicas[part]]
+    by_id = {n.config.node_id: n for n in nodes}
+    x, y = by_id[order[0]], by_id[order[1]]  # the primary, and the next replica
+
+    # X's coordinated writes stall after X applied them locally, as a paused process's.
+    gate, stalled = asyncio.Event(), asyncio.Event()
+    transport = x.node.replicator.transport
+    real = transport.replicate
+
+    async def stalling(
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+    ) -> Any:
+        if terms:
+            stalled.set()
+            await gate.wait()
+        return await real(member, entries, hinted, issued_hlc, terms)
+
+    transport.replicate = stalling  # type: ignore[method-assign]
+    ch_x, stub_x = _stub(x)
+    ch_y, stub_y = _stub(y)
+    try:
+        claim_a = asyncio.ensure_future(
+            stub_x.Claim(pb.FlowBatchRequest(format_version=1, keys=raw, pop=1))
+        )
+        await stalled.wait()
+        # Y coordinates the same key itself (no forward to the primary): it takes the
+        # partition over, sees no copy of A (in flight, maybe undone), claims B.
+        resp_b = await stub_y.Claim(
+            pb.FlowBatchRequest(format_version=1, keys=raw, pop=2, no_forward=True)
+        )
+        b = decode_results(resp_b.results)[0]
+        assert b.status == Status.CREATED and b.owner_pop == 2
+        gate.set()
+        a = decode_results((await claim_a).results)[0]
+        # A was refused as fenced by both other replicas, answered failed and undone.
+        assert a.status == Status.UNAVAILABLE, a
+        assert x.node.replicator.stats.fenced_writes >= 1
+        assert x.node.rollbacks == 1
+    finally:
+        gate.set()
+        transport.replicate = real  # type: ignore[method-assign]
+        await ch_x.close()
+        await ch_y.close()
+
+    # Every replica converges on B; a lookup anywhere answers B's owner.
+    def copies() -> set[int]:
+        return {
+            int(
+                n.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))[
+                    "birth_hlc"
+                ][0]
+            )
+            for n in nodes
+        }
+
+    await wait_for(lambda: copies() == {b.birth_hlc}, what="every replica holds B")
+    async with Client([x.grpc_address]) as c:
+        seen = await c.lookup([FlowKey.from_bytes(raw)])
+    assert seen[0].owner_pop == 2 and seen[0].birth_hlc == b.birth_hlc
+
+
+async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: MakePop) -> None:
+    from dht.errors import InvalidArgument
+    from dht.record import hlc_pack
+
+    nodes = await make_pop(3)
+    node = nodes[1].node
+    raw = synthetic_keys(1, seed=41, start=31_000_000)
+    part = int(node.table.partitions_of(key_hashes(raw))[0])
+    parts = np.array([part], dtype=">u2").tobytes()
+    # A restart forgets its promises, so every term from before the start is fenced.
+    floor = int(node.replicator.promised[part])
+    assert floor >= hlc_pack(node.clock.wall_ms() - 60_000, 0)
+    term = node.clock.now() + 1000
+    granted = np.frombuffer(node.internal_promise(parts, term), dtype=">u8")
+    assert granted.tolist() == [term]
+    # A lower term is not promised; the answer says what was.
+    lower = np.frombuffer(node.internal_promise(parts, term - 1), dtype=">u8")
+    assert lower.tolist() == [term]
+
+    entry = np.zeros(1, dtype=ENTRY_DTYPE)
+    entry["key"] = np.frombuffer(raw, dtype=ENTRY_DTYPE["key"])
+    now = node.clock.wall_ms()
+    entry["rec"]["status"], entry["rec"]["state"], entry["rec"]["generation"] = 1, 1, 1
+    entry["rec"]["owner_pop"] = entry["rec"]["birth_pop"] = 1
+    entry["rec"]["birth_hlc"], entry["rec"]["expiry_ms"] = node.clock.now(), now + 600_000
+    res = node.internal_replicate(entry.tobytes(), 0, np.array([term - 1], ">u8").tobytes())
+    assert np.frombuffer(res.fenced, dtype=">u2").tolist() == [part]
+    assert res.fenced_by == term and len(node.store) == 0
+    res = node.internal_replicate(entry.tobytes(), 0, np.array([term], ">u8").tobytes())
+    assert not res.fenced and res.applied == 1
+
+    with pytest.raises(InvalidArgument, match="terms"):
+        node.internal_replicate(entry.tobytes(), 0, b"\x00" * 7)
+    with pytest.raises(InvalidArgument, match="term"):
+        node.internal_promise(parts, 0)
+    with pytest.raises(InvalidArgument, match="partitions"):
+        node.internal_promise(b"\xff\xff", term)

@@ -614,6 +614,7 @@ class EntryBatch(_message.Message):
     FROM_NODE_FIELD_NUMBER: _builtins.int
     HINTED_FIELD_NUMBER: _builtins.int
     ISSUED_HLC_FIELD_NUMBER: _builtins.int
+    TERMS_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     entries: _builtins.bytes
     """N entry records of 72 bytes each."""
@@ -626,6 +627,12 @@ class EntryBatch(_message.Message):
     offset: by then others may have routed around the coordinator and acknowledged a
     conflicting claim, which a late write (its coordinator paused mid-write) would beat.
     """
+    terms: _builtins.bytes
+    """A coordinator's write: per entry, big-endian uint64, the coordinator's term for the
+    entry's partition (see PromiseRequest). Empty for copies that are not a coordinated
+    write (hints, anti-entropy). A replica that promised a higher term for any entry's
+    partition refuses the whole batch as fenced.
+    """
     def __init__(
         self,
         *,
@@ -634,10 +641,11 @@ class EntryBatch(_message.Message):
         from_node: _builtins.str = ...,
         hinted: _builtins.bool = ...,
         issued_hlc: _builtins.int = ...,
+        terms: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "format_version", b"format_version", "from_node", b"from_node", "hinted", b"hinted", "issued_hlc", b"issued_hlc"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "format_version", b"format_version", "from_node", b"from_node", "hinted", b"hinted", "issued_hlc", b"issued_hlc", "terms", b"terms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -650,25 +658,88 @@ class ReplicateResponse(_message.Message):
     APPLIED_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
+    FENCED_FIELD_NUMBER: _builtins.int
+    FENCED_BY_FIELD_NUMBER: _builtins.int
     applied: _builtins.int
     """Copies that changed the receiver's store, and copies refused at its hard ceiling."""
     refused: _builtins.int
     stale: _builtins.bool
     """The whole batch was refused as a stale write (see EntryBatch.issued_hlc)."""
+    fenced: _builtins.bytes
+    """The whole batch was refused as fenced: big-endian uint16 partitions for which this
+    replica promised a higher term than the write carried, and the highest such term.
+    """
+    fenced_by: _builtins.int
     def __init__(
         self,
         *,
         applied: _builtins.int = ...,
         refused: _builtins.int = ...,
         stale: _builtins.bool = ...,
+        fenced: _builtins.bytes = ...,
+        fenced_by: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "refused", b"refused", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "fenced", b"fenced", "fenced_by", b"fenced_by", "refused", b"refused", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplicateResponse: _TypeAlias = ReplicateResponse  # noqa: Y015
+
+@_typing.final
+class PromiseRequest(_message.Message):
+    """Phase one of taking over as a partition's coordinator: the receiver promises to refuse
+    coordinated writes (and promises) with a lower term for these partitions from now on.
+    The coordinator then pulls the receiver's copies, so it has seen every write that an
+    earlier coordinator had acknowledged before it may decide a claim.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    from_node: _builtins.str
+    partitions: _builtins.bytes
+    """Big-endian uint16 partition ids."""
+    term: _builtins.int
+    def __init__(
+        self,
+        *,
+        from_node: _builtins.str = ...,
+        partitions: _builtins.bytes = ...,
+        term: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node", b"from_node", "partitions", b"partitions", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromiseRequest: _TypeAlias = PromiseRequest  # noqa: Y015
+
+@_typing.final
+class PromiseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMISED_FIELD_NUMBER: _builtins.int
+    promised: _builtins.bytes
+    """Per requested partition, big-endian uint64: the receiver's promised term after the
+    call; equal to the request's term where the promise was given.
+    """
+    def __init__(
+        self,
+        *,
+        promised: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promised", b"promised"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromiseResponse: _TypeAlias = PromiseResponse  # noqa: Y015
 
 @_typing.final
 class CopiesRequest(_message.Message):

@@ -429,6 +429,11 @@ class NodeInternalStub:
                 request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.SerializeToString,
                 response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ReplicateResponse.FromString,
                 _registered_method=True)
+        self.Promise = channel.unary_unary(
+                '/dht.v1.NodeInternal/Promise',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseResponse.FromString,
+                _registered_method=True)
         self.ReadCopies = channel.unary_unary(
                 '/dht.v1.NodeInternal/ReadCopies',
                 request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesRequest.SerializeToString,
@@ -463,6 +468,13 @@ class NodeInternalServicer:
 
     def Replicate(self, request, context):
         """Apply copies through the merge function; the acknowledgement of a quorum write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promise(self, request, context):
+        """Fence lower terms of partitions before coordinating them (see PromiseRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -505,6 +517,11 @@ def add_NodeInternalServicer_to_server(servicer, server):
                     servicer.Replicate,
                     request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.FromString,
                     response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'Promise': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promise,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseResponse.SerializeToString,
             ),
             'ReadCopies': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadCopies,
@@ -603,6 +620,33 @@ class NodeInternal:
             '/dht.v1.NodeInternal/Replicate',
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.EntryBatch.SerializeToString,
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promise(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.NodeInternal/Promise',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -193,6 +193,8 @@ class NodeInternalStub:
     PingReq: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PingReqRequest, _dht_pb2.PingReqResponse]
     Replicate: _grpc.UnaryUnaryMultiCallable[_dht_pb2.EntryBatch, _dht_pb2.ReplicateResponse]
     """Apply copies through the merge function; the acknowledgement of a quorum write."""
+    Promise: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PromiseRequest, _dht_pb2.PromiseResponse]
+    """Fence lower terms of partitions before coordinating them (see PromiseRequest)."""
     ReadCopies: _grpc.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]
     """Raw copies for a quorum read."""
     PartitionDigests: _grpc.UnaryUnaryMultiCallable[_dht_pb2.DigestRequest, _dht_pb2.DigestResponse]
@@ -206,6 +208,8 @@ class NodeInternalAsyncStub(NodeInternalStub):
     PingReq: _aio.UnaryUnaryMultiCallable[_dht_pb2.PingReqRequest, _dht_pb2.PingReqResponse]  # type: ignore[assignment]
     Replicate: _aio.UnaryUnaryMultiCallable[_dht_pb2.EntryBatch, _dht_pb2.ReplicateResponse]  # type: ignore[assignment]
     """Apply copies through the merge function; the acknowledgement of a quorum write."""
+    Promise: _aio.UnaryUnaryMultiCallable[_dht_pb2.PromiseRequest, _dht_pb2.PromiseResponse]  # type: ignore[assignment]
+    """Fence lower terms of partitions before coordinating them (see PromiseRequest)."""
     ReadCopies: _aio.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]  # type: ignore[assignment]
     """Raw copies for a quorum read."""
     PartitionDigests: _aio.UnaryUnaryMultiCallable[_dht_pb2.DigestRequest, _dht_pb2.DigestResponse]  # type: ignore[assignment]
@@ -234,6 +238,14 @@ class NodeInternalServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dht_pb2.ReplicateResponse, _abc.Awaitable[_dht_pb2.ReplicateResponse]]:
         """Apply copies through the merge function; the acknowledgement of a quorum write."""
+
+    @_abc_1.abstractmethod
+    def Promise(
+        self,
+        request: _dht_pb2.PromiseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.PromiseResponse, _abc.Awaitable[_dht_pb2.PromiseResponse]]:
+        """Fence lower terms of partitions before coordinating them (see PromiseRequest)."""
 
     @_abc_1.abstractmethod
     def ReadCopies(
