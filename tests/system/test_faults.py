@@ -440,15 +440,6 @@ class PopLedger:
             self.confirms[key] = int(r["status"])
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known bug, issue 3 left open: in about 1 of 3 clean-clone runs a claim coordinated "
-        "around the pause instant is acknowledged to both PoPs (both CREATED); the earlier "
-        "birth wins and the other PoP's acknowledged claim and confirm are lost. A "
-        "coordinator paused mid-write is not fenced; see the closing note."
-    ),
-    strict=False,
-)
 async def test_sigstop_beyond_failure_timeout_then_sigcont(
     make_cluster: MakeCluster, http: aiohttp.ClientSession
 ) -> None:
@@ -697,15 +688,6 @@ async def test_restarted_node_refills_before_it_says_ready(
 # --------------------------------------------------------------------------- 4. maybe-writes
 
 
-@pytest.mark.xfail(
-    reason=(
-        "flaky since dynamic membership (1 failure in ~10 runs, seen in a clean CI run): "
-        "after y and z resume from a joint pause, z may keep a 3-member table while y "
-        "declared x dead, so their epochs differ and z's resync never completes (z stays "
-        "not ready); the race is not found yet. When it passes, its assertions hold."
-    ),
-    strict=False,
-)
 async def test_unacknowledged_claim_never_overrides_an_acknowledged_one(
     make_cluster: MakeCluster, http: aiohttp.ClientSession
 ) -> None:

@@ -637,16 +637,6 @@ async def test_sigkill_one_of_four_is_detected_and_rereplicated(
 # --------------------------------------------------------------------------- 4. re-admission
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known bug, issue 4 left open: while the PoP moves between two tables (the "
-        "re-admitted node's and the others'), two coordinators can both create a record "
-        "for one flow; an acknowledged confirm by one can then lose to the other's "
-        "earlier embryonic claim of the same PoP (quorums of different tables need not "
-        "intersect). Ownership is never doubled and no acked claim is lost in the runs."
-    ),
-    strict=False,
-)
 async def test_node_declared_dead_comes_back_without_double_ownership(
     make_cluster: MakeCluster, http: aiohttp.ClientSession
 ) -> None:
