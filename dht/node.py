@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum, IntEnum
 
 import numpy as np
@@ -457,7 +457,7 @@ class Node:
                     res["status"][written[~acked]] = Status.UNAVAILABLE
                     undo = written[~acked & (held <= 1)]
                     if undo.size:
-                        self._restore(b, idx[undo], before[undo])
+                        self._restore(b, idx[undo], before[undo], res[undo])
             out[idx] = res
         finally:
             if lock is not None:
@@ -509,8 +509,24 @@ class Node:
         assert b.flows is not None
         return self.store.copies(b.flows[idx], b.hashes[idx])
 
-    def _restore(self, b: _Batch, idx: npt.NDArray[np.intp], before: ResultArray) -> None:
-        """Undo a write no other replica took (see Replicator.write)."""
+    def _restore(
+        self, b: _Batch, idx: npt.NDArray[np.intp], before: ResultArray, wrote: ResultArray
+    ) -> None:
+        """Undo a write no other replica took (see Replicator.write): where the copy is
+        still the one written (a copy merged in meanwhile, say another coordinator's
+        acknowledged claim, is kept)."""
+        now = self._copies(b, idx)
+        still = (
+            (now["generation"] == wrote["generation"])
+            & (now["birth_hlc"] == wrote["birth_hlc"])
+            & (now["birth_pop"] == wrote["birth_pop"])
+            & (now["state"] == wrote["state"])
+            & (now["owner_pop"] == wrote["owner_pop"])
+            & (now["expiry_ms"] == wrote["expiry_ms"])
+        )
+        idx, before = idx[still], before[still]
+        if not idx.size:
+            return
         self.rollbacks += len(idx)
         if b.prefixes is not None:
             self.affinity.restore(b.prefixes[idx], before)
@@ -663,7 +679,30 @@ class Node:
             )
             if fenced:
                 return MergeResult(fenced=fenced, fenced_by=by)
+            merged = self.merge_entries(entries)
+            lost = self._superseded(entries)
+            if lost.size:
+                return replace(merged, superseded=lost.astype(">u4").tobytes())
+            return merged
         return self.merge_entries(entries)
+
+    def _superseded(self, entries: EntryArray) -> npt.NDArray[np.intp]:
+        """Positions of flow ``entries`` whose claim is not the one now held here: a
+        different generation or birth won the merge (this replica holds another claim)."""
+        flows = np.flatnonzero(entries["key"]["kind"] == KIND_FLOW)
+        if not flows.size:
+            return flows
+        keys = entries["key"][flows]
+        held = self.store.copies(keys, key_hashes(keys.tobytes()))
+        rec = entries["rec"][flows]
+        same = (
+            (held["status"] == Status.OK)
+            & (held["generation"] == rec["generation"])
+            & (held["birth_hlc"] == rec["birth_hlc"])
+            & (held["birth_pop"] == rec["birth_pop"])
+        )
+        lost: npt.NDArray[np.intp] = flows[~same]
+        return lost
 
     def internal_promise(self, raw_parts: bytes, term: int) -> bytes:
         """Promise ``term`` for partitions (another node takes them over)."""

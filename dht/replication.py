@@ -70,6 +70,9 @@ class MergeResult:
     # (big-endian uint16) - the highest such term is ``fenced_by``.
     fenced: bytes = b""
     fenced_by: int = 0
+    # Positions (big-endian uint32) of a coordinated write's entries that lost to a
+    # different claim held by the replica: not held there, so not acknowledgements.
+    superseded: bytes = b""
 
 
 class PeerTransport(Protocol):
@@ -482,7 +485,7 @@ class Replicator:
         settled = [False]
         wire_terms = terms.astype(">u8")
 
-        async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
+        async def one(member: Member, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | bool:
             res: MergeResult | None = None
             if self.is_up(member):
                 started = self._now()
@@ -502,8 +505,14 @@ class Replicator:
                     self._fenced(res.fenced, res.fenced_by)
                 if res.stale:
                     self.stats.stale_writes += 1
-                # A refused write is neither an acknowledgement nor a hint.
-                return not (res.stale or res.fenced)
+                if res.stale or res.fenced:
+                    return False  # refused: neither an acknowledgement nor a hint
+                if res.superseded:
+                    held = np.ones(len(idx), dtype=bool)
+                    lost = np.frombuffer(res.superseded, dtype=">u4").astype(np.intp)
+                    held[lost[lost < len(idx)]] = False
+                    return held
+                return True
             if settled[0]:
                 # A straggler: every key already had its quorum when we answered.
                 self.hints.add(member.node_id, entries[idx])

@@ -210,6 +210,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
                 stale=res.stale,
                 fenced=res.fenced,
                 fenced_by=res.fenced_by,
+                superseded=res.superseded,
             )
 
         result: pb.ReplicateResponse = await self._guard(context, work)
@@ -349,7 +350,9 @@ class Peers:
             resp = await self._stubs(member)[1].Replicate(req, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
-        return MergeResult(resp.applied, resp.refused, resp.stale, resp.fenced, resp.fenced_by)
+        return MergeResult(
+            resp.applied, resp.refused, resp.stale, resp.fenced, resp.fenced_by, resp.superseded
+        )
 
     async def promise(
         self, member: Member, partitions: npt.NDArray[np.intp], term: int

@@ -323,7 +323,15 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     assert np.frombuffer(res.fenced, dtype=">u2").tolist() == [part]
     assert res.fenced_by == term and len(node.store) == 0
     res = node.internal_replicate(entry.tobytes(), 0, np.array([term], ">u8").tobytes())
-    assert not res.fenced and res.applied == 1
+    assert not res.fenced and res.applied == 1 and not res.superseded
+    # Another claim of the key (a later birth) loses to the one held here: merged, but
+    # reported as not held, so it does not count toward its coordinator's quorum.
+    other = entry.copy()
+    other["rec"]["birth_hlc"], other["rec"]["owner_pop"] = node.clock.now(), 2
+    res = node.internal_replicate(other.tobytes(), 0, np.array([term], ">u8").tobytes())
+    assert np.frombuffer(res.superseded, dtype=">u4").tolist() == [0]
+    held = node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
+    assert int(held["birth_hlc"][0]) == int(entry["rec"]["birth_hlc"][0])
 
     with pytest.raises(InvalidArgument, match="terms"):
         node.internal_replicate(entry.tobytes(), 0, b"\x00" * 7)

@@ -660,6 +660,7 @@ class ReplicateResponse(_message.Message):
     STALE_FIELD_NUMBER: _builtins.int
     FENCED_FIELD_NUMBER: _builtins.int
     FENCED_BY_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
     applied: _builtins.int
     """Copies that changed the receiver's store, and copies refused at its hard ceiling."""
     refused: _builtins.int
@@ -670,6 +671,11 @@ class ReplicateResponse(_message.Message):
     replica promised a higher term than the write carried, and the highest such term.
     """
     fenced_by: _builtins.int
+    superseded: _builtins.bytes
+    """Of a coordinated write: big-endian uint32 positions of entries whose claim lost to a
+    different claim of the key held here (another generation or birth). Applied through
+    the merge all the same, but not held: they do not count toward the write quorum.
+    """
     def __init__(
         self,
         *,
@@ -678,10 +684,11 @@ class ReplicateResponse(_message.Message):
         stale: _builtins.bool = ...,
         fenced: _builtins.bytes = ...,
         fenced_by: _builtins.int = ...,
+        superseded: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "fenced", b"fenced", "fenced_by", b"fenced_by", "refused", b"refused", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "fenced", b"fenced", "fenced_by", b"fenced_by", "refused", b"refused", "stale", b"stale", "superseded", b"superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
