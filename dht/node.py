@@ -422,47 +422,73 @@ class Node:
         keys = [b.keys40[i].tobytes() for i in idx] if (mutating or self._locks) else []
         lock = await self._lock(keys, hold=mutating)
         try:
-            repl = self.replicator
-            if mutating:
-                ok = await self._take_over(b.parts[idx])
-                if not ok.all():
-                    out["status"][idx[~ok]] = Status.UNAVAILABLE
-                    op = b.call.op.value
-                    fails = repl.stats.quorum_failures
-                    fails[op] = fails.get(op, 0) + int(np.count_nonzero(~ok))
-                idx = idx[ok]
-            if quorum and idx.size:
-                ok = await repl.read_repair(b.keys40[idx].tobytes(), b.parts[idx])
-                out["status"][idx[~ok]] = Status.UNAVAILABLE
-                idx = idx[ok]
-            if not idx.size:
-                return
-            before = self._copies(b, idx) if mutating else None
-            if lock is not None and before is not None:
-                self._inflight[lock] = (
-                    keys if len(keys) == len(idx) else [b.keys40[i].tobytes() for i in idx],
-                    before,
-                )
-            terms = repl.held[b.parts[idx]]  # fixed now: a promise may end them meanwhile
-            issued = self.clock.now()
-            res = self._apply(b, idx)
-            if before is not None:
-                written = np.flatnonzero(np.isin(res["status"], _WRITTEN))
-                if written.size:
-                    widx = idx[written]
-                    entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
-                    acked, held = await repl.write(
-                        entries, b.parts[widx], b.call.op.value, issued, terms[written]
-                    )
-                    res["status"][written[~acked]] = Status.UNAVAILABLE
-                    undo = written[~acked & (held <= 1)]
-                    if undo.size:
-                        self._restore(b, idx[undo], before[undo], res[undo])
-            out[idx] = res
+            again = await self._coordinate_held(b, idx, quorum, out, lock)
+            if again.size:
+                # Refused as fenced and undone: another node took these partitions over
+                # in a moment this node's view differed (a restart, a membership
+                # change). Take them over again and try once more.
+                await self._coordinate_held(b, again, quorum, out, lock)
         finally:
             if lock is not None:
                 self._inflight.pop(lock, None)
                 self._unlock(keys, lock)
+
+    async def _coordinate_held(
+        self,
+        b: _Batch,
+        idx: npt.NDArray[np.intp],
+        quorum: bool,
+        out: ResultArray,
+        lock: asyncio.Future[None] | None,
+    ) -> npt.NDArray[np.intp]:
+        """The body of _coordinate, its keys held. Returns the keys whose write was
+        refused as fenced and undone (worth a retry after a new take-over)."""
+        repl = self.replicator
+        mutating = b.call.op in MUTATING
+        nothing = idx[:0]
+        if mutating:
+            ok = await self._take_over(b.parts[idx])
+            if not ok.all():
+                out["status"][idx[~ok]] = Status.UNAVAILABLE
+                op = b.call.op.value
+                fails = repl.stats.quorum_failures
+                fails[op] = fails.get(op, 0) + int(np.count_nonzero(~ok))
+            idx = idx[ok]
+        if quorum and idx.size:
+            ok = await repl.read_repair(b.keys40[idx].tobytes(), b.parts[idx])
+            out["status"][idx[~ok]] = Status.UNAVAILABLE
+            idx = idx[ok]
+        if not idx.size:
+            return nothing
+        before = self._copies(b, idx) if mutating else None
+        if lock is not None and before is not None:
+            self._inflight[lock] = ([b.keys40[i].tobytes() for i in idx], before)
+        terms = repl.held[b.parts[idx]]  # fixed now: a promise may end them meanwhile
+        issued = self.clock.now()
+        res = self._apply(b, idx)
+        out[idx] = res
+        if before is None:
+            return nothing
+        written = np.flatnonzero(np.isin(res["status"], _WRITTEN))
+        if not written.size:
+            return nothing
+        widx = idx[written]
+        entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
+        acked, held = await repl.write(
+            entries, b.parts[widx], b.call.op.value, issued, terms[written]
+        )
+        # This node promised a higher term meanwhile (another node took the partition
+        # over, and saw this write hidden as in flight): it must not be acknowledged,
+        # whatever the replicas said.
+        acked &= repl.promised[b.parts[widx]] == terms[written]
+        out["status"][widx[~acked]] = Status.UNAVAILABLE
+        undo = written[~acked & (held <= 1)]
+        if undo.size:
+            self._restore(b, idx[undo], before[undo], res[undo])
+        if lock is not None:
+            self._inflight.pop(lock, None)
+        retry: npt.NDArray[np.intp] = widx[~acked & (held <= 1) & (repl.held[b.parts[widx]] == 0)]
+        return retry
 
     async def _take_over(self, parts: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
         """Per key of ``parts``: does this node hold a term for its partition (taking

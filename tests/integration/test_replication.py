@@ -267,8 +267,11 @@ async def test_a_coordinator_stalled_mid_write_is_fenced_by_a_take_over(
         assert b.status == Status.CREATED and b.owner_pop == 2
         gate.set()
         a = decode_results((await claim_a).results)[0]
-        # A was refused as fenced by both other replicas, answered failed and undone.
-        assert a.status == Status.UNAVAILABLE, a
+        # A was refused as fenced by both other replicas and undone; X took the
+        # partition over again, retried, and found B: the claim is answered with B's
+        # owner, never CREATED.
+        assert a.status == Status.OWNED_ELSEWHERE and a.owner_pop == 2, a
+        assert a.birth_hlc == b.birth_hlc
         assert x.node.replicator.stats.fenced_writes >= 1
         assert x.node.rollbacks == 1
     finally:
