@@ -176,7 +176,8 @@ class Node:
         self._locks: dict[bytes, asyncio.Future[None]] = {}
         # Per write in flight: its keys and their copies before it (see _unsettled).
         self._inflight: dict[asyncio.Future[None], tuple[list[bytes], ResultArray]] = {}
-        self._takeover = asyncio.Lock()
+        # Partitions being taken over now, each with the take-over's future.
+        self._acquiring: dict[int, asyncio.Future[None]] = {}
         self.metrics.add_gauges(self._gauges)
 
     # ------------------------------------------------------------------ membership
@@ -492,20 +493,34 @@ class Node:
 
     async def _take_over(self, parts: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
         """Per key of ``parts``: does this node hold a term for its partition (taking
-        the partitions over first where it does not, see dht.replication)?"""
+        the partitions over first where it does not, see dht.replication)? A partition
+        already being taken over by another call is waited for, not taken over twice;
+        unrelated take-overs do not wait for each other."""
         repl = self.replicator
         if bool((repl.held[parts] > 0).all()):
             return np.ones(len(parts), dtype=bool)
-        async with self._takeover:  # one take-over at a time; later callers reuse it
-            need = np.unique(parts[repl.held[parts] == 0]).astype(np.intp)
-            if need.size:
-                got = await repl.acquire(need, repl.next_term(need, self.clock.now()))
+        need = np.unique(parts[repl.held[parts] == 0]).astype(np.intp)
+        waiting = {self._acquiring[p] for p in need.tolist() if p in self._acquiring}
+        mine = np.array([p for p in need.tolist() if p not in self._acquiring], dtype=np.intp)
+        if mine.size:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            for p in mine.tolist():
+                self._acquiring[p] = fut
+            try:
+                got = await repl.acquire(mine, repl.next_term(mine, self.clock.now()))
                 if not got.all():
                     log.warning(
                         "took over %d of %d partitions (no promise quorum for the rest)",
                         int(got.sum()),
-                        need.size,
+                        mine.size,
                     )
+            finally:
+                for p in mine.tolist():
+                    if self._acquiring.get(p) is fut:
+                        del self._acquiring[p]
+                fut.set_result(None)
+        if waiting:
+            await asyncio.wait(waiting)
         return np.asarray(repl.held[parts] > 0, dtype=bool)
 
     async def _lock(self, keys: list[bytes], hold: bool) -> asyncio.Future[None] | None:
@@ -681,7 +696,7 @@ class Node:
     # ---- the NodeInternal calls (validated here: they come from the network)
 
     def internal_replicate(
-        self, raw: bytes, issued_hlc: int = 0, terms: bytes = b""
+        self, raw: bytes, issued_hlc: int = 0, terms: bytes = b"", from_node: str = ""
     ) -> MergeResult:
         """Apply copies. A coordinator's write (``terms`` set) is refused whole when a
         higher term was promised for any of its partitions, or when it was issued longer
@@ -700,6 +715,13 @@ class Node:
                     "terms", f"{len(terms)} bytes for {len(entries)} entries (want 8 each)"
                 )
             parts = self.table.partitions_of(key_hashes(entries["key"].tobytes()))
+            if not self._is_member(from_node):
+                # A coordinator this node's table does not hold (declared dead, left, not
+                # yet known) cannot count its quorums in any table in force here.
+                return MergeResult(
+                    fenced=np.unique(parts).astype(">u2").tobytes(),
+                    fenced_by=int(self.replicator.promised[parts].max()),
+                )
             fenced, by = self.replicator.fence(
                 parts.astype(np.intp), np.frombuffer(terms, dtype=">u8").astype(np.uint64)
             )
@@ -730,12 +752,21 @@ class Node:
         lost: npt.NDArray[np.intp] = flows[~same]
         return lost
 
-    def internal_promise(self, raw_parts: bytes, term: int) -> bytes:
-        """Promise ``term`` for partitions (another node takes them over)."""
+    def internal_promise(self, raw_parts: bytes, term: int, from_node: str) -> bytes:
+        """Promise ``term`` for partitions (``from_node`` takes them over); not to a
+        node this node's table does not hold (see internal_replicate)."""
         parts = self.partitions_arg(raw_parts)
         if term == 0:
             raise InvalidArgument("term", "must be set")
-        return self.replicator.promise_in(parts, term).astype(">u8").tobytes()
+        repl = self.replicator
+        if not self._is_member(from_node):
+            return repl.promised[parts].astype(">u8").tobytes()
+        return repl.promise_in(parts, term).astype(">u8").tobytes()
+
+    def _is_member(self, node_id: str) -> bool:
+        """In this node's table, or (while a membership change settles) its previous."""
+        tables = [self.table] + ([self.replicator.prev] if self.replicator.prev else [])
+        return any(m.node_id == node_id for t in tables for m in t.members)
 
     def internal_copies(self, raw: bytes) -> bytes:
         check_batch_size(len(raw), KEY_SIZE, 1_000_000, "keys")

@@ -203,7 +203,9 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
         async def work() -> pb.ReplicateResponse:
-            res = self.node.internal_replicate(request.entries, request.issued_hlc, request.terms)
+            res = self.node.internal_replicate(
+                request.entries, request.issued_hlc, request.terms, request.from_node
+            )
             return pb.ReplicateResponse(
                 applied=res.applied,
                 refused=res.refused,
@@ -220,7 +222,9 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
         async def work() -> pb.PromiseResponse:
             self.node.replicator.heard_from(request.from_node)
             return pb.PromiseResponse(
-                promised=self.node.internal_promise(request.partitions, request.term)
+                promised=self.node.internal_promise(
+                    request.partitions, request.term, request.from_node
+                )
             )
 
         result: pb.PromiseResponse = await self._guard(context, work)

@@ -310,10 +310,14 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     floor = int(node.replicator.promised[part])
     assert floor >= hlc_pack(node.clock.wall_ms() - 60_000, 0)
     term = node.clock.now() + 1000
-    granted = np.frombuffer(node.internal_promise(parts, term), dtype=">u8")
+    peer = nodes[0].config.node_id
+    # Not to a node outside the table (declared dead, left, unknown).
+    stranger = np.frombuffer(node.internal_promise(parts, term, "ams-9"), dtype=">u8")
+    assert stranger.tolist() == [floor]
+    granted = np.frombuffer(node.internal_promise(parts, term, peer), dtype=">u8")
     assert granted.tolist() == [term]
     # A lower term is not promised; the answer says what was.
-    lower = np.frombuffer(node.internal_promise(parts, term - 1), dtype=">u8")
+    lower = np.frombuffer(node.internal_promise(parts, term - 1, peer), dtype=">u8")
     assert lower.tolist() == [term]
 
     entry = np.zeros(1, dtype=ENTRY_DTYPE)
@@ -322,23 +326,25 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     entry["rec"]["status"], entry["rec"]["state"], entry["rec"]["generation"] = 1, 1, 1
     entry["rec"]["owner_pop"] = entry["rec"]["birth_pop"] = 1
     entry["rec"]["birth_hlc"], entry["rec"]["expiry_ms"] = node.clock.now(), now + 600_000
-    res = node.internal_replicate(entry.tobytes(), 0, np.array([term - 1], ">u8").tobytes())
+    t_lo, t_hi = np.array([term - 1], ">u8").tobytes(), np.array([term], ">u8").tobytes()
+    assert node.internal_replicate(entry.tobytes(), 0, t_hi, "ams-9").fenced
+    res = node.internal_replicate(entry.tobytes(), 0, t_lo, peer)
     assert np.frombuffer(res.fenced, dtype=">u2").tolist() == [part]
     assert res.fenced_by == term and len(node.store) == 0
-    res = node.internal_replicate(entry.tobytes(), 0, np.array([term], ">u8").tobytes())
+    res = node.internal_replicate(entry.tobytes(), 0, t_hi, peer)
     assert not res.fenced and res.applied == 1 and not res.superseded
     # Another claim of the key (a later birth) loses to the one held here: merged, but
     # reported as not held, so it does not count toward its coordinator's quorum.
     other = entry.copy()
     other["rec"]["birth_hlc"], other["rec"]["owner_pop"] = node.clock.now(), 2
-    res = node.internal_replicate(other.tobytes(), 0, np.array([term], ">u8").tobytes())
+    res = node.internal_replicate(other.tobytes(), 0, t_hi, peer)
     assert np.frombuffer(res.superseded, dtype=">u4").tolist() == [0]
     held = node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
     assert int(held["birth_hlc"][0]) == int(entry["rec"]["birth_hlc"][0])
 
     with pytest.raises(InvalidArgument, match="terms"):
-        node.internal_replicate(entry.tobytes(), 0, b"\x00" * 7)
+        node.internal_replicate(entry.tobytes(), 0, b"\x00" * 7, peer)
     with pytest.raises(InvalidArgument, match="term"):
-        node.internal_promise(parts, 0)
+        node.internal_promise(parts, 0, peer)
     with pytest.raises(InvalidArgument, match="partitions"):
-        node.internal_promise(b"\xff\xff", term)
+        node.internal_promise(b"\xff\xff", term, peer)
