@@ -85,6 +85,11 @@ def add_node_parser(sub: Any) -> None:
         metavar="HOST:PORT",
         help="gRPC addresses of running nodes of this PoP to join through",
     )
+    p.add_argument(
+        "--udp-lookup-port",
+        type=int,
+        help="UDP lookup listener (-1 off, 0 = the gRPC port's number; plaintext)",
+    )
     p.add_argument("--replication-factor", type=int)
     p.add_argument("--num-partitions", type=int)
     p.add_argument("--max-records", type=int, help="soft limit: new claims refused beyond it")
@@ -109,6 +114,7 @@ def node_config(args: argparse.Namespace) -> Any:
         "advertise_host": args.advertise_host,
         "grpc_port": args.grpc_port,
         "admin_port": args.admin_port,
+        "udp_lookup_port": args.udp_lookup_port,
         "peers": args.peers,
         "seeds": args.seeds,
         "replication_factor": args.replication_factor,
