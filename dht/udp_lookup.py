@@ -47,7 +47,15 @@ import numpy as np
 from dht.errors import DhtError, InvalidArgument, Unavailable, from_grpc, grpc_status
 from dht.node import BatchCall, Node, Op
 from dht.placement import PartitionMap
-from dht.wire import KEY_SIZE, RESULT_DTYPE, RESULT_SIZE, ResultArray, check_key, key_hashes
+from dht.wire import (
+    KEY_SIZE,
+    RESULT_DTYPE,
+    RESULT_SIZE,
+    ResultArray,
+    check_key,
+    key_hash,
+    key_hashes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +232,8 @@ class UdpLookupClient:
 
     def lookup_one(self, key: bytes) -> bytes:
         """One packed 40-byte key in, its packed 32-byte result out (the latency path)."""
-        target = int(self.table.primaries[key_hashes(key)[0] % self.table.num_partitions])
+        table = self.table
+        target = int(table.primaries[key_hash(key) % table.num_partitions])
         return self.request(self._addr[target], key)
 
     def request(self, addr: tuple[str, int], keys: bytes) -> bytes:

@@ -14,7 +14,7 @@ import numpy as np
 
 from dht.bench.keys import batches, synthetic_keys
 from dht.bench.procs import rss_bytes
-from dht.bench.workloads import Settings, dht_fill, workers
+from dht.bench.workloads import NODE_ARGS, Settings, dht_fill, workers
 from dht.client import Client
 from dht.cluster import LocalCluster, plan
 from dht.record import Status
@@ -24,7 +24,7 @@ async def growth(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]
     sizes = sorted(s.growth_sizes)
     top = sizes[-1]
     rows: list[dict[str, Any]] = []
-    cluster = LocalCluster(plan(1, 1), ["--log-level", "error", "--max-records", str(top)])
+    cluster = LocalCluster(plan(1, 1), [*NODE_ARGS, "--max-records", str(top)])
     async with cluster, Client([cluster.nodes[0].spec.grpc]) as client:
         pid = cluster.nodes[0].pid
         rss0 = rss_bytes(pid)
