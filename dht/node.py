@@ -509,7 +509,11 @@ class Node:
                 return self.affinity.set(prefixes, call.pop, self.clock.now(), now + ttl)
             return self.affinity.get(prefixes, now)
         assert b.flows is not None
-        k, h, s = b.flows[idx], b.hashes[idx], self.store
+        s = self.store
+        if len(idx) == len(b.hashes):  # the whole batch (the usual case): no copies
+            k, h = b.flows, b.hashes
+        else:
+            k, h = b.flows[idx], b.hashes[idx]
         if op is Op.LOOKUP:
             return s.lookup(k, h, now)
         if op is Op.CLAIM:
