@@ -1,7 +1,7 @@
 """``dht bench``: the side-by-side benchmark against Redis (issue 7). Never part of the
 test suite.
 
-    dht bench                   # full run: 1M records, growth to 5M (~10 min on 2 cores)
+    dht bench                   # full run: 1M records, growth to 5M (~2-4 min on 2 cores)
     dht bench --quick           # under 5 minutes: fewer rounds, growth to 1M
     dht bench --json out.json --plot docs/bench-growth.png
 
