@@ -32,8 +32,8 @@ test-integration: ## real nodes over gRPC on loopback, in-process
 test-system: ## real processes and faults, one at a time
 	$(PY) -m pytest -p no:xdist tests/system
 
-bench: ## benchmarks (never part of the test suite)
-	$(PY) -m dht bench
+bench: ## dht vs Redis side by side + growth plot (never part of the test suite; BENCH_ARGS=--quick for < 5 min)
+	$(PY) -m dht bench --json bench-results.json --plot docs/bench-growth.png $(BENCH_ARGS)
 
 cluster: ## a local 1-PoP cluster of 3 nodes
 	$(PY) -m dht cluster --pops 1 --nodes-per-pop 3

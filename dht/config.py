@@ -60,6 +60,11 @@ class NodeConfig:
     grpc_port: int = 0
     # -1 disables the admin endpoint.
     admin_port: int = 0
+    # UDP lookup listener (dht.udp_lookup): one datagram per cache miss instead of a gRPC
+    # call, for the lowest latency. -1 = off (default: it is plaintext, so opt in where
+    # forwarders live), 0 = the gRPC port's number (clients find it without configuration),
+    # N = that port. Refused together with TLS (it has none).
+    udp_lookup_port: int = -1
     # The host other nodes and clients dial; defaults to ``host`` (set it when listening
     # on 0.0.0.0, e.g. the docker profile).
     advertise_host: str | None = None
@@ -161,6 +166,10 @@ def validate(cfg: NodeConfig) -> None:
     for name, port in (("grpc_port", cfg.grpc_port), ("admin_port", cfg.admin_port)):
         if not -1 <= port <= 65535:
             bad(f"{name} {port} outside 0..65535 (-1 disables admin)")
+    if not -1 <= cfg.udp_lookup_port <= 65535:
+        bad(f"udp_lookup_port {cfg.udp_lookup_port} outside -1..65535 (-1 off, 0 = gRPC port)")
+    if cfg.udp_lookup_port >= 0 and cfg.tls is not None:
+        bad("udp_lookup_port cannot be combined with TLS: the UDP listener is plaintext")
     if cfg.replication_factor < 1:
         bad("replication_factor must be >= 1")
     if not 1 <= cfg.num_partitions <= 65535:

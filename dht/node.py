@@ -67,6 +67,7 @@ from dht.wire import (
     check_batch_size,
     decode_clients,
     decode_keys,
+    key_hash,
     key_hashes,
     new_results,
     prefix_mask,
@@ -391,6 +392,28 @@ class Node:
         self._count_keys(call.op, out)
         return out.tobytes()
 
+    def lookup_local(self, key: bytes) -> bytes | None:
+        """A Lookup of one validated 40-byte key answered from this node's copy alone, as
+        one packed result, in the one case where :meth:`batch` would do the same (Action
+        LOCAL: the in-sync primary, every replica up, no write in flight holding the key);
+        None otherwise, and the caller takes :meth:`batch`. For the UDP lookup listener
+        (dht.udp_lookup), where a numpy batch of one would cost ~20x more."""
+        if not self.accepting:
+            raise NotReady("node is not accepting calls")
+        self._check_pause()
+        h = key_hash(key)
+        p = h % self.table.num_partitions
+        repl = self.replicator
+        if (
+            self.table.primaries[p] != self.self_index
+            or repl.coordinators()[p] != self.self_index
+            or not self.part_ready[p]
+            or not repl.all_replicas_up()[p]
+            or key in self._locks
+        ):
+            return None
+        return self.store.lookup_one(key, h, self._now_ms(), p)
+
     def _plan(self, b: _Batch) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int16]]:
         repl = self.replicator
         coord = repl.coordinators()[b.parts]
@@ -586,7 +609,11 @@ class Node:
                 return self.affinity.set(prefixes, call.pop, self.clock.now(), now + ttl)
             return self.affinity.get(prefixes, now)
         assert b.flows is not None
-        k, h, s = b.flows[idx], b.hashes[idx], self.store
+        s = self.store
+        if len(idx) == len(b.hashes):  # the whole batch (the usual case): no copies
+            k, h = b.flows, b.hashes
+        else:
+            k, h = b.flows[idx], b.hashes[idx]
         if op is Op.LOOKUP:
             return s.lookup(k, h, now)
         if op is Op.CLAIM:

@@ -29,6 +29,7 @@ from dht.membership import MemberState
 from dht.node import BatchCall, Node, Op
 from dht.placement import Member
 from dht.replication import MergeResult, PeerUnreachable
+from dht.udp_lookup import UdpLookupProtocol, start_listener
 from dht.wire import FORMAT_VERSION, U64Array
 
 log = logging.getLogger(__name__)
@@ -437,6 +438,7 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._admin: AdminServer | None = None
+        self._udp: UdpLookupProtocol | None = None
         creds = channel_credentials(config.tls) if config.tls else None
         self.peers = Peers(
             config.node_id,
@@ -451,6 +453,14 @@ class NodeServer:
     @property
     def grpc_address(self) -> str:
         return f"{self.config.advertised}:{self.node.grpc_port}"
+
+    @property
+    def udp_lookup_port(self) -> int:
+        """The UDP lookup listener's port, -1 when it is off."""
+        if self._udp is None or self._udp.transport is None:
+            return -1
+        port: int = self._udp.transport.get_extra_info("sockname")[1]
+        return port
 
     @property
     def admin_address(self) -> str:
@@ -481,6 +491,8 @@ class NodeServer:
             self._admin = AdminServer(self)
             admin_port = await self._admin.start(cfg.host, cfg.admin_port)
         self.node.init_membership(port, admin_port, self.peers)
+        if cfg.udp_lookup_port >= 0:
+            self._udp = await start_listener(self.node, cfg.host, cfg.udp_lookup_port or port)
         await server.start()
         self.node.start_loops()
         # A node joining through seeds accepts calls once it has joined and synced.
@@ -507,6 +519,8 @@ class NodeServer:
         if self._server is not None:
             # In-flight calls get the grace period, then are cancelled.
             await self._server.stop(self.config.shutdown_grace_s)
+        if self._udp is not None:
+            await self._udp.stop(self.config.shutdown_grace_s)
         await self.node.stop_loops()
         await self.peers.close()
         if self._admin is not None:
