@@ -229,7 +229,8 @@ class Pops:
     def _enqueue(self, raw: bytes, kinds: npt.NDArray[np.uint8]) -> None:
         now = _monotonic_ms()
         for link in self.links.values():
-            if link.queue.add(raw, kinds, now):
+            was = link.queue.overflowed
+            if link.queue.add(raw, kinds, now) and not was:
                 log.warning(
                     "shipping buffer for %s full (%d records): dropping; resync follows",
                     link.name,
