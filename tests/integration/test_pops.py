@@ -217,14 +217,19 @@ async def test_malformed_shipments_are_invalid_argument(make_pops: MakePops) -> 
     good = np.zeros(1, dtype=ENTRY_DTYPE)
     async with grpc.aio.insecure_channel(target.grpc_address) as ch:
         stub = pb_grpc.PopLinkStub(ch)
+
+        def batch(entries: bytes = b"", **kw: int) -> pb.ShipBatch:
+            values = {"format_version": 1, "from_pop": 1, "num_partitions": 4096, **kw}
+            return pb.ShipBatch(entries=entries, **values)
+
         cases = [
-            (pb.ShipBatch(format_version=1, entries=b"x" * 71, from_pop=1, num_partitions=4096), "entries"),
-            (pb.ShipBatch(format_version=1, entries=good.tobytes(), from_pop=1, num_partitions=4096), "entries[0].kind"),
-            (pb.ShipBatch(format_version=1, entries=b"", from_pop=9, num_partitions=4096), "from_pop"),
-            (pb.ShipBatch(format_version=1, entries=b"", from_pop=2, num_partitions=4096), "from_pop"),
-            (pb.ShipBatch(format_version=1, entries=b"", from_pop=1, num_partitions=16), "num_partitions"),
-            (pb.ShipBatch(format_version=7, entries=b"", from_pop=1, num_partitions=4096), "format_version"),
-        ]  # fmt: skip
+            (batch(b"x" * 71), "entries"),
+            (batch(good.tobytes()), "entries[0].kind"),
+            (batch(from_pop=9), "from_pop"),
+            (batch(from_pop=2), "from_pop"),
+            (batch(num_partitions=16), "num_partitions"),
+            (batch(format_version=7), "format_version"),
+        ]
         for req, field in cases:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.PopPush(req, timeout=5)
