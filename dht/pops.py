@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,7 +52,7 @@ from dht.errors import DhtError, InvalidArgument
 from dht.node import BatchCall, Node, Op
 from dht.peers import replica_mask
 from dht.placement import Member
-from dht.record import State, Status, hlc_physical_ms
+from dht.record import ClockOffsetError, State, Status, hlc_physical_ms
 from dht.replication import PeerUnreachable, Replicator
 from dht.shipping import (
     SHIPPED_KINDS,
@@ -189,7 +190,7 @@ class Pops:
             dial = [cfg.pop_via.get(a, a) for a in addresses]
             link = PeerPop(name, cfg.pops[name], dial, OutQueue(cfg.ship_buffer_records))
             # Spread the PoP's nodes over the peer's nodes.
-            link.first = (hash(cfg.node_id) + i) % len(dial)
+            link.first = (zlib.crc32(cfg.node_id.encode()) + i) % len(dial)
             self.links[name] = link
         self.delay = DelayLine(cfg.ship_buffer_records)
         self.replicate_after_ms = round(cfg.replicate_after_s * 1000)
@@ -360,6 +361,8 @@ class Pops:
                     await asyncio.sleep(backoff_s)
                 elif link.queue.overflowed:
                     await self._resync(link, "fell behind its resend buffer")
+                    if link.queue.overflowed:  # not through: the peer does not answer
+                        await asyncio.sleep(backoff_s)
         finally:
             if stream is not None:
                 await stream.close()
@@ -552,7 +555,8 @@ class Pops:
         wall = clock.wall_ms()
         limit = wall + self.config.max_clock_offset_ms
         if sent_hlc and hlc_physical_ms(sent_hlc) <= limit:
-            clock.observe(sent_hlc)
+            with contextlib.suppress(ClockOffsetError):  # our wall clock stepped back
+                clock.observe(sent_hlc)
         ahead = (entries["key"]["kind"] == KIND_FLOW) & (birth_ms(entries["rec"]) > limit)
         rejected = int(np.count_nonzero(ahead))
         if rejected:

@@ -123,6 +123,8 @@ async def test_established_records_ship_and_embryonic_ones_stay(make_pops: MakeP
             sum(s.node.store.counts()[(fam, "embryonic")] for s in fra for fam in ("ipv4", "ipv6"))
             == 0
         )
+        # (fra may apply a batch a moment before ams hears its acknowledgement)
+        await wait_for(lambda: shipped(ams, Kind.ESTABLISHED) >= 400, what="acknowledgements")
         assert shipped(ams, Kind.ESTABLISHED) == 400
         miss = await lookup(f, embryonic)
         assert set(miss["status"].tolist()) == {Status.NOT_FOUND}
