@@ -354,8 +354,8 @@ class Replicator:
             if stale:
                 self.stats.stale_writes += 1
                 return False  # refused for its age: neither an ack nor a hint
-            elif settled[0] and not ok:
-                # A failed straggler: every key already had its quorum when we answered.
+            elif settled[0]:
+                # A straggler: every key already had its quorum when we answered.
                 self.hints.add(member.node_id, entries[idx])
             else:
                 missed.append((member, idx))
