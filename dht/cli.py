@@ -90,6 +90,23 @@ def add_node_parser(sub: Any) -> None:
         type=int,
         help="UDP lookup listener (-1 off, 0 = the gRPC port's number; plaintext)",
     )
+    p.add_argument(
+        "--pop-peers",
+        nargs="+",
+        metavar="POP=HOST:PORT[,HOST:PORT...]",
+        help="the other PoPs' nodes (gRPC addresses): writes are shipped to them",
+    )
+    p.add_argument(
+        "--pop-via",
+        nargs="+",
+        metavar="HOST:PORT=HOST:PORT",
+        help="dial the second address instead of the first (a proxy in the path)",
+    )
+    p.add_argument(
+        "--replicate-after-s",
+        type=float,
+        help="ship an established flow once it is this old (default 0: at once)",
+    )
     p.add_argument("--replication-factor", type=int)
     p.add_argument("--num-partitions", type=int)
     p.add_argument("--max-records", type=int, help="soft limit: new claims refused beyond it")
@@ -125,6 +142,9 @@ def node_config(args: argparse.Namespace) -> Any:
         "seeds": args.seeds,
         "replication_factor": args.replication_factor,
         "num_partitions": args.num_partitions,
+        "pop_peers": args.pop_peers,
+        "pop_via": args.pop_via,
+        "replicate_after_s": args.replicate_after_s,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.max_records is not None:
@@ -157,8 +177,10 @@ async def run_node(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await srv.start()
     if args.announce:
-        # Announce readiness, not just listening: after the start-up refill.
+        # Announce readiness, not just listening: after the start-up refill (and the
+        # resync from the other PoPs, bounded by pop_resync_timeout_s).
         await srv.node.first_sync.wait()
+        await srv.pops.startup.wait()
         import os
 
         info = {
@@ -186,8 +208,8 @@ def add_cluster_parser(sub: Any) -> None:
         description="Run a local cluster: N PoPs of M real `dht node` processes each. "
         "Prints the endpoints; once every node is ready writes --endpoints-file atomically "
         'as JSON {"nodes": [{"pop","node_id","grpc","admin","pid"}, ...]}; stops every node '
-        "cleanly on Ctrl-C or SIGTERM. Until cross-PoP shipping exists, several PoPs run "
-        "as independent node sets that share only the PoP name table.",
+        "cleanly on Ctrl-C or SIGTERM. Every node knows the other PoPs' nodes "
+        "(--pop-peers), so writes are shipped between the PoPs.",
     )
     p.add_argument("--pops", type=int, default=1)
     p.add_argument("--nodes-per-pop", type=int, default=3)

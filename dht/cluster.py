@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +104,8 @@ def plan(
 
 
 def node_args(spec: NodeSpec, specs: Sequence[NodeSpec], extra: Sequence[str] = ()) -> list[str]:
-    """The ``dht node`` arguments for one node of a planned cluster."""
+    """The ``dht node`` arguments for one node of a planned cluster: its PoP's other
+    nodes as ``--peers``, every other PoP's nodes as ``--pop-peers``."""
     pops = {s.pop for s in specs}
     pop_ids = ",".join(
         f"{name}={i + 1}" for i, name in enumerate(sorted(pops, key=pop_names_order))
@@ -129,6 +130,12 @@ def node_args(spec: NodeSpec, specs: Sequence[NodeSpec], extra: Sequence[str] = 
     ]
     if peers:
         args += ["--peers", *peers]
+    others: dict[str, list[str]] = {}
+    for s in specs:
+        if s.pop != spec.pop:
+            others.setdefault(s.pop, []).append(s.grpc)
+    if others:
+        args += ["--pop-peers", *(f"{pop}={','.join(a)}" for pop, a in others.items())]
     return [*args, *extra]
 
 
@@ -144,9 +151,12 @@ class LocalCluster:
         specs: Sequence[NodeSpec],
         extra_args: Sequence[str] = (),
         start_timeout_s: float = 30.0,
+        pop_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.specs = list(specs)
         self.extra_args = list(extra_args)
+        # Extra `dht node` flags for the nodes of one PoP (say, its --pop-via proxies).
+        self.pop_args = {k: list(v) for k, v in (pop_args or {}).items()}
         self.start_timeout_s = start_timeout_s
         self.nodes: list[NodeProcess] = []
 
@@ -160,7 +170,8 @@ class LocalCluster:
             raise
 
     async def spawn(self, spec: NodeSpec) -> NodeProcess:
-        args = node_args(spec, self.specs, [*self.extra_args, "--announce"])
+        extra = [*self.extra_args, *self.pop_args.get(spec.pop, ()), "--announce"]
+        args = node_args(spec, self.specs, extra)
         return await self._exec(spec, args)
 
     async def _exec(self, spec: NodeSpec, args: list[str]) -> NodeProcess:

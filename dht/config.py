@@ -18,6 +18,10 @@ Example file (all keys optional except ``node_id`` and ``pop``)::
     node_id = "ams-2"
     address = "127.0.0.1:7102"
     admin_address = "127.0.0.1:8102"
+    [pop_peers]          # gRPC addresses of the other PoPs' nodes (cross-PoP shipping)
+    fra = ["127.0.0.1:7201", "127.0.0.1:7202"]
+    [pop_via]            # dial this address instead of that one (a proxy in the path)
+    "127.0.0.1:7201" = "127.0.0.1:9201"
     [ttl]
     embryonic_s = 10
 """
@@ -123,6 +127,33 @@ class NodeConfig:
     pause_threshold_ms: int = 1_500
     # Graceful stop: in-flight calls get this long before they are cancelled.
     shutdown_grace_s: float = 5.0
+    # ---- several PoPs (dht.pops, DESIGN section 7)
+    # The other PoPs' nodes: PoP name -> gRPC addresses. Empty = a PoP on its own.
+    pop_peers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Dial the value instead of the key (a proxy, a NAT): per-peer address overrides.
+    pop_via: Mapping[str, str] = field(default_factory=dict)
+    # An established record is shipped once it is this old (its birth): 0 ships every
+    # confirmed flow at once; more keeps short flows in their PoP (less traffic) at the
+    # price of a window in which another PoP cannot find the flow (DESIGN section 9).
+    replicate_after_s: float = 0.0
+    # Records per shipped batch, and how long a write may wait for its batch to fill:
+    # 20 ms adds little lag and lets a busy node send a few large batches instead of many
+    # small ones.
+    ship_batch_records: int = 2_000
+    ship_interval_ms: int = 20
+    # Records waiting or in flight per peer PoP (the resend buffer). Beyond it writes
+    # are not queued and the peer is repaired by a bulk resync once it answers again.
+    ship_buffer_records: int = 200_000
+    # Digests of shipped records compared with every other PoP this often (per node, its
+    # primary partitions); differing partitions are exchanged both ways.
+    pop_anti_entropy_interval_s: float = 30.0
+    # A node that starts resyncs from the other PoPs before /readyz says ready, but waits
+    # at most this long for them (a PoP started alone, or all PoPs at once).
+    pop_resync_timeout_s: float = 10.0
+    # A confirmed claim makes the claiming PoP the client prefix's preferred PoP.
+    affinity_on_confirm: bool = True
+    # A flow lookup that finds nothing returns the client's preferred PoP, flagged.
+    affinity_fallback: bool = True
     tls: TlsConfig | None = None
     # Required (as "Authorization: Bearer TOKEN") by mutating admin calls; None disables
     # them.
@@ -205,6 +236,21 @@ def validate(cfg: NodeConfig) -> None:
         bad(f"peers must not include this node ({cfg.node_id})")
     if len(set(peer_ids)) != len(peer_ids):
         bad(f"duplicate peer ids: {peer_ids}")
+    for name, addresses in cfg.pop_peers.items():
+        if name not in cfg.pops:
+            bad(f"pop_peers: PoP {name!r} is not in pops {dict(cfg.pops)}")
+        if name == cfg.pop:
+            bad(f"pop_peers: {name!r} is this node's own PoP (its nodes go in peers)")
+        if not addresses or not all(":" in a for a in addresses):
+            bad(f"pop_peers.{name}: want one or more HOST:PORT addresses, got {addresses}")
+    if cfg.replicate_after_s < 0:
+        bad("replicate_after_s must be >= 0")
+    if not 1 <= cfg.ship_batch_records <= 20_000:
+        bad("ship_batch_records must be in 1..20000 (20k records = 1.4 MB per batch)")
+    if cfg.ship_buffer_records < cfg.ship_batch_records:
+        bad("ship_buffer_records must be at least ship_batch_records")
+    if cfg.ship_interval_ms < 1 or cfg.pop_anti_entropy_interval_s <= 0:
+        bad("ship_interval_ms and pop_anti_entropy_interval_s must be positive")
     if cfg.profile not in PROFILES:
         bad(f"profile {cfg.profile!r}: want one of {PROFILES}")
 
@@ -232,6 +278,8 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
             "suspicion_timeout_s": 2.0,
             "leave_timeout_s": 10.0,
             "handoff_grace_s": 10.0,
+            "pop_anti_entropy_interval_s": 2.0,
+            "pop_resync_timeout_s": 5.0,
         }
     return {}
 
@@ -263,6 +311,8 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
     v["pops"] = {str(k): int(i) for k, i in dict(v["pops"]).items()}
     v["peers"] = tuple(parse_peer(p) for p in v.get("peers", ()))
     v["seeds"] = tuple(str(a) for a in v.get("seeds", ()))
+    v["pop_peers"] = parse_pop_peers(v.get("pop_peers", {}))
+    v["pop_via"] = parse_pop_via(v.get("pop_via", {}))
     max_offset = int(v.get("max_clock_offset_ms", 500))
     ttl_in = v.get("ttl", {})
     if isinstance(ttl_in, Mapping):
@@ -282,6 +332,38 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
     if isinstance(tls_in, Mapping):
         v["tls"] = TlsConfig(**dict(tls_in))
     return NodeConfig(**v)
+
+
+def parse_pop_peers(spec: Any) -> dict[str, tuple[str, ...]]:
+    """Other PoPs' nodes: a table {name = [addr, ...]} or "NAME=ADDR[,ADDR...]" strings."""
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    else:
+        items = []
+        for text in spec:
+            name, sep, rest = str(text).partition("=")
+            if not sep or not name or not rest:
+                raise ConfigError(f"pop peer {text!r}: want NAME=HOST:PORT[,HOST:PORT...]")
+            items.append((name, rest.split(",")))
+    out: dict[str, tuple[str, ...]] = {}
+    for name, given in items:
+        addresses = given.split(",") if isinstance(given, str) else given
+        out.setdefault(str(name), ())
+        out[str(name)] += tuple(str(a).strip() for a in addresses if str(a).strip())
+    return out
+
+
+def parse_pop_via(spec: Any) -> dict[str, str]:
+    """Address overrides: a table {"addr" = "via"} or "ADDR=VIA" strings."""
+    if isinstance(spec, Mapping):
+        return {str(k): str(v) for k, v in spec.items()}
+    out = {}
+    for text in spec:
+        address, sep, via = str(text).partition("=")
+        if not sep or ":" not in address or ":" not in via:
+            raise ConfigError(f"pop via {text!r}: want HOST:PORT=HOST:PORT")
+        out[address] = via
+    return out
 
 
 def parse_peer(spec: Any) -> Member:

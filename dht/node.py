@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum, IntEnum
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -134,6 +135,24 @@ class _Batch:
 Forwarder = Callable[[Member, BatchCall], Awaitable[bytes]]
 
 
+class NodeExtension(Protocol):
+    """Hooks for what lives outside the node (cross-PoP shipping and affinity, dht.pops).
+    Called from the node's event loop; none may block."""
+
+    def written(self, op: Op, entries: EntryArray, before: ResultArray) -> None:
+        """Copies this node coordinated and got acknowledged, with the copies before."""
+
+    async def after_batch(self, call: BatchCall, out: ResultArray) -> None:
+        """A batch call this node received first (not a forward) has its results."""
+
+    def sized(self, repl: Replicator, members: int) -> None:
+        """A new table of ``members``: adjust the replicator's quorums if need be."""
+
+    def not_ready(self) -> list[str]:
+        """Reasons for /readyz to say not ready."""
+        ...
+
+
 def _monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
@@ -153,6 +172,7 @@ class Node:
         self.grpc_port = 0
         self.admin_port = 0
         self.forwarder: Forwarder | None = None  # set by the gRPC shell (dht.server)
+        self.extension: NodeExtension | None = None  # set by the gRPC shell (dht.pops)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self.failed_loops: dict[str, str] = {}
@@ -244,6 +264,8 @@ class Node:
             )
         else:
             self.repl.set_table(pmap, self.self_index)
+        if self.extension is not None:
+            self.extension.sized(self.repl, len(active))
         if old is not None:
             acquired = np.flatnonzero(mine & ~self._replicas)
             self.part_ready[acquired] = False
@@ -302,6 +324,8 @@ class Node:
             reasons.extend(f"background loop {k} failed: {v}" for k, v in self.failed_loops.items())
         if self.store.over_hard_limit:
             reasons.append("store is over its hard record ceiling")
+        if self.extension is not None:
+            reasons.extend(self.extension.not_ready())
         return (not reasons, reasons)
 
     # ------------------------------------------------------------------ validation
@@ -390,6 +414,8 @@ class Node:
         await asyncio.gather(*work)
         out["partition"] = b.parts
         self._count_keys(call.op, out)
+        if self.extension is not None and not call.forwarded:
+            await self.extension.after_batch(call, out)
         return out.tobytes()
 
     def lookup_local(self, key: bytes) -> bytes | None:
@@ -506,6 +532,8 @@ class Node:
         # whatever the replicas said.
         acked &= repl.promised[b.parts[widx]] == terms[written]
         out["status"][widx[~acked]] = Status.UNAVAILABLE
+        if self.extension is not None and acked.any():
+            self.extension.written(b.call.op, entries[acked], before[written][acked])
         undo = written[~acked & (held <= 1)]
         if undo.size:
             self._restore(b, idx[undo], before[undo], res[undo])

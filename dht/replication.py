@@ -272,8 +272,7 @@ class Replicator:
         self.pmap = pmap
         self.self_index = self_index
         rf = pmap.replication_factor
-        # Configured W (0 = a majority of the replicas), never more than there are.
-        self.write_quorum = min(self.config.write_quorum or rf // 2 + 1, rf)
+        self.write_quorum = self._default_w(rf)
         self.read_quorum = read_quorum(rf, self.write_quorum)
         now = self._now()
         ids = {m.node_id for m in pmap.members}
@@ -395,6 +394,10 @@ class Replicator:
                 self.prev = None
         return tables
 
+    def _default_w(self, rf: int) -> int:
+        """Configured W (0 = a majority of the replicas), never more than there are."""
+        return min(self.config.write_quorum or rf // 2 + 1, rf)
+
     def _quorum_plan(
         self, parts: npt.NDArray[np.uint16], need: Callable[[int, int], int]
     ) -> tuple[list[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]], _Tally]:
@@ -409,7 +412,7 @@ class Replicator:
         rows: dict[str, tuple[Member, npt.NDArray[np.bool_]]] = {}
         for t, (table, me) in enumerate(tables):
             rf = table.replication_factor
-            needs[t] = need(rf, min(self.config.write_quorum or rf // 2 + 1, rf))
+            needs[t] = need(rf, self.write_quorum if t == 0 else self._default_w(rf))
             reps = table.replicas[parts]  # (n, rf)
             if me >= 0:
                 counts[t] = (reps == me).any(axis=1)
@@ -578,7 +581,14 @@ class Replicator:
             self.mark_ok(member)
             return granted
 
-        plan, tally = self._quorum_plan(parts.astype(np.uint16), lambda rf, w: rf - w + 1)
+        # RF - W + 1 intersects every write quorum. With W = 1 (configured, or a PoP
+        # smaller than RF sized down to survive a failure, see dht.sizing) a write is
+        # on one replica and a take-over could only see it there: no quorum of promises
+        # helps, and waiting for one would stop writes when a replica dies, so the
+        # take-over needs only this node (and W = 1 promises no fencing).
+        plan, tally = self._quorum_plan(
+            parts.astype(np.uint16), lambda rf, w: 1 if w == 1 else rf - w + 1
+        )
         calls = [(idx, rows, one(member, idx)) for member, idx, rows in plan]
         await self._until_quorum(calls, tally)
         # Granted, and not promised to a higher term meanwhile.

@@ -28,6 +28,9 @@ from dht.errors import DhtError, grpc_status
 from dht.membership import MemberState
 from dht.node import BatchCall, Node, Op
 from dht.placement import Member
+from dht.pop_grpc import SERVICE_NAME as POP_SERVICE_NAME
+from dht.pop_grpc import GrpcPopTransport, PopLinkService
+from dht.pops import Pops
 from dht.replication import MergeResult, PeerUnreachable
 from dht.udp_lookup import UdpLookupProtocol, start_listener
 from dht.wire import FORMAT_VERSION, U64Array
@@ -448,6 +451,17 @@ class NodeServer:
             config.probe_timeout_ms / 1000,
         )
         self.node.forwarder = self.peers.forward
+        # Cross-PoP shipping, affinity and sizing (dht.pops): hooks into the node.
+        self.pops = Pops(
+            self.node,
+            GrpcPopTransport(
+                lambda address: open_channel(address, creds),
+                config.pop_id,
+                config.node_id,
+                config.num_partitions,
+                config.rpc_timeout_ms / 1000,
+            ),
+        )
         self._stopped = False
 
     @property
@@ -473,9 +487,16 @@ class NodeServer:
         )
         pb_grpc.add_FlowTableServicer_to_server(FlowTableService(self.node), server)
         pb_grpc.add_NodeInternalServicer_to_server(NodeInternalService(self.node), server)
+        pb_grpc.add_PopLinkServicer_to_server(PopLinkService(self.pops), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, INTERNAL_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                INTERNAL_SERVICE_NAME,
+                POP_SERVICE_NAME,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         bind = f"{cfg.host}:{cfg.grpc_port}"
@@ -495,6 +516,7 @@ class NodeServer:
             self._udp = await start_listener(self.node, cfg.host, cfg.udp_lookup_port or port)
         await server.start()
         self.node.start_loops()
+        self.pops.start()
         # A node joining through seeds accepts calls once it has joined and synced.
         self.node.accepting = self.node.joined
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -522,6 +544,7 @@ class NodeServer:
         if self._udp is not None:
             await self._udp.stop(self.config.shutdown_grace_s)
         await self.node.stop_loops()
+        await self.pops.close()
         await self.peers.close()
         if self._admin is not None:
             await self._admin.stop()

@@ -453,6 +453,10 @@ def result_to_dict(result: Result, pop_names: Mapping[int, str]) -> dict[str, ob
         result.status in (Status.NOT_FOUND, Status.MOVED, Status.UNAVAILABLE)
         or result.owner_pop == 0
     ):
+        if result.affinity_fallback and result.owner_pop:
+            # A lookup miss that names the client's preferred PoP (DESIGN section 6).
+            out["affinity_fallback"] = True
+            out["preferred_pop"] = pop_names.get(result.owner_pop, str(result.owner_pop))
         return out
     out.update(
         owner_pop=pop_names.get(result.owner_pop, str(result.owner_pop)),

@@ -39,7 +39,7 @@ async def read_until(stream: asyncio.StreamReader, marker: str, timeout_s: float
                 return lines
 
 
-async def test_cluster_two_pops_endpoints_and_clean_stop(tmp_path: Path) -> None:
+async def test_cluster_three_pops_endpoints_shipping_and_clean_stop(tmp_path: Path) -> None:
     endpoints = tmp_path / "endpoints.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -47,7 +47,7 @@ async def test_cluster_two_pops_endpoints_and_clean_stop(tmp_path: Path) -> None
         "dht",
         "cluster",
         "--pops",
-        "2",
+        "3",
         "--nodes-per-pop",
         "2",
         "--endpoints-file",
@@ -67,6 +67,8 @@ async def test_cluster_two_pops_endpoints_and_clean_stop(tmp_path: Path) -> None
             ("ams", "ams-2"),
             ("fra", "fra-1"),
             ("fra", "fra-2"),
+            ("lon", "lon-1"),
+            ("lon", "lon-2"),
         ]
         pids = [n["pid"] for n in nodes]
         assert all(alive(p) for p in pids)
@@ -74,17 +76,29 @@ async def test_cluster_two_pops_endpoints_and_clean_stop(tmp_path: Path) -> None
             for n in nodes:
                 async with http.get(f"http://{n['admin']}/readyz") as r:
                     assert r.status == 200
-        # Each PoP is its own node set; both accept claims and know all PoP names.
+        # Each PoP is its own node set; each accepts claims and knows all PoP names.
+        # Embryonic claims stay in their PoP; a confirmed flow is shipped to the others.
         flow = parse_flow("tcp/198.51.100.7:51000/192.0.2.1:443")
-        for pop in ("ams", "fra"):
+        for pop in ("ams", "fra", "lon"):
             targets = [n["grpc"] for n in nodes if n["pop"] == pop]
             async with Client(targets) as c:
                 assert len(c.table.members) == 2
-                assert c.pops == {"ams": 1, "fra": 2}
+                assert c.pops == {"ams": 1, "fra": 2, "lon": 3}
                 (r,) = await c.claim([flow], pop=pop)
                 assert r.status == Status.CREATED
                 (r,) = await c.lookup([flow])
                 assert r.owner_pop == c.pops[pop]
+        shipped = parse_flow("tcp/198.51.100.8:51000/192.0.2.1:443")
+        async with Client([n["grpc"] for n in nodes if n["pop"] == "ams"]) as c:
+            (r,) = await c.confirm([shipped], pop="ams")
+            assert r.status == Status.CREATED
+        async with Client([n["grpc"] for n in nodes if n["pop"] == "lon"]) as c:
+            for _ in range(400):  # polled for at most ~20 s
+                (r,) = await c.lookup([shipped])
+                if r.status == Status.OK:
+                    break
+                await asyncio.sleep(0.05)
+            assert (r.status, r.owner_pop) == (Status.OK, c.pops["ams"])
         proc.send_signal(signal.SIGTERM)
         rest = await read_until(proc.stdout, "cluster stopped", timeout_s=30)
         assert rest[-1] == "cluster stopped"

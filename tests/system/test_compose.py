@@ -1,7 +1,8 @@
 """docker-compose.yml, exercised without a Docker engine.
 
-The static tests check that the three services are wired to each other (peer ids, hosts
-and ports agree with the other services, health check and published ports point at the
+The static tests check that the services are wired to each other (each lists its own PoP's
+other services as --peers and every other PoP's services as --pop-peers; ids, hosts and
+ports agree with the other services; health check and published ports point at the
 ports the node listens on), so the file cannot drift. The process tests run each service's
 exact ``command`` as a real local ``python -m dht`` process, with the service hostnames
 mapped to 127.0.0.1 and every container port mapped to a free local port (consistently,
@@ -13,6 +14,7 @@ claims and look-ups through different nodes, and a SIGTERM stop with status 0.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -150,14 +152,24 @@ def test_services_run_the_same_command_shape() -> None:
     for name, cmd in cmds.items():
         assert cmd[0] == "node", f"{name}: command must start with the `node` subcommand"
         assert flag_names(cmd) == flag_names(first), f"{name}: flags differ from the others"
-        for flag in ("--profile", "--pop", "--pops", "--grpc-port", "--admin-port"):
+        for flag in ("--profile", "--pops", "--grpc-port", "--admin-port"):
             assert flag_value(cmd, flag) == flag_value(first, flag), f"{name}: {flag} differs"
         assert flag_value(cmd, "--profile") == "docker"
+        pops = [p.split("=")[0] for p in flag_value(cmd, "--pops").split(",")]
+        assert flag_value(cmd, "--pop") in pops, f"{name}: --pop not in --pops"
+    per_pop: dict[str, int] = {}
+    for cmd in cmds.values():
+        per_pop[flag_value(cmd, "--pop")] = per_pop.get(flag_value(cmd, "--pop"), 0) + 1
+    assert len(per_pop) == 3 and set(per_pop.values()) == {2}, f"services per PoP: {per_pop}"
     node_ids = [flag_value(cmd, "--node-id") for cmd in cmds.values()]
     assert len(set(node_ids)) == len(node_ids), f"node ids not unique: {node_ids}"
     for name, svc in svcs.items():
         assert svc.get("image") == "dht:latest", f"{name}: image"
         assert svc.get("build") == ".", f"{name}: build"
+
+
+def pop_of(svc: dict[str, Any]) -> str:
+    return flag_value(command(svc), "--pop")
 
 
 def test_peer_lists_name_exactly_the_other_services() -> None:
@@ -166,12 +178,14 @@ def test_peer_lists_name_exactly_the_other_services() -> None:
     for name, svc in svcs.items():
         cmd = command(svc)
         me = flag_value(cmd, "--node-id")
+        pop = pop_of(svc)
+        same_pop = {i for i, n in by_id.items() if pop_of(svcs[n]) == pop}
         assert flag_value(cmd, "--advertise-host") == hostname(name, svc), (
             f"{name}: --advertise-host must be the name the other services dial"
         )
         peers = [parse_peer(p) for p in flag_values(cmd, "--peers")]
         peer_ids = {node_id for node_id, _, _ in peers}
-        assert peer_ids == set(by_id) - {me}, f"{name}: --peers {sorted(peer_ids)}"
+        assert peer_ids == same_pop - {me}, f"{name}: --peers {sorted(peer_ids)}"
         assert len(peers) == len(peer_ids), f"{name}: duplicate peers"
         for node_id, grpc, admin in peers:
             other = svcs[by_id[node_id]]
@@ -179,6 +193,18 @@ def test_peer_lists_name_exactly_the_other_services() -> None:
             host = hostname(by_id[node_id], other)
             assert grpc == f"{host}:{flag_value(ocmd, '--grpc-port')}", f"{name}: peer {node_id}"
             assert admin == f"{host}:{flag_value(ocmd, '--admin-port')}", f"{name}: peer {node_id}"
+        # Every other PoP, with exactly its services' gRPC addresses.
+        expected = {}
+        for other_name, other in svcs.items():
+            if pop_of(other) != pop:
+                addr = f"{hostname(other_name, other)}:{flag_value(command(other), '--grpc-port')}"
+                expected.setdefault(pop_of(other), set()).add(addr)
+        listed = {}
+        for spec in flag_values(cmd, "--pop-peers"):
+            other_pop, _, addrs = spec.partition("=")
+            assert other_pop not in listed, f"{name}: --pop-peers names {other_pop} twice"
+            listed[other_pop] = set(addrs.split(","))
+        assert listed == expected, f"{name}: --pop-peers {listed}, want {expected}"
 
 
 def test_published_ports_and_healthcheck_match_the_node() -> None:
@@ -402,7 +428,9 @@ def test_every_node_is_ready(cluster: list[LocalNode]) -> None:
         status, body = http_get(f"http://{n.admin}/partitions")
         assert status == 200
         members = {m["node_id"]: m["address"] for m in body["members"]}
-        assert members == {m.node_id: m.grpc for m in cluster}, f"{n.service}: {members}"
+        pop = n.node_id.split("-")[0]
+        same = {m.node_id: m.grpc for m in cluster if m.node_id.startswith(f"{pop}-")}
+        assert members == same, f"{n.service}: {members}"
 
 
 def test_compose_healthcheck_command_passes(cluster: list[LocalNode]) -> None:
@@ -428,7 +456,8 @@ def test_compose_healthcheck_command_passes(cluster: list[LocalNode]) -> None:
 
 async def test_claims_are_visible_through_every_node(cluster: list[LocalNode]) -> None:
     keys = [parse_flow(f) for f in FLOWS]
-    first, *others = cluster
+    first = cluster[0]
+    same_pop = [n for n in cluster if n.node_id.startswith("ams-")]
     async with Client([first.grpc], timeout_s=HTTP_TIMEOUT_S) as c:
         ams = c.pops["ams"]
         claimed = await c.claim(keys, pop="ams")
@@ -436,10 +465,24 @@ async def test_claims_are_visible_through_every_node(cluster: list[LocalNode]) -
         assert {r.owner_pop for r in claimed} == {ams}
         again = await c.claim(keys, pop="ams")
         assert {r.status for r in again} == {Status.ALREADY_OWNED}, again
-    for n in others:
+    for n in same_pop:
         async with Client([n.grpc], timeout_s=HTTP_TIMEOUT_S) as c:
             found = await c.lookup(keys)
             assert [r.status for r in found] == [Status.OK] * len(keys), (n.service, found)
+            assert {r.owner_pop for r in found} == {ams}
+    # Confirmed (established), the flows are shipped to the other PoPs.
+    async with Client([first.grpc], timeout_s=HTTP_TIMEOUT_S) as c:
+        confirmed = await c.confirm(keys, pop="ams")
+        assert {r.status for r in confirmed} == {Status.OK}, confirmed
+    for n in cluster:
+        async with Client([n.grpc], timeout_s=HTTP_TIMEOUT_S) as c:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                found = await c.lookup(keys)
+                if [r.status for r in found] == [Status.OK] * len(keys):
+                    break
+                assert time.monotonic() < deadline, (n.service, found)
+                await asyncio.sleep(0.05)
             assert {r.owner_pop for r in found} == {ams}
             contested = await c.claim(keys[:2], pop="fra")
             assert {r.status for r in contested} == {Status.OWNED_ELSEWHERE}, contested

@@ -858,3 +858,182 @@ class FetchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
+
+@_typing.final
+class ShipBatch(_message.Message):
+    """---------------------------------------------------------------------------------------
+    Cross-PoP shipping (DESIGN section 7, issue 5). Node to node between PoPs.
+
+    A node ships the writes it coordinated to one node of every other PoP, in batches of
+    ENTRY records (the 40-byte key followed by the 32-byte result layout, as in
+    EntryBatch). The receiving node applies them with the merge function to its own PoP's
+    replicas of each partition and acknowledges a batch once every record is on its PoP's
+    write quorum. Unacknowledged batches are resent (at-least-once: merge is idempotent).
+    Anti-entropy between PoPs compares per-partition digests of the records that are
+    shipped at all (established records older than replicate_after_s, affinity), with the
+    expiry left out so a refresh alone does not count as a difference.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    FROM_POP_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    SENT_HLC_FIELD_NUMBER: _builtins.int
+    NUM_PARTITIONS_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    seq: _builtins.int
+    """Sender's sequence number of the batch on this stream (acknowledged by ShipAck.seq)."""
+    entries: _builtins.bytes
+    """Packed ENTRY records (72 bytes each)."""
+    from_pop: _builtins.int
+    """Sending PoP's wire id and node id."""
+    from_node: _builtins.str
+    sent_hlc: _builtins.int
+    """The sender's hybrid-logical-clock stamp when it sent the batch: a receiver rejects
+    (and counts) a batch stamped beyond its maximum clock offset.
+    """
+    num_partitions: _builtins.int
+    """Both PoPs must use the same partition count (partitions are the unit of repair)."""
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        entries: _builtins.bytes = ...,
+        from_pop: _builtins.int = ...,
+        from_node: _builtins.str = ...,
+        sent_hlc: _builtins.int = ...,
+        num_partitions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "format_version", b"format_version", "from_node", b"from_node", "from_pop", b"from_pop", "num_partitions", b"num_partitions", "sent_hlc", b"sent_hlc", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShipBatch: _TypeAlias = ShipBatch  # noqa: Y015
+
+@_typing.final
+class ShipAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    ok: _builtins.bool
+    """True once every record is on the receiving PoP's write quorum; false = resend later."""
+    applied: _builtins.int
+    rejected: _builtins.int
+    """Records refused for a birth stamp beyond the maximum clock offset (not retried)."""
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+        applied: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "error", b"error", "ok", b"ok", "rejected", b"rejected", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShipAck: _TypeAlias = ShipAck  # noqa: Y015
+
+@_typing.final
+class PopDigestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_POP_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    NUM_PARTITIONS_FIELD_NUMBER: _builtins.int
+    CUTOFF_MS_FIELD_NUMBER: _builtins.int
+    from_pop: _builtins.int
+    partitions: _builtins.bytes
+    """Partition numbers, packed big-endian uint16."""
+    num_partitions: _builtins.int
+    cutoff_ms: _builtins.int
+    """Established records count once born at or before this (Unix ms): the asker's
+    now - replicate_after_s, so both sides compare the same set.
+    """
+    def __init__(
+        self,
+        *,
+        from_pop: _builtins.int = ...,
+        partitions: _builtins.bytes = ...,
+        num_partitions: _builtins.int = ...,
+        cutoff_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoff_ms", b"cutoff_ms", "from_pop", b"from_pop", "num_partitions", b"num_partitions", "partitions", b"partitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopDigestRequest: _TypeAlias = PopDigestRequest  # noqa: Y015
+
+@_typing.final
+class PopDigestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    partitions: _builtins.bytes
+    """The requested partitions this node holds and is in sync for (packed uint16); the
+    asker asks another node of the PoP for the rest.
+    """
+    digests: _builtins.bytes
+    """One big-endian uint64 digest and uint32 count per covered partition."""
+    counts: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        partitions: _builtins.bytes = ...,
+        digests: _builtins.bytes = ...,
+        counts: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "digests", b"digests", "partitions", b"partitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopDigestResponse: _TypeAlias = PopDigestResponse  # noqa: Y015
+
+@_typing.final
+class PopFetchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_POP_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    NUM_PARTITIONS_FIELD_NUMBER: _builtins.int
+    CUTOFF_MS_FIELD_NUMBER: _builtins.int
+    from_pop: _builtins.int
+    partitions: _builtins.bytes
+    num_partitions: _builtins.int
+    cutoff_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        from_pop: _builtins.int = ...,
+        partitions: _builtins.bytes = ...,
+        num_partitions: _builtins.int = ...,
+        cutoff_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoff_ms", b"cutoff_ms", "from_pop", b"from_pop", "num_partitions", b"num_partitions", "partitions", b"partitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopFetchRequest: _TypeAlias = PopFetchRequest  # noqa: Y015

@@ -737,3 +737,206 @@ class NodeInternal:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PopLinkStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Ship = channel.stream_stream(
+                '/dht.v1.PopLink/Ship',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.FromString,
+                _registered_method=True)
+        self.PopDigests = channel.unary_unary(
+                '/dht.v1.PopLink/PopDigests',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopDigestRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopDigestResponse.FromString,
+                _registered_method=True)
+        self.PopFetch = channel.unary_stream(
+                '/dht.v1.PopLink/PopFetch',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopFetchRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.FromString,
+                _registered_method=True)
+        self.PopPush = channel.unary_unary(
+                '/dht.v1.PopLink/PopPush',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.FromString,
+                _registered_method=True)
+
+
+class PopLinkServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Ship(self, request_iterator, context):
+        """The shipping stream: batches in, one acknowledgement per batch out, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PopDigests(self, request, context):
+        """Anti-entropy and bulk resync between PoPs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PopFetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PopPush(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PopLinkServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Ship': grpc.stream_stream_rpc_method_handler(
+                    servicer.Ship,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.SerializeToString,
+            ),
+            'PopDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.PopDigests,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopDigestRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopDigestResponse.SerializeToString,
+            ),
+            'PopFetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.PopFetch,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopFetchRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.SerializeToString,
+            ),
+            'PopPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.PopPush,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dht.v1.PopLink', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dht.v1.PopLink', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PopLink:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Ship(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dht.v1.PopLink/Ship',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PopDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.PopLink/PopDigests',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopDigestRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopDigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PopFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dht.v1.PopLink/PopFetch',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopFetchRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PopPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.PopLink/PopPush',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

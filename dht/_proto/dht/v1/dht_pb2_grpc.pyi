@@ -271,3 +271,58 @@ class NodeInternalServicer(metaclass=_abc_1.ABCMeta):
         """Every copy held in the partitions, in batches (anti-entropy, refill)."""
 
 def add_NodeInternalServicer_to_server(servicer: NodeInternalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PopLinkStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PopLinkAsyncStub: ...
+    Ship: _grpc.StreamStreamMultiCallable[_dht_pb2.ShipBatch, _dht_pb2.ShipAck]
+    """The shipping stream: batches in, one acknowledgement per batch out, in order."""
+    PopDigests: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PopDigestRequest, _dht_pb2.PopDigestResponse]
+    """Anti-entropy and bulk resync between PoPs."""
+    PopFetch: _grpc.UnaryStreamMultiCallable[_dht_pb2.PopFetchRequest, _dht_pb2.ShipBatch]
+    PopPush: _grpc.UnaryUnaryMultiCallable[_dht_pb2.ShipBatch, _dht_pb2.ShipAck]
+
+@_typing.type_check_only
+class PopLinkAsyncStub(PopLinkStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Ship: _aio.StreamStreamMultiCallable[_dht_pb2.ShipBatch, _dht_pb2.ShipAck]  # type: ignore[assignment]
+    """The shipping stream: batches in, one acknowledgement per batch out, in order."""
+    PopDigests: _aio.UnaryUnaryMultiCallable[_dht_pb2.PopDigestRequest, _dht_pb2.PopDigestResponse]  # type: ignore[assignment]
+    """Anti-entropy and bulk resync between PoPs."""
+    PopFetch: _aio.UnaryStreamMultiCallable[_dht_pb2.PopFetchRequest, _dht_pb2.ShipBatch]  # type: ignore[assignment]
+    PopPush: _aio.UnaryUnaryMultiCallable[_dht_pb2.ShipBatch, _dht_pb2.ShipAck]  # type: ignore[assignment]
+
+class PopLinkServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Ship(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dht_pb2.ShipBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dht_pb2.ShipAck], _abc.AsyncIterator[_dht_pb2.ShipAck]]:
+        """The shipping stream: batches in, one acknowledgement per batch out, in order."""
+
+    @_abc_1.abstractmethod
+    def PopDigests(
+        self,
+        request: _dht_pb2.PopDigestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.PopDigestResponse, _abc.Awaitable[_dht_pb2.PopDigestResponse]]:
+        """Anti-entropy and bulk resync between PoPs."""
+
+    @_abc_1.abstractmethod
+    def PopFetch(
+        self,
+        request: _dht_pb2.PopFetchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dht_pb2.ShipBatch], _abc.AsyncIterator[_dht_pb2.ShipBatch]]: ...
+
+    @_abc_1.abstractmethod
+    def PopPush(
+        self,
+        request: _dht_pb2.ShipBatch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.ShipAck, _abc.Awaitable[_dht_pb2.ShipAck]]: ...
+
+def add_PopLinkServicer_to_server(servicer: PopLinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,246 @@
+"""Two PoPs in one process over real gRPC on loopback: shipping, the policy, tombstones,
+affinity, the resend buffer and resync, clock-offset rejection, bad input (issue 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from dht._proto.dht.v1 import dht_pb2 as pb
+from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+from dht.bench import synthetic_keys
+from dht.client import Client
+from dht.cluster import plan
+from dht.config import build_config
+from dht.record import State, Status
+from dht.server import NodeServer
+from dht.shipping import Kind
+from dht.wire import ENTRY_DTYPE, FLAG_AFFINITY_FALLBACK, KEY_DTYPE, KEY_SIZE
+
+from .conftest import pop_settled, wait_for
+
+MakePops = Callable[..., Awaitable[dict[str, list[NodeServer]]]]
+POPS = {"ams": 1, "fra": 2, "lon": 3}
+
+
+@pytest.fixture
+async def make_pops() -> AsyncIterator[MakePops]:
+    """``await make_pops(pops=2, nodes=2, wall_ms={pop: clock}, **config)``."""
+    started: list[NodeServer] = []
+
+    async def make(
+        pops: int = 2,
+        nodes: int = 2,
+        wall_ms: dict[str, Callable[[], int]] | None = None,
+        **overrides: Any,
+    ) -> dict[str, list[NodeServer]]:
+        specs = plan(pops, nodes)
+        out: dict[str, list[NodeServer]] = {}
+        for spec in specs:
+            others: dict[str, list[str]] = {}
+            for s in specs:
+                if s.pop != spec.pop:
+                    others.setdefault(s.pop, []).append(s.grpc)
+            values: dict[str, Any] = {
+                "profile": "test",
+                "node_id": spec.node_id,
+                "pop": spec.pop,
+                "pops": POPS,
+                "grpc_port": spec.grpc_port,
+                "admin_port": -1,
+                "peers": [
+                    f"{s.node_id}={s.grpc}" for s in specs if s.pop == spec.pop and s is not spec
+                ],
+                "pop_peers": others,
+                **overrides,
+            }
+            srv = NodeServer(build_config(values), (wall_ms or {}).get(spec.pop))
+            out.setdefault(spec.pop, []).append(srv)
+        for servers in out.values():
+            for srv in servers:
+                await srv.start()
+                started.append(srv)
+        every = [s for servers in out.values() for s in servers]
+        await wait_for(
+            lambda: all(pop_settled(s) and s.pops.startup.is_set() for s in every),
+            what="nodes ready",
+        )
+        return out
+
+    yield make
+    for s in started:
+        await s.stop(leave=False)
+
+
+def shipped(servers: list[NodeServer], kind: Kind) -> int:
+    return sum(link.stats.records.get(kind, 0) for s in servers for link in s.pops.links.values())
+
+
+async def lookup(c: Client, raw: bytes) -> np.ndarray:  # type: ignore[type-arg]
+    return await c.flow_packed("Lookup", raw)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15) -> None:
+    """Poll an async condition every 20 ms until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_established_records_ship_and_embryonic_ones_stay(make_pops: MakePops) -> None:
+    pops = await make_pops()
+    ams, fra = pops["ams"], pops["fra"]
+    confirmed = synthetic_keys(400, seed=11)
+    embryonic = synthetic_keys(300, seed=12, start=1000)
+    async with (
+        Client([ams[0].grpc_address], timeout_s=10) as a,
+        Client([fra[0].grpc_address], timeout_s=10) as f,
+    ):
+        assert set((await a.flow_packed("Confirm", confirmed, pop="ams"))["status"]) == {
+            Status.CREATED
+        }
+        assert set((await a.flow_packed("Claim", embryonic, pop="ams"))["status"]) == {
+            Status.CREATED
+        }
+
+        async def all_found() -> bool:
+            return bool(((await lookup(f, confirmed))["status"] == Status.OK).all())
+
+        await until(all_found, "confirmed flows shipped to fra")
+        got = await lookup(f, confirmed)
+        assert set(got["owner_pop"].tolist()) == {POPS["ams"]}
+        assert set(got["state"].tolist()) == {State.ESTABLISHED}
+        # Embryonic claims never leave their PoP: fra holds none, and nothing but the
+        # established records (and the affinity each confirm set) was shipped.
+        assert (
+            sum(s.node.store.counts()[(fam, "embryonic")] for s in fra for fam in ("ipv4", "ipv6"))
+            == 0
+        )
+        # (fra may apply a batch a moment before ams hears its acknowledgement)
+        await wait_for(lambda: shipped(ams, Kind.ESTABLISHED) >= 400, what="acknowledgements")
+        assert shipped(ams, Kind.ESTABLISHED) == 400
+        miss = await lookup(f, embryonic)
+        assert set(miss["status"].tolist()) == {Status.NOT_FOUND}
+        assert set(miss["flags"].tolist()) == {0}  # no affinity: these clients never confirmed
+        # The confirms made ams the clients' preferred PoP, and that reached fra too: a
+        # miss for another flow of a client that confirmed at ams names ams, flagged.
+        other = np.frombuffer(confirmed, dtype=KEY_DTYPE).copy()
+        other["sport"] = 8443
+        fallback = await lookup(f, other.tobytes())
+        assert set(fallback["status"].tolist()) == {Status.NOT_FOUND}
+        assert (fallback["owner_pop"] == POPS["ams"]).all()
+        assert (fallback["flags"] & FLAG_AFFINITY_FALLBACK).all()
+
+        # Tombstones ship: released at ams, gone at fra, and a stale copy cannot bring
+        # them back.
+        released = confirmed[: 100 * KEY_SIZE]
+        assert set((await a.flow_packed("Release", released, pop="ams"))["status"]) == {Status.OK}
+
+        async def gone() -> bool:
+            return bool(((await lookup(f, released))["status"] == Status.NOT_FOUND).all())
+
+        await until(gone, "tombstones shipped")
+        await wait_for(lambda: shipped(ams, Kind.TOMBSTONE) == 100, what="tombstones acked")
+        stale = await a.flow_packed("Lookup", confirmed[100 * KEY_SIZE : 101 * KEY_SIZE])
+        assert stale["status"][0] == Status.OK
+        # Refreshes right after the confirm stay in the same expiry quantum: not shipped.
+        await a.flow_packed("Refresh", confirmed[100 * KEY_SIZE :], pop="ams")
+        assert shipped(ams, Kind.REFRESH) == 0
+
+
+async def test_explicit_affinity_ships_on_change(make_pops: MakePops) -> None:
+    pops = await make_pops()
+    import ipaddress
+
+    clients = [ipaddress.ip_address(f"198.51.100.{i}") for i in range(1, 21)]
+    async with (
+        Client([pops["ams"][0].grpc_address], timeout_s=10) as a,
+        Client([pops["fra"][0].grpc_address], timeout_s=10) as f,
+    ):
+
+        async def preferred(n: int, pop: str) -> bool:
+            return {r.owner_pop for r in await f.get_affinity(clients[:n])} == {POPS[pop]}
+
+        await a.set_affinity(clients, "lon")
+        await until(lambda: preferred(20, "lon"), "affinity shipped")
+        await wait_for(lambda: shipped(pops["ams"], Kind.AFFINITY) == 20, what="affinity acked")
+        await a.set_affinity(clients, "lon")  # unchanged: not shipped again
+        await a.set_affinity(clients[:5], "fra")
+        await until(lambda: preferred(5, "fra"), "changed affinity shipped")
+        await wait_for(lambda: shipped(pops["ams"], Kind.AFFINITY) >= 25, what="change acked")
+        assert shipped(pops["ams"], Kind.AFFINITY) == 25
+
+
+async def test_a_peer_behind_the_resend_buffer_is_resynced(make_pops: MakePops) -> None:
+    pops = await make_pops(ship_buffer_records=100, ship_batch_records=50)
+    raw = synthetic_keys(3000, seed=13, start=5000)
+    async with (
+        Client([pops["ams"][0].grpc_address], timeout_s=10) as a,
+        Client([pops["fra"][0].grpc_address], timeout_s=10) as f,
+    ):
+        ams = pops["ams"]
+
+        def resyncs() -> int:
+            return sum(link.stats.resyncs for s in ams for link in s.pops.links.values())
+
+        at_start = resyncs()
+        await a.flow_packed("Confirm", raw, pop="ams")
+        assert sum(link.queue.dropped for s in ams for link in s.pops.links.values()) > 0
+
+        async def repaired() -> bool:
+            return bool(((await lookup(f, raw))["status"] == Status.OK).all())
+
+        await until(repaired, "dropped records repaired by resync", 30)
+        await wait_for(lambda: resyncs() > at_start, what="a resync after the overflow")
+
+
+async def test_stamps_beyond_the_clock_offset_are_rejected(make_pops: MakePops) -> None:
+    ahead = lambda: time.time_ns() // 1_000_000 + 10_000  # noqa: E731 - ams runs 10 s fast
+    pops = await make_pops(wall_ms={"ams": ahead})
+    raw = synthetic_keys(50, seed=14, start=9000)
+    async with Client([pops["ams"][0].grpc_address], timeout_s=10) as a:
+        await a.flow_packed("Confirm", raw, pop="ams")
+    fra = pops["fra"]
+    await wait_for(lambda: sum(s.pops.rejected for s in fra) >= 50, what="rejections at fra")
+    assert sum(s.node.clock.rejected for s in fra) >= 50
+    assert all(len(s.node.store) == 0 for s in fra)
+
+
+async def test_malformed_shipments_are_invalid_argument(make_pops: MakePops) -> None:
+    pops = await make_pops()
+    target = pops["fra"][0]
+    good = np.zeros(1, dtype=ENTRY_DTYPE)
+    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+        stub = pb_grpc.PopLinkStub(ch)
+
+        def batch(entries: bytes = b"", **kw: int) -> pb.ShipBatch:
+            values = {"format_version": 1, "from_pop": 1, "num_partitions": 4096, **kw}
+            return pb.ShipBatch(entries=entries, **values)
+
+        cases = [
+            (batch(b"x" * 71), "entries"),
+            (batch(good.tobytes()), "entries[0].kind"),
+            (batch(from_pop=9), "from_pop"),
+            (batch(from_pop=2), "from_pop"),
+            (batch(num_partitions=16), "num_partitions"),
+            (batch(format_version=7), "format_version"),
+        ]
+        for req, field in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.PopPush(req, timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value)
+            assert (err.value.details() or "").startswith(field), err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.PopDigests(
+                pb.PopDigestRequest(from_pop=1, partitions=b"\xff\xff", num_partitions=4096),
+                timeout=5,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert target.node.live()  # the node shrugged it all off
