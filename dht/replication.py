@@ -399,12 +399,12 @@ class Replicator:
         return min(self.config.write_quorum or rf // 2 + 1, rf)
 
     def _quorum_plan(
-        self, parts: npt.NDArray[np.uint16], need: Callable[[int, int], int]
+        self, parts: npt.NDArray[np.uint16], need: Callable[[int, int, bool], int]
     ) -> tuple[list[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]], _Tally]:
         """Per other replica of ``parts`` in any of the tables in force: the positions it
         replicates and, per table, whether it counts there. Plus the tally to fill, where
         this node already counts wherever it is a replica, and each table needs
-        ``need(rf, W)`` answers (a last row counts every holder, needing none)."""
+        ``need(rf, W, ours)`` answers (a last row counts every holder, needing none)."""
         tables = self._tables()
         n = len(parts)
         counts = np.zeros((len(tables) + 1, n), dtype=np.int32)
@@ -412,7 +412,7 @@ class Replicator:
         rows: dict[str, tuple[Member, npt.NDArray[np.bool_]]] = {}
         for t, (table, me) in enumerate(tables):
             rf = table.replication_factor
-            needs[t] = need(rf, self.write_quorum if t == 0 else self._default_w(rf))
+            needs[t] = need(rf, self.write_quorum if t == 0 else self._default_w(rf), t == 0)
             reps = table.replicas[parts]  # (n, rf)
             if me >= 0:
                 counts[t] = (reps == me).any(axis=1)
@@ -523,7 +523,7 @@ class Replicator:
                 missed.append((member, idx))
             return False
 
-        plan, tally = self._quorum_plan(parts, lambda rf, w: w)
+        plan, tally = self._quorum_plan(parts, lambda rf, w, _: w)
         calls = [(idx, rows, one(member, idx)) for member, idx, rows in plan]
         await self._until_quorum(calls, tally)
         settled[0] = True
@@ -587,7 +587,7 @@ class Replicator:
         # helps, and waiting for one would stop writes when a replica dies, so the
         # take-over needs only this node (and W = 1 promises no fencing).
         plan, tally = self._quorum_plan(
-            parts.astype(np.uint16), lambda rf, w: 1 if w == 1 else rf - w + 1
+            parts.astype(np.uint16), lambda rf, w, _: 1 if w == 1 else rf - w + 1
         )
         calls = [(idx, rows, one(member, idx)) for member, idx, rows in plan]
         await self._until_quorum(calls, tally)
@@ -653,7 +653,10 @@ class Replicator:
                 self.local.merge_entries(entries)
             return True
 
-        plan, tally = self._quorum_plan(parts, read_quorum)
+        # In our own table R as set for it (a PoP sized down may run R = 1, dht.sizing).
+        plan, tally = self._quorum_plan(
+            parts, lambda rf, w, ours: self.read_quorum if ours else read_quorum(rf, w)
+        )
         if not tally.met():
             calls = [(idx, rows_, one(member, idx)) for member, idx, rows_ in plan]
             await self._until_quorum(calls, tally)
