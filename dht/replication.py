@@ -710,9 +710,12 @@ class Replicator:
         if differ.size == 0:
             return 0
         applied = 0
+        self.stats.ae_partitions_repaired += int(differ.size)
         async for raw in self.transport.fetch(member, differ):
             self.stats.bytes_pulled += len(raw)
-            applied += self.local.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE)).applied
+            got = self.local.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE)).applied
+            self.stats.ae_records_repaired += got  # counted as applied (a later step may fail)
+            applied += got
         if push:
             mine = self.local.export_entries(differ)
             step = self.config.batch_entries
@@ -720,9 +723,8 @@ class Replicator:
                 chunk = mine[start : start + step].tobytes()
                 self.stats.bytes_pushed += len(chunk)
                 pushed = await self.transport.replicate(member, chunk, hinted=False)
+                self.stats.ae_records_repaired += pushed.applied
                 applied += pushed.applied
-        self.stats.ae_partitions_repaired += int(differ.size)
-        self.stats.ae_records_repaired += applied
         return applied
 
     async def anti_entropy_round(
