@@ -241,6 +241,11 @@ class Pops:
 
     async def after_batch(self, call: BatchCall, out: ResultArray) -> None:
         cfg = self.config
+        if not self.links:
+            # A lone PoP: every flow's preferred PoP is this one, so affinity records
+            # (one per client prefix, a /32 by default) would only cost memory and a
+            # quorum write per confirm. Explicit SetAffinity calls still work.
+            return
         try:
             if call.op is Op.CONFIRM and cfg.affinity_on_confirm:
                 await self._affinity_on_confirm(call, out)
