@@ -157,6 +157,16 @@ def _monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
+def _same_claim(a: ResultArray, b: ResultArray) -> npt.NDArray[np.bool_]:
+    """Per row: the same claim (generation and birth), whatever its state since."""
+    same: npt.NDArray[np.bool_] = (
+        (a["generation"] == b["generation"])
+        & (a["birth_hlc"] == b["birth_hlc"])
+        & (a["birth_pop"] == b["birth_pop"])
+    )
+    return same
+
+
 class Node:
     def __init__(self, config: NodeConfig, wall_ms: Callable[[], int] | None = None) -> None:
         self.config = config
@@ -609,9 +619,7 @@ class Node:
         acknowledged claim, is kept)."""
         now = self._copies(b, idx)
         still = (
-            (now["generation"] == wrote["generation"])
-            & (now["birth_hlc"] == wrote["birth_hlc"])
-            & (now["birth_pop"] == wrote["birth_pop"])
+            _same_claim(now, wrote)
             & (now["state"] == wrote["state"])
             & (now["owner_pop"] == wrote["owner_pop"])
             & (now["expiry_ms"] == wrote["expiry_ms"])
@@ -797,13 +805,7 @@ class Node:
             return flows
         keys = entries["key"][flows]
         held = self.store.copies(keys, key_hashes(keys.tobytes()))
-        rec = entries["rec"][flows]
-        same = (
-            (held["status"] == Status.OK)
-            & (held["generation"] == rec["generation"])
-            & (held["birth_hlc"] == rec["birth_hlc"])
-            & (held["birth_pop"] == rec["birth_pop"])
-        )
+        same = (held["status"] == Status.OK) & _same_claim(held, entries["rec"][flows])
         lost: npt.NDArray[np.intp] = flows[~same]
         return lost
 

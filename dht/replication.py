@@ -370,16 +370,6 @@ class Replicator:
 
     # ------------------------------------------------------------------ writes
 
-    def _others(self, parts: npt.NDArray[np.uint16]) -> dict[int, npt.NDArray[np.intp]]:
-        """Per other replica: positions (into ``parts``) of the keys it replicates."""
-        reps = self.pmap.replicas[parts]  # (n, rf)
-        out = {}
-        for member in np.unique(reps):
-            if member == self.self_index:
-                continue
-            out[int(member)] = np.flatnonzero((reps == member).any(axis=1))
-        return out
-
     def _tables(self) -> list[tuple[PartitionMap, int]]:
         """The tables (with this node's index in each, -1 if absent) whose quorums a
         write or a take-over must reach: ours, and while a membership change settles
@@ -434,22 +424,17 @@ class Replicator:
 
     async def _until_quorum(
         self,
-        calls: Sequence[
-            tuple[
-                npt.NDArray[np.intp],
-                npt.NDArray[np.bool_],
-                Awaitable[npt.NDArray[np.bool_] | bool],
-            ]
-        ],
+        plan: Sequence[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]],
         tally: _Tally,
+        call: Callable[[Member, npt.NDArray[np.intp]], Awaitable[npt.NDArray[np.bool_] | bool]],
     ) -> _Tally:
-        """Run per-peer calls concurrently until every key has its quorum in every table
-        or every call is done. A call answers for its keys (``rows``: where it counts,
-        per table) as a whole or per key. Calls still running then finish in the
-        background (a slow replica does not hold up a quorum that is already there);
-        they are owned and cancelled on close()."""
+        """Run ``call(member, idx)`` for each replica of ``plan`` concurrently until every
+        key has its quorum in every table or every call is done. A call answers for its
+        keys (``rows``: where it counts, per table) as a whole or per key. Calls still
+        running then finish in the background (a slow replica does not hold up a quorum
+        that is already there); they are owned and cancelled on close()."""
         tasks: dict[asyncio.Future[Any], tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]] = {
-            asyncio.ensure_future(aw): (idx, rows) for idx, rows, aw in calls
+            asyncio.ensure_future(call(member, idx)): (idx, rows) for member, idx, rows in plan
         }
         pending: set[asyncio.Future[Any]] = set(tasks)
         while pending and not tally.met():
@@ -524,8 +509,7 @@ class Replicator:
             return False
 
         plan, tally = self._quorum_plan(parts, lambda rf, w, _: w)
-        calls = [(idx, rows, one(member, idx)) for member, idx, rows in plan]
-        await self._until_quorum(calls, tally)
+        await self._until_quorum(plan, tally, one)
         settled[0] = True
         ok = tally.ok()
         held = tally.holders
@@ -589,8 +573,7 @@ class Replicator:
         plan, tally = self._quorum_plan(
             parts.astype(np.uint16), lambda rf, w, _: 1 if w == 1 else rf - w + 1
         )
-        calls = [(idx, rows, one(member, idx)) for member, idx, rows in plan]
-        await self._until_quorum(calls, tally)
+        await self._until_quorum(plan, tally, one)
         # Granted, and not promised to a higher term meanwhile.
         ok: npt.NDArray[np.bool_] = tally.ok() & (self.promised[parts] == np.uint64(term))
         self.held[parts[ok]] = term
@@ -658,8 +641,7 @@ class Replicator:
             parts, lambda rf, w, ours: self.read_quorum if ours else read_quorum(rf, w)
         )
         if not tally.met():
-            calls = [(idx, rows_, one(member, idx)) for member, idx, rows_ in plan]
-            await self._until_quorum(calls, tally)
+            await self._until_quorum(plan, tally, one)
         ok = tally.ok()
         self.stats.read_quorum_failures += int(np.count_nonzero(~ok))
         return ok
