@@ -206,7 +206,7 @@ class Node:
         # Keys held by writes in flight (see _coordinate).
         self._locks: dict[bytes, asyncio.Future[None]] = {}
         # Per write in flight: its keys and their copies before it (see _unsettled).
-        self._inflight: dict[asyncio.Future[None], tuple[list[bytes], ResultArray]] = {}
+        self._inflight: dict[asyncio.Future[None], tuple[npt.NDArray[np.uint8], ResultArray]] = {}
         # Partitions being taken over now, each with the take-over's future.
         self._acquiring: dict[int, asyncio.Future[None]] = {}
         self.metrics.add_gauges(self._gauges)
@@ -522,7 +522,7 @@ class Node:
             return nothing
         before = self._copies(b, idx) if mutating else None
         if lock is not None and before is not None:
-            self._inflight[lock] = ([b.keys40[i].tobytes() for i in idx], before)
+            self._inflight[lock] = (b.keys40[idx], before)
         terms = repl.held[b.parts[idx]]  # fixed now: a promise may end them meanwhile
         issued = self.clock.now()
         res = self._apply(b, idx)
@@ -752,8 +752,8 @@ class Node:
         the copy from before it, or nothing."""
         out: dict[bytes, ResultArray] = {}
         for keys, before in self._inflight.values():
-            for i, k in enumerate(keys):
-                out[k] = before[i : i + 1]
+            for i in range(len(keys)):
+                out[keys[i].tobytes()] = before[i : i + 1]
         return out
 
     # ---- the NodeInternal calls (validated here: they come from the network)
