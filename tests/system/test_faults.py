@@ -439,6 +439,16 @@ class PopLedger:
             self.statuses[f"confirm_{Status(int(r['status'])).name}"] += 1
             self.confirms[key] = int(r["status"])
 
+    async def claim_then_confirm(self, client: Client, pop: str, raw: bytes) -> None:
+        """What a PoP does with new flows: claim them all, confirm the ones it won."""
+        res = await client.flow_packed("Claim", raw, pop=pop, ttl_s=TTL_S)
+        keys = rows(raw)
+        self.record_claims(keys, res)
+        won = [k for k in keys if self.acked(k, client.pops[pop])]
+        if won:
+            res = await client.flow_packed("Confirm", b"".join(won), pop=pop, ttl_s=TTL_S)
+            self.record_confirms(won, res)
+
 
 async def test_sigstop_beyond_failure_timeout_then_sigcont(
     make_cluster: MakeCluster, http: aiohttp.ClientSession
@@ -460,15 +470,7 @@ async def test_sigstop_beyond_failure_timeout_then_sigcont(
         pops = ams_client.pops
 
         async def side(client: Client, pop: str, raw: bytes) -> None:
-            ledger = ledgers[pop]
-            res = await client.flow_packed("Claim", raw, pop=pop, ttl_s=TTL_S)
-            keys = rows(raw)
-            ledger.record_claims(keys, res)
-            won = [k for k in keys if ledger.acked(k, pops[pop])]
-            if not won:
-                return
-            res = await client.flow_packed("Confirm", b"".join(won), pop=pop, ttl_s=TTL_S)
-            ledger.record_confirms(won, res)
+            await ledgers[pop].claim_then_confirm(client, pop, raw)
 
         async def race_round(i: int) -> None:
             raw = pool[i * batch * KEY_SIZE : (i + 1) * batch * KEY_SIZE]

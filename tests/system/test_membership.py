@@ -677,23 +677,10 @@ async def test_node_declared_dead_comes_back_without_double_ownership(
         pops = ams_client.pops
 
         async def side(client: Client, pop: str, raw: bytes) -> None:
-            ledger = ledgers[pop]
             try:
-                res = await client.flow_packed("Claim", raw, pop=pop, ttl_s=TTL_S)
+                await ledgers[pop].claim_then_confirm(client, pop, raw)
             except Exception as e:  # reported and asserted on below
-                errors.append(f"{tl.at(time.monotonic())} {pop} Claim {e!r}")
-                return
-            keys = rows(raw)
-            ledger.record_claims(keys, res)
-            won = [k for k in keys if ledger.acked(k, pops[pop])]
-            if not won:
-                return
-            try:
-                res = await client.flow_packed("Confirm", b"".join(won), pop=pop, ttl_s=TTL_S)
-            except Exception as e:  # reported and asserted on below
-                errors.append(f"{tl.at(time.monotonic())} {pop} Confirm {e!r}")
-                return
-            ledger.record_confirms(won, res)
+                errors.append(f"{tl.at(time.monotonic())} {pop} {e!r}")
 
         async def lagged(raw: bytes) -> None:
             """fra claims flows ams already holds: only ams-acknowledged, fra-unclaimed."""
