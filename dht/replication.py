@@ -427,18 +427,24 @@ class Replicator:
         plan: Sequence[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]],
         tally: _Tally,
         call: Callable[[Member, npt.NDArray[np.intp]], Awaitable[npt.NDArray[np.bool_] | bool]],
+        linger_s: float = 0.0,
     ) -> _Tally:
         """Run ``call(member, idx)`` for each replica of ``plan`` concurrently until every
-        key has its quorum in every table or every call is done. A call answers for its
-        keys (``rows``: where it counts, per table) as a whole or per key. Calls still
-        running then finish in the background (a slow replica does not hold up a quorum
-        that is already there); they are owned and cancelled on close()."""
+        key has its quorum in every table or every call is done, then for up to
+        ``linger_s`` more for the rest. A call answers for its keys (``rows``: where it
+        counts, per table) as a whole or per key. Calls still running then finish in the
+        background (a slow replica does not hold up a quorum that is already there);
+        they are owned and cancelled on close()."""
         tasks: dict[asyncio.Future[Any], tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]] = {
             asyncio.ensure_future(call(member, idx)): (idx, rows) for member, idx, rows in plan
         }
         pending: set[asyncio.Future[Any]] = set(tasks)
         while pending and not tally.met():
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                tally.add(*tasks[t], t.result())
+        if pending and linger_s > 0:
+            done, pending = await asyncio.wait(pending, timeout=linger_s)
             for t in done:
                 tally.add(*tasks[t], t.result())
         for t in pending:
@@ -573,7 +579,11 @@ class Replicator:
         plan, tally = self._quorum_plan(
             parts.astype(np.uint16), lambda rf, w, _: 1 if w == 1 else rf - w + 1
         )
-        await self._until_quorum(plan, tally, one)
+        # Past the quorum, every replica that answers within the RPC timeout is pulled
+        # from too: a write that was answered as failed but reached some replicas
+        # (fewer than a quorum in some table in force) cannot be undone there, and a
+        # claim decided without seeing it could later lose to it by earliest birth.
+        await self._until_quorum(plan, tally, one, self.config.rpc_timeout_ms / 1000)
         # Granted, and not promised to a higher term meanwhile.
         ok: npt.NDArray[np.bool_] = tally.ok() & (self.promised[parts] == np.uint64(term))
         self.held[parts[ok]] = term
