@@ -77,6 +77,8 @@ class ForwarderConfig:
     # A record this PoP owns is refreshed when it would expire within this long.
     refresh_ahead_s: float = 60.0
     table_refresh_s: float = 30.0
+    # Run the rounds above in the background (off: call refresh_live() yourself).
+    background_refresh: bool = True
     # Requested TTLs (0 = the server's default for the state; within its bounds).
     claim_ttl_s: int = 0
     confirm_ttl_s: int = 0
@@ -341,7 +343,8 @@ class Forwarder:
             raise
         for b in self._batchers:
             self._spawn(b.run(), f"{b.name}-batcher")
-        self._spawn(self._maintain(), "forwarder-maintenance")
+        if self.config.background_refresh:
+            self._spawn(self._maintain(), "forwarder-maintenance")
 
     async def close(self) -> None:
         """Stop the background work, fail callers still waiting (``Unavailable``), close
