@@ -259,6 +259,14 @@ class Simulation:
                 "unknown": "no-owner-known",
                 "affinity": "affinity-elsewhere",
             }.get(out.reason, "wrong-owner")
+            if (
+                reason == "no-owner-known"
+                and out.answer
+                and out.answer.affinity == (self.forwarders[landed].here)
+            ):
+                # The client's affinity names the landing PoP itself (a newer connection
+                # of this client started here after the flap): no use to the loop guard.
+                reason = "affinity-is-here"
             tally.foreign[reason] += 1
             if missed:
                 tally.before_ship[reason] += 1
