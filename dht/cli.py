@@ -4,6 +4,7 @@
     dht cluster  run a local cluster of node processes
     dht ctl      query and mutate records on a running node
     dht demo     start a local cluster, do real work with it, print what happened
+    dht simulate anycast traffic with route flaps against a local multi-PoP cluster
     dht bench    benchmark batch lookups against a local cluster
 
 Exit status: 0 success, 1 runtime failure (unreachable node, ...), 2 bad input.
@@ -357,8 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_ctl_parser(sub)
     from dht.bench import add_bench_parser
     from dht.demo import add_demo_parser
+    from dht.simulate import add_simulate_parser
 
     add_demo_parser(sub)
+    add_simulate_parser(sub)
     add_bench_parser(sub)
     return parser
 
@@ -376,8 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners = {"node": run_node, "cluster": run_cluster, "ctl": run_ctl}
     from dht.bench import run_bench
     from dht.demo import run_demo
+    from dht.simulate import run_simulate
 
     runners["demo"] = run_demo
+    runners["simulate"] = run_simulate
     runners["bench"] = run_bench
     try:
         with contextlib.suppress(KeyboardInterrupt):

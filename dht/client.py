@@ -30,6 +30,8 @@ from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.config import TlsConfig
 from dht.errors import DhtError, InvalidArgument, Unavailable, from_grpc
+from dht.flowcache import Answer, CacheLimits
+from dht.forwarder import Forwarder, ForwarderConfig, ForwarderStats, Outcome
 from dht.placement import PartitionMap
 from dht.record import Status
 from dht.server import channel_credentials, open_channel
@@ -47,6 +49,18 @@ from dht.wire import (
     new_results,
     prefix_mask,
 )
+
+# The forwarder-side client (cache, coalescing, micro-batching, decision table) lives in
+# dht.forwarder and is exported here: ``from dht.client import Forwarder``.
+__all__ = [
+    "Answer",
+    "CacheLimits",
+    "Client",
+    "Forwarder",
+    "ForwarderConfig",
+    "ForwarderStats",
+    "Outcome",
+]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

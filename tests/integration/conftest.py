@@ -105,3 +105,55 @@ class FakeTime:
 
     def advance(self, seconds: float) -> None:
         self.ms += int(seconds * 1000)
+
+
+MakePops = Callable[..., Awaitable[dict[str, list[NodeServer]]]]
+
+
+@pytest.fixture
+async def make_pops() -> AsyncIterator[MakePops]:
+    """``await make_pops(pops=2, nodes=2, wall_ms={pop: clock}, **config)``."""
+    started: list[NodeServer] = []
+
+    async def make(
+        pops: int = 2,
+        nodes: int = 2,
+        wall_ms: dict[str, Callable[[], int]] | None = None,
+        **overrides: Any,
+    ) -> dict[str, list[NodeServer]]:
+        specs = plan(pops, nodes)
+        out: dict[str, list[NodeServer]] = {}
+        for spec in specs:
+            others: dict[str, list[str]] = {}
+            for s in specs:
+                if s.pop != spec.pop:
+                    others.setdefault(s.pop, []).append(s.grpc)
+            values: dict[str, Any] = {
+                "profile": "test",
+                "node_id": spec.node_id,
+                "pop": spec.pop,
+                "pops": {"ams": 1, "fra": 2, "lon": 3},
+                "grpc_port": spec.grpc_port,
+                "admin_port": -1,
+                "peers": [
+                    f"{s.node_id}={s.grpc}" for s in specs if s.pop == spec.pop and s is not spec
+                ],
+                "pop_peers": others,
+                **overrides,
+            }
+            srv = NodeServer(build_config(values), (wall_ms or {}).get(spec.pop))
+            out.setdefault(spec.pop, []).append(srv)
+        for servers in out.values():
+            for srv in servers:
+                await srv.start()
+                started.append(srv)
+        every = [s for servers in out.values() for s in servers]
+        await wait_for(
+            lambda: all(pop_settled(s) and s.pops.startup.is_set() for s in every),
+            what="nodes ready",
+        )
+        return out
+
+    yield make
+    for s in started:
+        await s.stop(leave=False)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -16,66 +15,14 @@ from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.bench import synthetic_keys
 from dht.client import Client
-from dht.cluster import plan
-from dht.config import build_config
 from dht.record import State, Status
 from dht.server import NodeServer
 from dht.shipping import Kind
 from dht.wire import ENTRY_DTYPE, FLAG_AFFINITY_FALLBACK, KEY_DTYPE, KEY_SIZE
 
-from .conftest import pop_settled, wait_for
+from .conftest import MakePops, wait_for
 
-MakePops = Callable[..., Awaitable[dict[str, list[NodeServer]]]]
 POPS = {"ams": 1, "fra": 2, "lon": 3}
-
-
-@pytest.fixture
-async def make_pops() -> AsyncIterator[MakePops]:
-    """``await make_pops(pops=2, nodes=2, wall_ms={pop: clock}, **config)``."""
-    started: list[NodeServer] = []
-
-    async def make(
-        pops: int = 2,
-        nodes: int = 2,
-        wall_ms: dict[str, Callable[[], int]] | None = None,
-        **overrides: Any,
-    ) -> dict[str, list[NodeServer]]:
-        specs = plan(pops, nodes)
-        out: dict[str, list[NodeServer]] = {}
-        for spec in specs:
-            others: dict[str, list[str]] = {}
-            for s in specs:
-                if s.pop != spec.pop:
-                    others.setdefault(s.pop, []).append(s.grpc)
-            values: dict[str, Any] = {
-                "profile": "test",
-                "node_id": spec.node_id,
-                "pop": spec.pop,
-                "pops": POPS,
-                "grpc_port": spec.grpc_port,
-                "admin_port": -1,
-                "peers": [
-                    f"{s.node_id}={s.grpc}" for s in specs if s.pop == spec.pop and s is not spec
-                ],
-                "pop_peers": others,
-                **overrides,
-            }
-            srv = NodeServer(build_config(values), (wall_ms or {}).get(spec.pop))
-            out.setdefault(spec.pop, []).append(srv)
-        for servers in out.values():
-            for srv in servers:
-                await srv.start()
-                started.append(srv)
-        every = [s for servers in out.values() for s in servers]
-        await wait_for(
-            lambda: all(pop_settled(s) and s.pops.startup.is_set() for s in every),
-            what="nodes ready",
-        )
-        return out
-
-    yield make
-    for s in started:
-        await s.stop(leave=False)
 
 
 def shipped(servers: list[NodeServer], kind: Kind) -> int:
