@@ -220,6 +220,13 @@ class Pops:
             raw = entries["key"][waiting].tobytes()
             keys = [raw[i : i + 40] for i in range(0, len(raw), 40)]
             self.delay.add(keys, due.tolist())
+        tombs = np.flatnonzero(kinds == Kind.TOMBSTONE)
+        if tombs.size and self.delay.waiting:
+            # Released before the delay line shipped its established record: no other
+            # PoP saw the flow, so its tombstone stays home too.
+            raw = entries["key"][tombs].tobytes()
+            unseen = self.delay.holds([raw[i : i + 40] for i in range(0, len(raw), 40)])
+            kinds[tombs[unseen]] = Kind.NONE
         none = int(np.count_nonzero(kinds == Kind.NONE))
         if none:
             self.skipped[op.value] = self.skipped.get(op.value, 0) + none

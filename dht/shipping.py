@@ -27,7 +27,7 @@ those as differences would ship every refresh after all.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -271,6 +271,7 @@ class DelayLine:
     limit: int
     items: deque[tuple[int, bytes]] = field(default_factory=deque)
     dropped: int = 0
+    waiting: Counter[bytes] = field(default_factory=Counter)  # keys in ``items``
 
     def add(self, keys: list[bytes], due_ms: list[int]) -> None:
         for k, d in zip(keys, due_ms, strict=True):
@@ -278,12 +279,21 @@ class DelayLine:
                 self.dropped += 1
                 continue
             self.items.append((d, k))
+            self.waiting[k] += 1
 
     def due(self, now_ms: int) -> list[bytes]:
         out = []
         while self.items and self.items[0][0] <= now_ms:
-            out.append(self.items.popleft()[1])
+            k = self.items.popleft()[1]
+            self.waiting[k] -= 1
+            if not self.waiting[k]:
+                del self.waiting[k]
+            out.append(k)
         return out
+
+    def holds(self, keys: list[bytes]) -> npt.NDArray[np.bool_]:
+        """Per key: still waiting here (its established record not shipped yet)."""
+        return np.array([k in self.waiting for k in keys], dtype=bool)
 
 
 @dataclass

@@ -191,3 +191,25 @@ async def test_malformed_shipments_are_invalid_argument(make_pops: MakePops) -> 
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert target.node.live()  # the node shrugged it all off
+
+
+async def test_a_flow_released_before_its_record_shipped_ships_no_tombstone(
+    make_pops: MakePops,
+) -> None:
+    """A tombstone ships only for a flow other PoPs saw: one released while its
+    established record still waits in the delay line (old enough, but the line has
+    not been stepped yet) stays home, like the record."""
+    pops = await make_pops(pops=2, nodes=1)
+    ams = pops["ams"]
+    raw = synthetic_keys(50, seed=71)
+    async with Client([ams[0].grpc_address], timeout_s=10) as a:
+        assert set((await a.flow_packed("Confirm", raw, pop="ams"))["status"]) == {
+            Status.CREATED
+        }
+        await wait_for(lambda: shipped(ams, Kind.ESTABLISHED) == 50, what="records shipped")
+        # The first 20 are (as far as the policy can tell) still waiting to ship.
+        waiting = [raw[i : i + KEY_SIZE] for i in range(0, 20 * KEY_SIZE, KEY_SIZE)]
+        ams[0].pops.delay.add(waiting, [2**62] * len(waiting))
+        assert set((await a.flow_packed("Release", raw, pop="ams"))["status"]) == {Status.OK}
+        await wait_for(lambda: shipped(ams, Kind.TOMBSTONE) == 30, what="tombstones acked")
+        assert ams[0].pops.skipped.get("Release", 0) == 20

@@ -193,7 +193,9 @@ def test_delay_line_and_lag_samples() -> None:
     d = DelayLine(limit=2)
     d.add([b"a", b"b", b"c"], [10, 20, 30])
     assert d.dropped == 1
+    assert d.holds([b"a", b"b", b"c"]).tolist() == [True, True, False]
     assert d.due(15) == [b"a"] and d.due(15) == [] and d.due(25) == [b"b"]
+    assert not d.holds([b"a", b"b"]).any() and not d.waiting
     lag = LagSamples(size=100)
     assert lag.quantile(0.5) is None
     lag.add(np.arange(1000, dtype=np.int64))
