@@ -203,9 +203,7 @@ async def test_a_flow_released_before_its_record_shipped_ships_no_tombstone(
     ams = pops["ams"]
     raw = synthetic_keys(50, seed=71)
     async with Client([ams[0].grpc_address], timeout_s=10) as a:
-        assert set((await a.flow_packed("Confirm", raw, pop="ams"))["status"]) == {
-            Status.CREATED
-        }
+        assert set((await a.flow_packed("Confirm", raw, pop="ams"))["status"]) == {Status.CREATED}
         await wait_for(lambda: shipped(ams, Kind.ESTABLISHED) == 50, what="records shipped")
         # The first 20 are (as far as the policy can tell) still waiting to ship.
         waiting = [raw[i : i + KEY_SIZE] for i in range(0, 20 * KEY_SIZE, KEY_SIZE)]
