@@ -533,9 +533,11 @@ async def run_simulate(args: argparse.Namespace) -> int:
         )
         report = await Simulation(s, endpoints, traffic).run(not args.quiet)
     else:
+        # Errors only: the nodes' warnings (a PoP smaller than the replication factor
+        # runs with fewer copies, by design here) would interleave with the report.
         extra = [
             "--log-level",
-            "warning",
+            "error",
             "--replicate-after-s",
             f"{s.real(s.replicate_after_s):g}",
         ]
