@@ -9,8 +9,14 @@ stamp="$VENV/.dht-installed"
 want="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing dht and its dependencies into $VENV ..." >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  # Build-backend chatter goes to a log, shown only when the install fails.
+  log="$VENV/pip-install.log"
+  if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip &&
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "installing into $VENV failed (log above, also in $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 PATH="$(cd "$VENV/bin" && pwd):$PATH"
