@@ -167,6 +167,18 @@ def _same_claim(a: ResultArray, b: ResultArray) -> npt.NDArray[np.bool_]:
     return same
 
 
+def _unchanged(now: ResultArray, wrote: ResultArray) -> npt.NDArray[np.bool_]:
+    """Per row: the copy held ``now`` is still the one written (nothing merged in)."""
+    same: npt.NDArray[np.bool_] = (
+        (now["status"] == Status.OK)
+        & _same_claim(now, wrote)
+        & (now["state"] == wrote["state"])
+        & (now["owner_pop"] == wrote["owner_pop"])
+        & (now["expiry_ms"] == wrote["expiry_ms"])
+    )
+    return same
+
+
 class Node:
     def __init__(self, config: NodeConfig, wall_ms: Callable[[], int] | None = None) -> None:
         self.config = config
@@ -202,7 +214,8 @@ class Node:
         self._resync: asyncio.Task[None] | None = None
         self._last_tick_ms = _monotonic_ms()
         self.pauses = 0
-        self.rollbacks = 0
+        self.rollbacks = 0  # own writes put back (missed their quorum)
+        self.undone_for_others = 0  # copies put back here at a coordinator's request
         # Keys held by writes in flight (see _coordinate).
         self._locks: dict[bytes, asyncio.Future[None]] = {}
         # Per write in flight: its keys and their copies before it (see _unsettled).
@@ -534,7 +547,7 @@ class Node:
             return nothing
         widx = idx[written]
         entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
-        acked, held = await repl.write(
+        acked, held, took = await repl.write(
             entries, b.parts[widx], b.call.op.value, issued, terms[written]
         )
         # This node promised a higher term meanwhile (another node took the partition
@@ -544,9 +557,16 @@ class Node:
         out["status"][widx[~acked]] = Status.UNAVAILABLE
         if self.extension is not None and acked.any():
             self.extension.written(b.call.op, entries[acked], before[written][acked])
-        undo = written[~acked & (held <= 1)]
-        if undo.size:
+        if not acked.all():
+            # Answered as failed: take the write back, here and where replicas took it,
+            # so it cannot later win over a write that is acknowledged (a retry of the
+            # same claim at another coordinator, say, which did not see this one).
+            undo = written[~acked]
             self._restore(b, idx[undo], before[undo], res[undo])
+            if took:
+                was = repl.results_as_entries(b.keys40[widx].tobytes(), before[written])
+                was["rec"]["status"] = before[written]["status"]
+                await repl.undo(took, ~acked, entries, was, terms[written])
         if lock is not None:
             self._inflight.pop(lock, None)
         retry: npt.NDArray[np.intp] = widx[~acked & (held <= 1) & (repl.held[b.parts[widx]] == 0)]
@@ -617,13 +637,7 @@ class Node:
         """Undo a write no other replica took (see Replicator.write): where the copy is
         still the one written (a copy merged in meanwhile, say another coordinator's
         acknowledged claim, is kept)."""
-        now = self._copies(b, idx)
-        still = (
-            _same_claim(now, wrote)
-            & (now["state"] == wrote["state"])
-            & (now["owner_pop"] == wrote["owner_pop"])
-            & (now["expiry_ms"] == wrote["expiry_ms"])
-        )
+        still = _unchanged(self._copies(b, idx), wrote)
         idx, before = idx[still], before[still]
         if not idx.size:
             return
@@ -796,6 +810,48 @@ class Node:
                 return replace(merged, superseded=lost.astype(">u4").tobytes())
             return merged
         return self.merge_entries(entries)
+
+    def internal_undo(self, raw_written: bytes, raw_before: bytes, raw_terms: bytes) -> int:
+        """Take back a coordinator's write that missed its quorum (see dht.proto
+        UndoRequest): per entry, put ``before`` back where the copy held here is still
+        the one written and no higher term was promised for its partition since (a
+        coordinator that took the partition over since may have built on the copy).
+        Returns the copies put back."""
+        check_batch_size(len(raw_written), ENTRY_SIZE, 1_000_000, "written")
+        written = np.frombuffer(raw_written, dtype=ENTRY_DTYPE)
+        if len(raw_before) != len(raw_written):
+            raise InvalidArgument(
+                "before", f"{len(raw_before)} bytes for {len(written)} written entries"
+            )
+        before = np.frombuffer(raw_before, dtype=ENTRY_DTYPE)
+        if (before["key"] != written["key"]).any():
+            raise InvalidArgument("before", "keys differ from those written")
+        if len(raw_terms) != 8 * len(written):
+            raise InvalidArgument(
+                "terms", f"{len(raw_terms)} bytes for {len(written)} entries (want 8 each)"
+            )
+        terms = np.frombuffer(raw_terms, dtype=">u8").astype(np.uint64)
+        parts = self.table.partitions_of(key_hashes(written["key"].tobytes()))
+        ours = self.replicator.promised[parts] <= terms
+        kinds = written["key"]["kind"]
+        undone = 0
+        flows = np.flatnonzero(ours & (kinds == KIND_FLOW))
+        if flows.size:
+            keys = written["key"][flows]
+            hashes = key_hashes(keys.tobytes())
+            still = _unchanged(self.store.copies(keys, hashes), written["rec"][flows])
+            if still.any():
+                self.store.restore(keys[still], hashes[still], before["rec"][flows][still])
+                undone += int(np.count_nonzero(still))
+        aff = np.flatnonzero(ours & (kinds == KIND_AFFINITY))
+        if aff.size:
+            prefixes = written["key"]["caddr"][aff]
+            still = _unchanged(self.affinity.copies(prefixes), written["rec"][aff])
+            if still.any():
+                self.affinity.restore(prefixes[still], before["rec"][aff][still])
+                undone += int(np.count_nonzero(still))
+        self.undone_for_others += undone
+        return undone
 
     def _superseded(self, entries: EntryArray) -> npt.NDArray[np.intp]:
         """Positions of flow ``entries`` whose claim is not the one now held here: a
@@ -1278,6 +1334,17 @@ class Node:
             "dht_fenced_writes",
             "writes a replica refused: another node took the partition over (a higher term)",
             {(): s.fenced_writes},
+        )
+        yield m.counter(
+            "dht_undone_copies",
+            "copies of writes that missed their quorum, put back: by the coordinator in its "
+            "own store, at its request by the replicas, or not (a replica did not answer)",
+            {
+                ("coordinator",): self.rollbacks,
+                ("replica",): s.undone_remote,
+                ("unanswered",): s.undo_failures,
+            },
+            ["where"],
         )
         yield m.counter(
             "dht_takeovers",

@@ -108,6 +108,11 @@ class PeerTransport(Protocol):
         term per partition after the call (== ``term`` where granted)."""
         ...
 
+    async def undo(self, member: Member, written: bytes, before: bytes, terms: bytes) -> int:
+        """Have ``member`` take back a write that missed its quorum (entries as
+        ``written``, put back as ``before`` where unchanged); returns copies put back."""
+        ...
+
     async def read_copies(self, member: Member, keys: bytes) -> bytes: ...
 
     async def digests(
@@ -186,10 +191,20 @@ class Stats:
     fenced_writes: int = 0  # our writes a replica refused: another coordinator took over
     takeovers: int = 0  # partitions this node took over (promise quorum reached)
     takeover_failures: int = 0  # partitions whose promise quorum was not reached
+    undone_remote: int = 0  # copies replicas put back when our write missed its quorum
+    undo_failures: int = 0  # copies whose undo a replica did not answer
 
 
 def _monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """The entries of a coordinated write (positions) that one replica took."""
+
+    member: Member
+    idx: npt.NDArray[np.intp]
 
 
 @dataclass
@@ -464,18 +479,23 @@ class Replicator:
         op: str,
         issued_hlc: int,
         terms: npt.NDArray[np.uint64],
-    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int32]]:
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int32], list[Taken]]:
         """Ship copies the coordinator already applied locally, under ``terms`` (its
         term per entry's partition), to the other replicas.
 
         Returns per entry whether W replicas (this one included; in each table in
-        force) now hold it, and how many replicas are known to hold it. A copy held by
-        this node alone (no replica took it) is *not* kept as a hint: the caller undoes
-        it, so a write that was answered as failed cannot later win over one that was
+        force) now hold it, how many replicas are known to hold it, and which entries
+        each replica took. A copy that missed its quorum is *not* kept as a hint: the
+        caller undoes it (locally and, through :meth:`undo`, where replicas took it),
+        so a write that was answered as failed cannot later win over one that was
         acknowledged. Every other copy a replica missed is kept as a hint for it. A
         replica that refuses the write as fenced (it promised a higher term) ends this
-        node's term for those partitions: the next write takes them over again."""
+        node's term for those partitions: the next write takes them over again.
+
+        Until every key has its quorum, every call runs to its end, so no replica
+        takes a write that missed its quorum after this returns."""
         missed: list[tuple[Member, npt.NDArray[np.intp]]] = []
+        took: list[Taken] = []
         settled = [False]
         wire_terms = terms.astype(">u8")
 
@@ -505,7 +525,9 @@ class Replicator:
                     held = np.ones(len(idx), dtype=bool)
                     lost = np.frombuffer(res.superseded, dtype=">u4").astype(np.intp)
                     held[lost[lost < len(idx)]] = False
+                    took.append(Taken(member, idx[held]))
                     return held
+                took.append(Taken(member, idx))
                 return True
             if settled[0]:
                 # A straggler: every key already had its quorum when we answered.
@@ -518,16 +540,48 @@ class Replicator:
         await self._until_quorum(plan, tally, one)
         settled[0] = True
         ok = tally.ok()
-        held = tally.holders
-        keep = ok | (held > 1)
         for member, idx in missed:
-            kept = idx[keep[idx]]
+            kept = idx[ok[idx]]
             if kept.size:
                 self.hints.add(member.node_id, entries[kept])
         failed = int(np.count_nonzero(~ok))
         if failed:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
-        return ok, held
+        return ok, tally.holders, took
+
+    async def undo(
+        self,
+        took: Sequence[Taken],
+        failed: npt.NDArray[np.bool_],
+        written: EntryArray,
+        before: EntryArray,
+        terms: npt.NDArray[np.uint64],
+    ) -> None:
+        """Take back, where replicas took it, a write whose entries ``failed`` (missed
+        their quorum; positions as in :meth:`write`). Best effort, concurrently: a
+        replica that does not answer within the RPC timeout keeps its copy (a write
+        answered as failed may or may not take effect, DESIGN section 4)."""
+        wire_terms = terms.astype(">u8")
+
+        async def one(t: Taken) -> None:
+            idx = t.idx[failed[t.idx]]
+            if not idx.size or not self.is_up(t.member):
+                return
+            started = self._now()
+            try:
+                n = await self.transport.undo(
+                    t.member,
+                    written[idx].tobytes(),
+                    before[idx].tobytes(),
+                    wire_terms[idx].tobytes(),
+                )
+            except PeerUnreachable as e:
+                self.mark_failed(t.member, e, started)
+                self.stats.undo_failures += int(idx.size)
+                return
+            self.stats.undone_remote += n
+
+        await asyncio.gather(*(one(t) for t in took))
 
     # ------------------------------------------------------------------ terms
 

@@ -234,6 +234,15 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
         result: pb.PromiseResponse = await self._guard(context, work)
         return result
 
+    async def Undo(self, request: pb.UndoRequest, context: Ctx) -> pb.UndoResponse:
+        async def work() -> pb.UndoResponse:
+            return pb.UndoResponse(
+                undone=self.node.internal_undo(request.written, request.before, request.terms)
+            )
+
+        result: pb.UndoResponse = await self._guard(context, work)
+        return result
+
     async def ReadCopies(self, request: pb.CopiesRequest, context: Ctx) -> pb.CopiesResponse:
         async def work() -> pb.CopiesResponse:
             return pb.CopiesResponse(results=self.node.internal_copies(request.keys))
@@ -378,6 +387,14 @@ class Peers:
         if len(promised) != len(partitions):
             raise PeerUnreachable(member.node_id, f"answered {len(promised)} promises")
         return promised
+
+    async def undo(self, member: Member, written: bytes, before: bytes, terms: bytes) -> int:
+        req = pb.UndoRequest(from_node=self._node_id, written=written, before=before, terms=terms)
+        try:
+            resp = await self._stubs(member)[1].Undo(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        return resp.undone
 
     async def read_copies(self, member: Member, keys: bytes) -> bytes:
         req = pb.CopiesRequest(format_version=FORMAT_VERSION, keys=keys)

@@ -911,9 +911,9 @@ class FlowStore:
 
     def restore(self, keys: KeyArray, hashes: U64Array, old: ResultArray) -> None:
         """Undo a write: put back exactly the copies ``old`` (as :meth:`copies` returned
-        them before the write; NOT_FOUND = remove the record). Not a merge: only for a
-        write no other replica holds (a coordinator that missed its write quorum), while
-        the coordinator still has the keys locked."""
+        them before the write; NOT_FOUND = remove the record). Not a merge: only to take
+        back a write that missed its quorum, where the copy is still the one written
+        (checked by the caller in the same step)."""
         for table, at, compact, h in self._split(keys, hashes):
             batch = _Batch(table, compact, h)
             gone: list[int] = []

@@ -298,6 +298,73 @@ async def test_a_coordinator_stalled_mid_write_is_fenced_by_a_take_over(
     assert seen[0].owner_pop == 2 and seen[0].birth_hlc == b.birth_hlc
 
 
+async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_it(
+    make_pop: MakePop,
+) -> None:
+    """A claim that one replica took but that missed its quorum (W=3, the third replica
+    unreachable) is answered UNAVAILABLE and undone on the coordinator *and* on that
+    replica, and no hint keeps it. Else the failed claim's earlier birth would later beat
+    a claim of the same flow that is acknowledged."""
+    from dht._proto.dht.v1 import dht_pb2 as pb
+    from dht.replication import PeerUnreachable
+    from dht.wire import decode_results
+
+    nodes = await make_pop(3, write_quorum=3)
+    raw = synthetic_keys(1, seed=42, start=32_000_000)
+    keys = np.frombuffer(raw, dtype=KEY_DTYPE)
+    hashes = key_hashes(raw)
+    part = int(nodes[0].node.table.partitions_of(hashes)[0])
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    order = [ids[int(i)] for i in nodes[0].node.table.replicas[part]]
+    by_id = {n.config.node_id: n for n in nodes}
+    x, y, z = (by_id[i] for i in order)  # the primary and the two other replicas
+
+    transport = x.node.replicator.transport
+    real = transport.replicate
+
+    async def z_unreachable(
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+    ) -> Any:
+        if member.node_id == z.config.node_id:
+            raise PeerUnreachable(member.node_id, "test: unreachable")
+        return await real(member, entries, hinted, issued_hlc, terms)
+
+    def held_by(n: NodeServer) -> int:
+        return int(n.node.store.copies(keys, hashes)["status"][0])
+
+    transport.replicate = z_unreachable  # type: ignore[method-assign]
+    ch, stub = _stub(x)  # not the client library: it would retry at another replica
+    try:
+        resp = await stub.Claim(
+            pb.FlowBatchRequest(format_version=1, keys=raw, pop=1, no_forward=True)
+        )
+    finally:
+        transport.replicate = real  # type: ignore[method-assign]
+        await ch.close()
+    assert decode_results(resp.results)[0].status == Status.UNAVAILABLE
+    assert held_by(x) == Status.NOT_FOUND, "undone on the coordinator"
+    assert held_by(y) == Status.NOT_FOUND, "undone on the replica that took it"
+    assert x.node.replicator.stats.undone_remote == 1
+    assert y.node.undone_for_others == 1
+    assert x.node.replicator.hints.count(z.config.node_id) == 0, "no hint of a failed write"
+
+    # Another PoP's claim of the flow is then acknowledged, and stays the owner.
+    async with Client([y.grpc_address], timeout_s=10) as c:
+        won = await c.flow_packed("Claim", raw, pop="fra")
+        assert won["status"][0] == Status.CREATED and won["owner_pop"][0] == 2
+        again = await c.flow_packed("Lookup", raw)
+    assert again["owner_pop"][0] == 2 and again["birth_hlc"][0] == won["birth_hlc"][0]
+
+    # An undo that names keys but not their before-copies is refused, naming the field.
+    from dht.errors import InvalidArgument
+
+    entry = np.zeros(1, dtype=ENTRY_DTYPE).tobytes()
+    with pytest.raises(InvalidArgument, match="before"):
+        y.node.internal_undo(entry, b"", (1).to_bytes(8, "big"))
+    with pytest.raises(InvalidArgument, match="terms"):
+        y.node.internal_undo(entry, entry, b"")
+
+
 async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: MakePop) -> None:
     from dht.errors import InvalidArgument
     from dht.record import hlc_pack

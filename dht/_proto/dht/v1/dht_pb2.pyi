@@ -749,6 +749,65 @@ class PromiseResponse(_message.Message):
 Global___PromiseResponse: _TypeAlias = PromiseResponse  # noqa: Y015
 
 @_typing.final
+class UndoRequest(_message.Message):
+    """Undo of a coordinated write that did not reach its quorum (the caller was answered
+    UNAVAILABLE), sent to the replicas that took it, so that the write cannot later win
+    over one that was acknowledged. Per entry, the receiver puts back ``before`` only where
+    its copy is still exactly ``written`` and no higher term than the write's was promised
+    for the partition since (else another coordinator may have built on the copy).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    WRITTEN_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    TERMS_FIELD_NUMBER: _builtins.int
+    from_node: _builtins.str
+    written: _builtins.bytes
+    """N entry records as written, and N as they were before the write (the coordinator's
+    copies; a record whose status is not OK = there was none: remove it).
+    """
+    before: _builtins.bytes
+    terms: _builtins.bytes
+    """Per entry, big-endian uint64: the write's term (as in EntryBatch.terms)."""
+    def __init__(
+        self,
+        *,
+        from_node: _builtins.str = ...,
+        written: _builtins.bytes = ...,
+        before: _builtins.bytes = ...,
+        terms: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before", b"before", "from_node", b"from_node", "terms", b"terms", "written", b"written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoRequest: _TypeAlias = UndoRequest  # noqa: Y015
+
+@_typing.final
+class UndoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNDONE_FIELD_NUMBER: _builtins.int
+    undone: _builtins.int
+    """Copies put back."""
+    def __init__(
+        self,
+        *,
+        undone: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["undone", b"undone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoResponse: _TypeAlias = UndoResponse  # noqa: Y015
+
+@_typing.final
 class CopiesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

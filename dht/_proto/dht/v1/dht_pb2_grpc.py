@@ -434,6 +434,11 @@ class NodeInternalStub:
                 request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseRequest.SerializeToString,
                 response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseResponse.FromString,
                 _registered_method=True)
+        self.Undo = channel.unary_unary(
+                '/dht.v1.NodeInternal/Undo',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.UndoRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.UndoResponse.FromString,
+                _registered_method=True)
         self.ReadCopies = channel.unary_unary(
                 '/dht.v1.NodeInternal/ReadCopies',
                 request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.CopiesRequest.SerializeToString,
@@ -475,6 +480,13 @@ class NodeInternalServicer:
 
     def Promise(self, request, context):
         """Fence lower terms of partitions before coordinating them (see PromiseRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undo(self, request, context):
+        """Take back a write that missed its quorum (see UndoRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -522,6 +534,11 @@ def add_NodeInternalServicer_to_server(servicer, server):
                     servicer.Promise,
                     request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseRequest.FromString,
                     response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseResponse.SerializeToString,
+            ),
+            'Undo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undo,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.UndoRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.UndoResponse.SerializeToString,
             ),
             'ReadCopies': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadCopies,
@@ -647,6 +664,33 @@ class NodeInternal:
             '/dht.v1.NodeInternal/Promise',
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseRequest.SerializeToString,
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PromiseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.NodeInternal/Undo',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.UndoRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.UndoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -195,6 +195,8 @@ class NodeInternalStub:
     """Apply copies through the merge function; the acknowledgement of a quorum write."""
     Promise: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PromiseRequest, _dht_pb2.PromiseResponse]
     """Fence lower terms of partitions before coordinating them (see PromiseRequest)."""
+    Undo: _grpc.UnaryUnaryMultiCallable[_dht_pb2.UndoRequest, _dht_pb2.UndoResponse]
+    """Take back a write that missed its quorum (see UndoRequest)."""
     ReadCopies: _grpc.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]
     """Raw copies for a quorum read."""
     PartitionDigests: _grpc.UnaryUnaryMultiCallable[_dht_pb2.DigestRequest, _dht_pb2.DigestResponse]
@@ -210,6 +212,8 @@ class NodeInternalAsyncStub(NodeInternalStub):
     """Apply copies through the merge function; the acknowledgement of a quorum write."""
     Promise: _aio.UnaryUnaryMultiCallable[_dht_pb2.PromiseRequest, _dht_pb2.PromiseResponse]  # type: ignore[assignment]
     """Fence lower terms of partitions before coordinating them (see PromiseRequest)."""
+    Undo: _aio.UnaryUnaryMultiCallable[_dht_pb2.UndoRequest, _dht_pb2.UndoResponse]  # type: ignore[assignment]
+    """Take back a write that missed its quorum (see UndoRequest)."""
     ReadCopies: _aio.UnaryUnaryMultiCallable[_dht_pb2.CopiesRequest, _dht_pb2.CopiesResponse]  # type: ignore[assignment]
     """Raw copies for a quorum read."""
     PartitionDigests: _aio.UnaryUnaryMultiCallable[_dht_pb2.DigestRequest, _dht_pb2.DigestResponse]  # type: ignore[assignment]
@@ -246,6 +250,14 @@ class NodeInternalServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dht_pb2.PromiseResponse, _abc.Awaitable[_dht_pb2.PromiseResponse]]:
         """Fence lower terms of partitions before coordinating them (see PromiseRequest)."""
+
+    @_abc_1.abstractmethod
+    def Undo(
+        self,
+        request: _dht_pb2.UndoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.UndoResponse, _abc.Awaitable[_dht_pb2.UndoResponse]]:
+        """Take back a write that missed its quorum (see UndoRequest)."""
 
     @_abc_1.abstractmethod
     def ReadCopies(
