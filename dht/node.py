@@ -196,6 +196,7 @@ class Node:
         self.forwarder: Forwarder | None = None  # set by the gRPC shell (dht.server)
         self.extension: NodeExtension | None = None  # set by the gRPC shell (dht.pops)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()  # coordinated writes still running
         self._stop = asyncio.Event()
         self.failed_loops: dict[str, str] = {}
         self.accepting = False
@@ -489,17 +490,42 @@ class Node:
         self, b: _Batch, idx: npt.NDArray[np.intp], quorum: bool, out: ResultArray
     ) -> None:
         """Coordinate keys ``idx``: (quorum read,) apply locally, replicate, answer.
-        A mutating call holds its keys until its copies are acknowledged or undone, so
-        no other call sees or builds on a write that may still be undone."""
+
+        A write runs to its end, acknowledged or undone, even when its caller goes away:
+        a call cancelled mid-write (its deadline passed, during a pause of this process
+        say) must not leave the write applied here, unacknowledged, no longer hidden as
+        in flight, to spread by anti-entropy and beat by earliest birth a claim that is
+        acknowledged meanwhile."""
+        if b.call.op not in MUTATING:
+            await self._coordinate_locked(b, idx, quorum, out)
+            return
+        task = asyncio.ensure_future(self._coordinate_locked(b, idx, quorum, out))
+        self._writes.add(task)
+        task.add_done_callback(self._write_done)
+        await asyncio.shield(task)
+
+    def _write_done(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            # Its caller, if still there, got the error through the shield.
+            log.debug("write ended with %r", e)
+
+    async def _coordinate_locked(
+        self, b: _Batch, idx: npt.NDArray[np.intp], quorum: bool, out: ResultArray
+    ) -> None:
+        """The body of _coordinate. A mutating call holds its keys until its copies are
+        acknowledged or undone, so no other call sees or builds on a write that may
+        still be undone."""
         mutating = b.call.op in MUTATING
         keys = [b.keys40[i].tobytes() for i in idx] if (mutating or self._locks) else []
         lock = await self._lock(keys, hold=mutating)
         try:
             again = await self._coordinate_held(b, idx, quorum, out, lock)
             if again.size:
-                # Refused as fenced and undone: another node took these partitions over
-                # in a moment this node's view differed (a restart, a membership
-                # change). Take them over again and try once more.
+                # Refused as fenced and undone (another node took these partitions
+                # over in a moment this node's view differed: a restart, a membership
+                # change), or lost to a claim a replica held: take them over again if
+                # need be and try once more, so the caller gets the winning owner.
                 await self._coordinate_held(b, again, quorum, out, lock)
         finally:
             if lock is not None:
@@ -547,13 +573,8 @@ class Node:
             return nothing
         widx = idx[written]
         entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
-        acked, held, took = await repl.write(
-            entries, b.parts[widx], b.call.op.value, issued, terms[written]
-        )
-        # This node promised a higher term meanwhile (another node took the partition
-        # over, and saw this write hidden as in flight): it must not be acknowledged,
-        # whatever the replicas said.
-        acked &= repl.promised[b.parts[widx]] == terms[written]
+        outcome = await repl.write(entries, b.parts[widx], b.call.op.value, issued, terms[written])
+        acked, held, took = outcome.acked, outcome.holders, outcome.took
         out["status"][widx[~acked]] = Status.UNAVAILABLE
         if self.extension is not None and acked.any():
             self.extension.written(b.call.op, entries[acked], before[written][acked])
@@ -569,7 +590,10 @@ class Node:
                 await repl.undo(took, ~acked, entries, was, terms[written])
         if lock is not None:
             self._inflight.pop(lock, None)
-        retry: npt.NDArray[np.intp] = widx[~acked & (held <= 1) & (repl.held[b.parts[widx]] == 0)]
+        # Retried: writes refused as fenced and undone, and claims that lost to another
+        # claim a replica held (pulled in here meanwhile, so the retry answers with it).
+        fenced = (held <= 1) & (repl.held[b.parts[widx]] == 0)
+        retry: npt.NDArray[np.intp] = widx[~acked & (fenced | outcome.superseded)]
         return retry
 
     async def _take_over(self, parts: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
@@ -862,6 +886,17 @@ class Node:
         keys = entries["key"][flows]
         held = self.store.copies(keys, key_hashes(keys.tobytes()))
         same = (held["status"] == Status.OK) & _same_claim(held, entries["rec"][flows])
+        if self._inflight and not same.all():
+            # A claim this node coordinates itself, still in flight, is no winner yet:
+            # a write under a higher term reaching it means another node took the
+            # partition over, so that claim can no longer be acknowledged (it is fenced
+            # and undone).
+            unsettled = self._unsettled()
+            raw = keys.tobytes()
+            same |= np.array(
+                [raw[i : i + KEY_SIZE] in unsettled for i in range(0, len(raw), KEY_SIZE)],
+                dtype=bool,
+            )
         lost: npt.NDArray[np.intp] = flows[~same]
         return lost
 
@@ -1228,7 +1263,10 @@ class Node:
 
     async def stop_loops(self) -> None:
         self._stop.set()
-        tasks = list(self._tasks)
+        if self._writes:
+            # Let writes in flight end (acknowledged or undone): bounded by their RPCs.
+            await asyncio.wait(set(self._writes), timeout=2 * self.config.rpc_timeout_ms / 1000)
+        tasks = list(self._tasks | self._writes)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -1334,6 +1372,12 @@ class Node:
             "dht_fenced_writes",
             "writes a replica refused: another node took the partition over (a higher term)",
             {(): s.fenced_writes},
+        )
+        yield m.counter(
+            "dht_superseded_writes",
+            "keys of our writes not acknowledged because a replica held another claim "
+            "of the key that wins (its copy is pulled in and the call retried once)",
+            {(): s.superseded_writes},
         )
         yield m.counter(
             "dht_undone_copies",

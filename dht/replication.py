@@ -193,6 +193,7 @@ class Stats:
     takeover_failures: int = 0  # partitions whose promise quorum was not reached
     undone_remote: int = 0  # copies replicas put back when our write missed its quorum
     undo_failures: int = 0  # copies whose undo a replica did not answer
+    superseded_writes: int = 0  # our writes a replica held another, winning claim of
 
 
 def _monotonic_ms() -> int:
@@ -207,6 +208,16 @@ class Taken:
     idx: npt.NDArray[np.intp]
 
 
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """Per entry of a coordinated write (see Replicator.write)."""
+
+    acked: npt.NDArray[np.bool_]  # on W replicas in each table in force, none superseded
+    holders: npt.NDArray[np.int32]  # replicas known to hold it, this one included
+    took: list[Taken]  # per replica, the entries it took
+    superseded: npt.NDArray[np.bool_]  # a replica holds another claim that wins
+
+
 @dataclass
 class _Tally:
     """Answers per key, per table in force (rows), against the quorum each table needs.
@@ -214,6 +225,7 @@ class _Tally:
 
     counts: npt.NDArray[np.int32]  # (tables + 1, keys)
     needs: npt.NDArray[np.int32]  # (tables + 1, 1)
+    own: npt.NDArray[np.int32]  # this node's part of counts (where it is a replica)
 
     def add(
         self,
@@ -230,6 +242,10 @@ class _Tally:
 
     def met(self) -> bool:
         return bool(self.ok().all())
+
+    def ok_without_own(self) -> npt.NDArray[np.bool_]:
+        """Per key: a quorum in every table from the other replicas alone."""
+        return np.asarray((self.counts - self.own >= self.needs).all(axis=0), dtype=bool)
 
     @property
     def holders(self) -> npt.NDArray[np.int32]:
@@ -430,12 +446,13 @@ class Replicator:
                 )[1]
                 row[t] |= (reps == m).any(axis=1)
         counts[-1] = 1
+        own = counts.copy()
         plan = []
         for member, row in rows.values():
             row[-1] = row[:-1].any(axis=0)
             idx = np.flatnonzero(row[-1])
             plan.append((member, idx, row[:, idx]))
-        return plan, _Tally(counts, needs)
+        return plan, _Tally(counts, needs, own)
 
     async def _until_quorum(
         self,
@@ -479,13 +496,18 @@ class Replicator:
         op: str,
         issued_hlc: int,
         terms: npt.NDArray[np.uint64],
-    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int32], list[Taken]]:
+    ) -> WriteOutcome:
         """Ship copies the coordinator already applied locally, under ``terms`` (its
         term per entry's partition), to the other replicas.
 
         Returns per entry whether W replicas (this one included; in each table in
         force) now hold it, how many replicas are known to hold it, and which entries
-        each replica took. A copy that missed its quorum is *not* kept as a hint: the
+        each replica took. An entry a replica reports superseded (it holds another
+        claim of the key, one that wins the merge: a write that was answered as failed
+        but could not be taken back there, say) is not acknowledged whatever the
+        others said, since that claim will win everywhere: its copy is pulled into the
+        local store instead, so that a retry answers with it. A copy that missed its
+        quorum is *not* kept as a hint: the
         caller undoes it (locally and, through :meth:`undo`, where replicas took it),
         so a write that was answered as failed cannot later win over one that was
         acknowledged. Every other copy a replica missed is kept as a hint for it. A
@@ -496,6 +518,7 @@ class Replicator:
         takes a write that missed its quorum after this returns."""
         missed: list[tuple[Member, npt.NDArray[np.intp]]] = []
         took: list[Taken] = []
+        lost_to: list[Taken] = []
         settled = [False]
         wire_terms = terms.astype(">u8")
 
@@ -526,6 +549,7 @@ class Replicator:
                     lost = np.frombuffer(res.superseded, dtype=">u4").astype(np.intp)
                     held[lost[lost < len(idx)]] = False
                     took.append(Taken(member, idx[held]))
+                    lost_to.append(Taken(member, idx[~held]))
                     return held
                 took.append(Taken(member, idx))
                 return True
@@ -540,6 +564,10 @@ class Replicator:
         await self._until_quorum(plan, tally, one)
         settled[0] = True
         ok = tally.ok()
+        superseded = np.zeros(len(entries), dtype=bool)
+        for t in lost_to:
+            superseded[t.idx] = True
+        ok &= ~superseded
         for member, idx in missed:
             kept = idx[ok[idx]]
             if kept.size:
@@ -547,7 +575,23 @@ class Replicator:
         failed = int(np.count_nonzero(~ok))
         if failed:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
-        return ok, tally.holders, took
+        if lost_to:
+            self.stats.superseded_writes += int(np.count_nonzero(superseded))
+            keys = entries["key"]
+            await asyncio.gather(
+                *(self._pull_copies(t.member, keys[t.idx].tobytes()) for t in lost_to)
+            )
+        # Where this node promised a higher term meanwhile, another node took the
+        # partition over and pulled this node's copy from *before* the write (hidden as
+        # in flight): this node's copy is not counted. The other replicas' copies are:
+        # a replica that took the write did so before it promised the higher term
+        # (after, it refuses it as fenced), so the take-over pulled the write from any
+        # of them among its promisers, and RF - W + 1 promisers meet every W of them.
+        # (With W = 1 a take-over needs no promises but its own, so nothing is counted.)
+        ended = self.promised[parts] != terms
+        if ended.any():
+            ok[ended] &= tally.ok_without_own()[ended] & (self.write_quorum > 1)
+        return WriteOutcome(ok, tally.holders, took, superseded)
 
     async def undo(
         self,
@@ -635,8 +679,9 @@ class Replicator:
         )
         # Past the quorum, every replica that answers within the RPC timeout is pulled
         # from too: a write that was answered as failed but reached some replicas
-        # (fewer than a quorum in some table in force) cannot be undone there, and a
-        # claim decided without seeing it could later lose to it by earliest birth.
+        # (fewer than a quorum in some table in force) may not have been taken back
+        # there (its undo refused or unanswered, see undo), and a claim decided without
+        # seeing it could later lose to it by earliest birth.
         await self._until_quorum(plan, tally, one, self.config.rpc_timeout_ms / 1000)
         # Granted, and not promised to a higher term meanwhile.
         ok: npt.NDArray[np.bool_] = tally.ok() & (self.promised[parts] == np.uint64(term))
@@ -681,24 +726,7 @@ class Replicator:
         rows = np.frombuffer(keys, dtype=np.uint8).reshape(-1, 40)
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
-            if not self.is_up(member):
-                return False
-            sub = rows[idx].tobytes()
-            started = self._now()
-            try:
-                raw = await self.transport.read_copies(member, sub)
-            except PeerUnreachable as e:
-                self.mark_failed(member, e, started)
-                return False
-            self.mark_ok(member)
-            copies = np.frombuffer(raw, dtype=ENTRY_DTYPE["rec"])
-            found = copies["status"] == Status.OK
-            if found.any():
-                entries = np.zeros(int(found.sum()), dtype=ENTRY_DTYPE)
-                entries["key"] = np.frombuffer(sub, dtype=ENTRY_DTYPE["key"])[found]
-                entries["rec"] = copies[found]
-                self.local.merge_entries(entries)
-            return True
+            return await self._pull_copies(member, rows[idx].tobytes())
 
         # In our own table R as set for it (a PoP sized down may run R = 1, dht.sizing).
         plan, tally = self._quorum_plan(
@@ -709,6 +737,26 @@ class Replicator:
         ok = tally.ok()
         self.stats.read_quorum_failures += int(np.count_nonzero(~ok))
         return ok
+
+    async def _pull_copies(self, member: Member, keys: bytes) -> bool:
+        """Merge the copies ``member`` holds of ``keys`` into the local store."""
+        if not self.is_up(member):
+            return False
+        started = self._now()
+        try:
+            raw = await self.transport.read_copies(member, keys)
+        except PeerUnreachable as e:
+            self.mark_failed(member, e, started)
+            return False
+        self.mark_ok(member)
+        copies = np.frombuffer(raw, dtype=ENTRY_DTYPE["rec"])
+        found = copies["status"] == Status.OK
+        if found.any():
+            entries = np.zeros(int(found.sum()), dtype=ENTRY_DTYPE)
+            entries["key"] = np.frombuffer(keys, dtype=ENTRY_DTYPE["key"])[found]
+            entries["rec"] = copies[found]
+            self.local.merge_entries(entries)
+        return True
 
     # ------------------------------------------------------------------ hints
 

@@ -365,6 +365,161 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
         y.node.internal_undo(entry, entry, b"")
 
 
+async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePop) -> None:
+    """A claim whose caller gives up mid-write (its deadline passes while the
+    coordinator waits for its replicas, as during a pause of the process) is still run
+    to its end: here it misses its quorum, so it is undone, not left applied on the
+    coordinator for anti-entropy to spread once it is no longer hidden as in flight."""
+    import grpc
+
+    from dht._proto.dht.v1 import dht_pb2 as pb
+    from dht.replication import PeerUnreachable
+
+    nodes = await make_pop(3)
+    raw = synthetic_keys(1, seed=43, start=33_000_000)
+    keys = np.frombuffer(raw, dtype=KEY_DTYPE)
+    hashes = key_hashes(raw)
+    part = int(nodes[0].node.table.partitions_of(hashes)[0])
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    x = {n.config.node_id: n for n in nodes}[ids[int(nodes[0].node.table.replicas[part][0])]]
+
+    gate, stalled = asyncio.Event(), asyncio.Event()
+    transport = x.node.replicator.transport
+    real = transport.replicate
+
+    async def stall_then_fail(
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+    ) -> Any:
+        if not terms:
+            return await real(member, entries, hinted, issued_hlc, terms)
+        stalled.set()
+        await gate.wait()
+        raise PeerUnreachable(member.node_id, "test: unreachable")
+
+    transport.replicate = stall_then_fail  # type: ignore[method-assign]
+    ch, stub = _stub(x)
+    try:
+        call = stub.Claim(pb.FlowBatchRequest(format_version=1, keys=raw, pop=1), timeout=5)
+        await stalled.wait()
+        call.cancel()  # the caller goes away mid-write
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await call.code() == grpc.StatusCode.CANCELLED
+        # Applied locally, still hidden as in flight; then the replicas fail it.
+        assert x.node.store.copies(keys, hashes)["status"][0] == Status.OK
+        gate.set()
+        await wait_for(lambda: not x.node._writes, what="the write ends")
+    finally:
+        gate.set()
+        transport.replicate = real  # type: ignore[method-assign]
+        await ch.close()
+    assert x.node.store.copies(keys, hashes)["status"][0] == Status.NOT_FOUND
+    assert x.node.rollbacks == 1
+
+
+async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged(
+    make_pop: MakePop,
+) -> None:
+    """One replica holds a claim of the flow the coordinator has not seen (a write
+    answered as failed that could not be taken back there). A later claim of the flow
+    must not be acknowledged on the other replicas' word, since the earlier claim wins
+    every merge: the coordinator pulls that claim in and answers with it."""
+    nodes = await make_pop(3)
+    pool = synthetic_keys(20_000, seed=44, start=34_000_000)
+    parts = nodes[0].node.table.partitions_of(key_hashes(pool))
+    part = int(parts[0])
+    first, second = np.flatnonzero(parts == part)[:2]
+    raw_a = pool[first * 40 : (first + 1) * 40]
+    raw_b = pool[second * 40 : (second + 1) * 40]
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    x, _, z = (
+        {n.config.node_id: n for n in nodes}[ids[int(i)]]
+        for i in nodes[0].node.table.replicas[part]
+    )
+    async with Client([x.grpc_address], timeout_s=10) as c:
+        # X takes the partition over (and pulls the replicas' copies) for flow A.
+        assert (await c.flow_packed("Claim", raw_a, pop="ams"))["status"][0] == Status.CREATED
+        # Flow B is claimed by fra on Z alone, behind X's back.
+        keys_b = np.frombuffer(raw_b, dtype=KEY_DTYPE)
+        planted = z.node.store.claim(
+            keys_b,
+            key_hashes(raw_b),
+            pop=2,
+            server=0,
+            ttl_ms=60_000,
+            now_ms=z.node.clock.wall_ms(),
+        )[0]
+        # ams claims B at X: Y takes it, Z reports it superseded.
+        got = await c.flow_packed("Claim", raw_b, pop="ams")
+    assert got["status"][0] == Status.OWNED_ELSEWHERE, got
+    assert got["owner_pop"][0] == 2 and got["birth_hlc"][0] == planted["birth_hlc"]
+    assert x.node.replicator.stats.superseded_writes == 1
+    held = x.node.store.copies(keys_b, key_hashes(raw_b))[0]
+    assert held["owner_pop"] == 2 and held["birth_hlc"] == planted["birth_hlc"]
+
+
+async def test_a_write_both_other_replicas_took_stands_after_a_take_over(
+    make_pop: MakePop,
+) -> None:
+    """Both other replicas took X's claim A, then Y took the partition over before X
+    heard back. Y's take-over pulled A from its promisers, so A stands: X acknowledges
+    it (its own copy, hidden from Y as in flight, is not counted) and Y answers with A."""
+    from dht._proto.dht.v1 import dht_pb2 as pb
+    from dht.wire import decode_results
+
+    nodes = await make_pop(3)
+    raw = synthetic_keys(1, seed=45, start=35_000_000)
+    part = int(nodes[0].node.table.partitions_of(key_hashes(raw))[0])
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    x, y, _ = (
+        {n.config.node_id: n for n in nodes}[ids[int(i)]]
+        for i in nodes[0].node.table.replicas[part]
+    )
+
+    gate, answered = asyncio.Event(), asyncio.Event()
+    transport = x.node.replicator.transport
+    real = transport.replicate
+
+    async def slow_answer(
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+    ) -> Any:
+        res = await real(member, entries, hinted, issued_hlc, terms)
+        if terms:
+            answered.set()
+            await gate.wait()
+        return res
+
+    transport.replicate = slow_answer  # type: ignore[method-assign]
+    ch, stub = _stub(x)
+    try:
+        claim_a = asyncio.ensure_future(
+            stub.Claim(pb.FlowBatchRequest(format_version=1, keys=raw, pop=1))
+        )
+        await answered.wait()
+        await wait_for(
+            lambda: all(
+                n.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))["status"][
+                    0
+                ]
+                == Status.OK
+                for n in nodes
+            ),
+            what="both replicas took A",
+        )
+        took = await y.node._take_over(np.array([part], dtype=np.uint16))
+        assert took.all() and x.node.replicator.held[part] == 0, "Y took over; X's term ended"
+        gate.set()
+        a = decode_results((await claim_a).results)[0]
+    finally:
+        gate.set()
+        transport.replicate = real  # type: ignore[method-assign]
+        await ch.close()
+    assert a.status == Status.CREATED and a.owner_pop == 1, a
+    async with Client([y.grpc_address], timeout_s=10, no_forward=True) as c:
+        seen = await c.flow_packed("Claim", raw, pop="fra")
+    assert seen["status"][0] == Status.OWNED_ELSEWHERE and seen["birth_hlc"][0] == a.birth_hlc
+
+
 async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: MakePop) -> None:
     from dht.errors import InvalidArgument
     from dht.record import hlc_pack

@@ -38,6 +38,13 @@ def test_join_moves_about_one_nth(n: int) -> None:
         ]
     )
     assert primaries_moved <= ideal * 1.25
+    # (partition, replica slot) positions: the joiner takes over slots, it does not
+    # shift the replicas after it down a slot (a single ring walk changes ~1/2 for 3->4).
+    slots_changed = np.mean(
+        np.array([m.node_id for m in before.members])[before.replicas]
+        != np.array([m.node_id for m in after.members])[after.replicas]
+    )
+    assert ideal <= slots_changed <= ideal * 1.25, slots_changed
 
 
 def test_replicas_are_distinct_and_rf_capped() -> None:
