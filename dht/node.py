@@ -27,6 +27,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum, IntEnum
@@ -197,6 +198,10 @@ class Node:
         self.extension: NodeExtension | None = None  # set by the gRPC shell (dht.pops)
         self._tasks: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()  # coordinated writes still running
+        # Other coordinators' writes taken here lately, oldest first: (until when, mono
+        # ms, their coordinator may still undo them, their key hashes). Left out of
+        # anti-entropy till then.
+        self._undoable: deque[tuple[int, U64Array]] = deque()
         self._stop = asyncio.Event()
         self.failed_loops: dict[str, str] = {}
         self.accepting = False
@@ -767,8 +772,12 @@ class Node:
         with np.errstate(over="ignore"):
             return d1 + d2, c1 + c2
 
-    def export_entries(self, partitions: npt.NDArray[np.intp]) -> EntryArray:
-        """Every copy of ``partitions``, except those of writes still in flight."""
+    def export_entries(
+        self, partitions: npt.NDArray[np.intp], settled_only: bool = False
+    ) -> EntryArray:
+        """Every copy of ``partitions``, except those of writes still in flight; with
+        ``settled_only``, also except copies of other coordinators' writes taken
+        recently, which their coordinator may still take back (see internal_undo)."""
         now = self._now_ms()
         p = self.table.num_partitions
         raw = (
@@ -781,7 +790,24 @@ class Node:
             keys = entries["key"].tobytes()
             keep = [keys[i : i + KEY_SIZE] not in unsettled for i in range(0, len(keys), KEY_SIZE)]
             entries = entries[np.array(keep, dtype=bool)]
+        if settled_only and len(entries) and self._prune_undoable():
+            recent = np.concatenate([hashes for _, hashes in self._undoable])
+            entries = entries[~np.isin(key_hashes(entries["key"].tobytes()), recent)]
         return entries
+
+    def _mark_undoable(self, entries: EntryArray) -> None:
+        """Copies of another coordinator's write, just taken: open to its undo for up to
+        two RPC timeouts (its write, then its undo) and a second of slack."""
+        self._prune_undoable()
+        until = _monotonic_ms() + 2 * self.config.rpc_timeout_ms + 1000
+        self._undoable.append((until, key_hashes(entries["key"].tobytes())))
+
+    def _prune_undoable(self) -> int:
+        """Forget writes past their undo window; returns how many batches remain."""
+        now = _monotonic_ms()
+        while self._undoable and self._undoable[0][0] <= now:
+            self._undoable.popleft()
+        return len(self._undoable)
 
     def _unsettled(self) -> dict[bytes, ResultArray]:
         """Keys of writes in flight, with their copies before the write. A write in
@@ -829,6 +855,7 @@ class Node:
             if fenced:
                 return MergeResult(fenced=fenced, fenced_by=by)
             merged = self.merge_entries(entries)
+            self._mark_undoable(entries)
             lost = self._superseded(entries)
             if lost.size:
                 return replace(merged, superseded=lost.astype(">u4").tobytes())
@@ -945,11 +972,11 @@ class Node:
         return digests[partitions], counts[partitions]
 
     async def internal_fetch(
-        self, partitions: npt.NDArray[np.intp], batch: int = 20_000
+        self, partitions: npt.NDArray[np.intp], settled_only: bool = False, batch: int = 20_000
     ) -> AsyncIterator[bytes]:
         if partitions.size == 0:
             partitions = np.arange(self.table.num_partitions)
-        entries = self.export_entries(partitions)
+        entries = self.export_entries(partitions, settled_only)
         for start in range(0, len(entries), batch):
             yield entries[start : start + batch].tobytes()
             await asyncio.sleep(0)  # let calls in flight run between batches
@@ -1234,7 +1261,9 @@ class Node:
 
     async def _anti_entropy_step(self) -> None:
         if self.in_sync and not self.leaving:
-            await self.replicator.anti_entropy_round()
+            # Not copies of coordinated writes still open to an undo (dht.proto
+            # FetchRequest): a write answered as failed must not spread meanwhile.
+            await self.replicator.anti_entropy_round(settled_only=True)
             self._collect_garbage()
 
     def _collect_garbage(self) -> None:

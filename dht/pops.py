@@ -484,7 +484,8 @@ class Pops:
         node = self.node
         num = node.table.num_partitions
         cutoff = self._cutoff_ms()
-        entries = node.export_entries(partitions)
+        # Cross-PoP exchange is anti-entropy: not copies still open to an undo.
+        entries = node.export_entries(partitions, settled_only=True)
         parts = (entry_hashes(entries) % np.uint64(num)).astype(np.intp)
         ours, _ = pop_digests(entries, parts, num, cutoff)
         remaining = np.asarray(partitions, dtype=np.intp)
@@ -661,7 +662,7 @@ class Pops:
             return Digests(empty, np.zeros(0, np.uint64), np.zeros(0, np.uint32))
         held = replica_mask(node.table, node.self_index) & node.part_ready
         covered = partitions[held[partitions]]
-        entries = node.export_entries(covered)
+        entries = node.export_entries(covered, settled_only=True)
         parts = (entry_hashes(entries) % np.uint64(num_partitions)).astype(np.intp)
         digests, counts = pop_digests(entries, parts, num_partitions, cutoff_ms)
         return Digests(covered, digests[covered], counts[covered])
@@ -673,7 +674,7 @@ class Pops:
         self._check_partitions(num_partitions)
         node = self.node
         held = replica_mask(node.table, node.self_index) & node.part_ready
-        entries = node.export_entries(partitions[held[partitions]])
+        entries = node.export_entries(partitions[held[partitions]], settled_only=True)
         entries = entries[exchanged_set(entries, cutoff_ms)]
         for start in range(0, len(entries), EXCHANGE_BATCH):
             yield entries[start : start + EXCHANGE_BATCH].tobytes()

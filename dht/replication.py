@@ -119,7 +119,9 @@ class PeerTransport(Protocol):
         self, member: Member, partitions: npt.NDArray[np.intp]
     ) -> tuple[U64Array, npt.NDArray[np.uint32]]: ...
 
-    def fetch(self, member: Member, partitions: npt.NDArray[np.intp]) -> AsyncIterator[bytes]: ...
+    def fetch(
+        self, member: Member, partitions: npt.NDArray[np.intp], settled_only: bool = False
+    ) -> AsyncIterator[bytes]: ...
 
     def reset(self, member: Member) -> None:
         """Drop the connection state to ``member`` (it came back: reconnect now, without
@@ -133,7 +135,9 @@ class LocalReplica(Protocol):
 
     def partition_digests(self) -> tuple[U64Array, npt.NDArray[np.uint32]]: ...
 
-    def export_entries(self, partitions: npt.NDArray[np.intp]) -> EntryArray: ...
+    def export_entries(
+        self, partitions: npt.NDArray[np.intp], settled_only: bool = False
+    ) -> EntryArray: ...
 
 
 @dataclass(frozen=True)
@@ -785,10 +789,12 @@ class Replicator:
         member: Member,
         push: bool = True,
         partitions: npt.NDArray[np.intp] | None = None,
+        settled_only: bool = False,
     ) -> int:
         """Compare digests of the partitions shared with ``member``; for those that
         differ, pull its copies (and push ours). Returns the copies that changed a record
-        here or there."""
+        here or there. ``settled_only``: leave out copies of recent coordinated writes
+        (periodic anti-entropy, see dht.proto FetchRequest)."""
         if partitions is None:
             if member.node_id not in {m.node_id for m in self.pmap.members}:
                 return 0  # it left the table while the round was under way
@@ -805,13 +811,13 @@ class Replicator:
             return 0
         applied = 0
         self.stats.ae_partitions_repaired += int(differ.size)
-        async for raw in self.transport.fetch(member, differ):
+        async for raw in self.transport.fetch(member, differ, settled_only):
             self.stats.bytes_pulled += len(raw)
             got = self.local.merge_entries(np.frombuffer(raw, dtype=ENTRY_DTYPE)).applied
             self.stats.ae_records_repaired += got  # counted as applied (a later step may fail)
             applied += got
         if push:
-            mine = self.local.export_entries(differ)
+            mine = self.local.export_entries(differ, settled_only)
             step = self.config.batch_entries
             for start in range(0, len(mine), step):
                 chunk = mine[start : start + step].tobytes()
@@ -826,6 +832,7 @@ class Replicator:
         push: bool = True,
         members: Sequence[Member] | None = None,
         partitions: Callable[[Member], npt.NDArray[np.intp]] | None = None,
+        settled_only: bool = False,
     ) -> set[str]:
         """One round with each of ``members`` (default: every peer in the table) that is
         up, over ``partitions(member)`` (default: the partitions shared with it).
@@ -836,7 +843,7 @@ class Replicator:
                 continue
             parts = None if partitions is None else partitions(member)
             try:
-                await self.sync_with(member, push, parts)
+                await self.sync_with(member, push, parts, settled_only)
             except PeerUnreachable as e:
                 self.mark_failed(member, e)
                 continue

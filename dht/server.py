@@ -271,7 +271,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
             parts = self.node.partitions_arg(request.partitions)
         except DhtError as e:
             await context.abort(grpc_status(e), str(e))
-        async for chunk in self.node.internal_fetch(parts):
+        async for chunk in self.node.internal_fetch(parts, request.settled_only):
             yield pb.EntryBatch(
                 format_version=FORMAT_VERSION, entries=chunk, from_node=self.node.config.node_id
             )
@@ -416,10 +416,12 @@ class Peers:
         counts = np.frombuffer(resp.counts, dtype=">u4").astype(np.uint32)
         return digests, counts
 
-    async def fetch(self, member: Member, partitions: npt.NDArray[np.intp]) -> AsyncIterator[bytes]:
+    async def fetch(
+        self, member: Member, partitions: npt.NDArray[np.intp], settled_only: bool = False
+    ) -> AsyncIterator[bytes]:
         # A whole-node refill may stream for a while: bound each batch, not the stream.
         call = self._stubs(member)[1].FetchPartitions(
-            pb.FetchRequest(partitions=_partitions(partitions))
+            pb.FetchRequest(partitions=_partitions(partitions), settled_only=settled_only)
         )
         try:
             while True:

@@ -365,6 +365,32 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
         y.node.internal_undo(entry, entry, b"")
 
 
+async def test_anti_entropy_leaves_out_writes_still_open_to_an_undo(make_pop: MakePop) -> None:
+    """A replica's copy of another coordinator's write stays out of anti-entropy (and
+    cross-PoP exchange) until that coordinator can no longer take it back, so a write
+    answered as failed does not spread before its undo arrives. Take-overs, refills and
+    hand-offs still get it."""
+    nodes = await make_pop(3)
+    raw = synthetic_keys(1, seed=46, start=36_000_000)
+    part = int(nodes[0].node.table.partitions_of(key_hashes(raw))[0])
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    x, y, _ = (
+        {n.config.node_id: n for n in nodes}[ids[int(i)]]
+        for i in nodes[0].node.table.replicas[part]
+    )
+    async with Client([x.grpc_address], timeout_s=10) as c:
+        assert (await c.flow_packed("Claim", raw, pop="ams"))["status"][0] == Status.CREATED
+    parts = np.array([part], dtype=np.intp)
+
+    def exported(settled_only: bool) -> bool:
+        return raw in y.node.export_entries(parts, settled_only)["key"].tobytes()
+
+    assert exported(False), "refills, hand-offs and take-overs see the copy at once"
+    assert not exported(True), "anti-entropy does not, while the coordinator may undo it"
+    window_s = (2 * y.config.rpc_timeout_ms + 1000) / 1000
+    await wait_for(lambda: exported(True), timeout_s=window_s + 5, what="the window to end")
+
+
 async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePop) -> None:
     """A claim whose caller gives up mid-write (its deadline passes while the
     coordinator waits for its replicas, as during a pause of the process) is still run

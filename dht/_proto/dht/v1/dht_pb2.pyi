@@ -903,16 +903,25 @@ class FetchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTITIONS_FIELD_NUMBER: _builtins.int
+    SETTLED_ONLY_FIELD_NUMBER: _builtins.int
     partitions: _builtins.bytes
     """Big-endian uint16 partition ids; empty = all partitions."""
+    settled_only: _builtins.bool
+    """Leave out copies of coordinated writes the receiver took recently (within twice the
+    RPC timeout plus a second), whose coordinator may still take them back (see
+    UndoRequest): periodic anti-entropy sets it, so a write answered as failed does not
+    spread before its undo arrives. Take-overs, refills and hand-offs do not: they must
+    see every write a quorum may have taken.
+    """
     def __init__(
         self,
         *,
         partitions: _builtins.bytes = ...,
+        settled_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "settled_only", b"settled_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
