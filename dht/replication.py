@@ -464,13 +464,13 @@ class Replicator:
         tally: _Tally,
         call: Callable[[Member, npt.NDArray[np.intp]], Awaitable[npt.NDArray[np.bool_] | bool]],
         linger_s: float = 0.0,
-    ) -> _Tally:
+    ) -> set[asyncio.Future[Any]]:
         """Run ``call(member, idx)`` for each replica of ``plan`` concurrently until every
         key has its quorum in every table or every call is done, then for up to
         ``linger_s`` more for the rest. A call answers for its keys (``rows``: where it
         counts, per table) as a whole or per key. Calls still running then finish in the
         background (a slow replica does not hold up a quorum that is already there);
-        they are owned and cancelled on close()."""
+        they are owned and cancelled on close(), and returned."""
         tasks: dict[asyncio.Future[Any], tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]] = {
             asyncio.ensure_future(call(member, idx)): (idx, rows) for member, idx, rows in plan
         }
@@ -486,7 +486,7 @@ class Replicator:
         for t in pending:
             self._background.add(t)
             t.add_done_callback(self._background.discard)
-        return tally
+        return pending
 
     async def close(self) -> None:
         for t in list(self._background):
@@ -518,12 +518,15 @@ class Replicator:
         replica that refuses the write as fenced (it promised a higher term) ends this
         node's term for those partitions: the next write takes them over again.
 
-        Until every key has its quorum, every call runs to its end, so no replica
-        takes a write that missed its quorum after this returns."""
+        Until every key has its quorum, every call runs to its end, and so do the
+        calls still out when a key turns out not acknowledged after all (superseded,
+        or this node's term ended): no replica takes a write that missed its quorum
+        after this returns, and a replica that missed the write gets a hint only of
+        what was acknowledged."""
         missed: list[tuple[Member, npt.NDArray[np.intp]]] = []
         took: list[Taken] = []
         lost_to: list[Taken] = []
-        settled = [False]
+        final: list[npt.NDArray[np.bool_]] = []  # the answer, once decided
         wire_terms = terms.astype(">u8")
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | bool:
@@ -557,28 +560,22 @@ class Replicator:
                     return held
                 took.append(Taken(member, idx))
                 return True
-            if settled[0]:
-                # A straggler: every key already had its quorum when we answered.
-                self.hints.add(member.node_id, entries[idx])
+            if final:
+                # A straggler, after the answer: a hint of what was acknowledged.
+                kept = idx[final[0][idx]]
+                if kept.size:
+                    self.hints.add(member.node_id, entries[kept])
             else:
                 missed.append((member, idx))
             return False
 
         plan, tally = self._quorum_plan(parts, lambda rf, w, _: w)
-        await self._until_quorum(plan, tally, one)
-        settled[0] = True
+        stragglers = await self._until_quorum(plan, tally, one)
         ok = tally.ok()
         superseded = np.zeros(len(entries), dtype=bool)
         for t in lost_to:
             superseded[t.idx] = True
         ok &= ~superseded
-        for member, idx in missed:
-            kept = idx[ok[idx]]
-            if kept.size:
-                self.hints.add(member.node_id, entries[kept])
-        failed = int(np.count_nonzero(~ok))
-        if failed:
-            self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
         if lost_to:
             self.stats.superseded_writes += int(np.count_nonzero(superseded))
             keys = entries["key"]
@@ -595,6 +592,18 @@ class Replicator:
         ended = self.promised[parts] != terms
         if ended.any():
             ok[ended] &= tally.ok_without_own()[ended] & (self.write_quorum > 1)
+        if stragglers and not ok.all():
+            # Not acknowledged after all: let the calls still out end, so that every
+            # replica that takes the write is known (to the undo).
+            await asyncio.wait(stragglers, timeout=self.config.rpc_timeout_ms / 1000 + 1)
+        final.append(ok)
+        for member, idx in missed:
+            kept = idx[ok[idx]]
+            if kept.size:
+                self.hints.add(member.node_id, entries[kept])
+        failed = int(np.count_nonzero(~ok))
+        if failed:
+            self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
         return WriteOutcome(ok, tally.holders, took, superseded)
 
     async def undo(
