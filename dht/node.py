@@ -580,6 +580,12 @@ class Node:
         entries = repl.results_as_entries(b.keys40[widx].tobytes(), res[written])
         outcome = await repl.write(entries, b.parts[widx], b.call.op.value, issued, terms[written])
         acked, held, took = outcome.acked, outcome.holders, outcome.took
+        # Our own copy lost to another claim merged in meanwhile (a quorum read of an
+        # unrelated call pulled in a claim this one did not see): the write is already
+        # beaten, as if a replica had reported it superseded.
+        lost_here = ~_same_claim(self._copies(b, widx), res[written])
+        superseded = outcome.superseded | lost_here
+        acked &= ~lost_here
         out["status"][widx[~acked]] = Status.UNAVAILABLE
         if self.extension is not None and acked.any():
             self.extension.written(b.call.op, entries[acked], before[written][acked])
@@ -598,7 +604,7 @@ class Node:
         # Retried: writes refused as fenced and undone, and claims that lost to another
         # claim a replica held (pulled in here meanwhile, so the retry answers with it).
         fenced = (held <= 1) & (repl.held[b.parts[widx]] == 0)
-        retry: npt.NDArray[np.intp] = widx[~acked & (fenced | outcome.superseded)]
+        retry: npt.NDArray[np.intp] = widx[~acked & (fenced | superseded)]
         return retry
 
     async def _take_over(self, parts: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
@@ -865,9 +871,9 @@ class Node:
     def internal_undo(self, raw_written: bytes, raw_before: bytes, raw_terms: bytes) -> int:
         """Take back a coordinator's write that missed its quorum (see dht.proto
         UndoRequest): per entry, put ``before`` back where the copy held here is still
-        the one written and no higher term was promised for its partition since (a
-        coordinator that took the partition over since may have built on the copy).
-        Returns the copies put back."""
+        the one written, unless this node has taken the partition over under a higher
+        term since: as coordinator it may have decided claims on that copy (another node
+        that did so pulled the copy and keeps its own). Returns the copies put back."""
         check_batch_size(len(raw_written), ENTRY_SIZE, 1_000_000, "written")
         written = np.frombuffer(raw_written, dtype=ENTRY_DTYPE)
         if len(raw_before) != len(raw_written):
@@ -883,7 +889,7 @@ class Node:
             )
         terms = np.frombuffer(raw_terms, dtype=">u8").astype(np.uint64)
         parts = self.table.partitions_of(key_hashes(written["key"].tobytes()))
-        ours = self.replicator.promised[parts] <= terms
+        ours = self.replicator.led[parts] <= terms
         kinds = written["key"]["kind"]
         undone = 0
         flows = np.flatnonzero(ours & (kinds == KIND_FLOW))

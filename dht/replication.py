@@ -290,6 +290,9 @@ class Replicator:
         # out before this process started: a restart forgets its promises.
         self.promised = np.full(pmap.num_partitions, term_floor, dtype=np.uint64)
         self.held = np.zeros(pmap.num_partitions, dtype=np.uint64)
+        # The highest term this node ever took each partition over with: it may have
+        # decided claims on the copies it held meanwhile (see Node.internal_undo).
+        self.led = np.zeros(pmap.num_partitions, dtype=np.uint64)
         self.prev: PartitionMap | None = None
         self.joint_until_ms = 0
         self.joint_ms = config.failure_timeout_ms + config.max_clock_offset_ms
@@ -699,6 +702,7 @@ class Replicator:
         # Granted, and not promised to a higher term meanwhile.
         ok: npt.NDArray[np.bool_] = tally.ok() & (self.promised[parts] == np.uint64(term))
         self.held[parts[ok]] = term
+        self.led[parts[ok]] = np.maximum(self.led[parts[ok]], np.uint64(term))
         self.stats.takeovers += int(np.count_nonzero(ok))
         self.stats.takeover_failures += int(np.count_nonzero(~ok))
         return ok

@@ -391,6 +391,44 @@ async def test_anti_entropy_leaves_out_writes_still_open_to_an_undo(make_pop: Ma
     await wait_for(lambda: exported(True), timeout_s=window_s + 5, what="the window to end")
 
 
+async def test_an_undo_is_refused_by_a_replica_that_coordinated_since(
+    make_pop: MakePop,
+) -> None:
+    """A replica puts back the copy from before a failed write unless it has itself
+    taken the partition over under a higher term since (it may have decided claims on
+    that copy). Promising a higher term to another node does not stop the undo."""
+    nodes = await make_pop(3)
+    raw = synthetic_keys(1, seed=47, start=37_000_000)
+    keys, hashes = np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw)
+    part = int(nodes[0].node.table.partitions_of(hashes)[0])
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    x, y, _ = (
+        {n.config.node_id: n for n in nodes}[ids[int(i)]]
+        for i in nodes[0].node.table.replicas[part]
+    )
+    parts = np.array([part], dtype=">u2").tobytes()
+
+    async def claimed() -> tuple[bytes, bytes, bytes]:
+        """Claim the flow afresh through X: Y's copy as written, and the write's term."""
+        async with Client([x.grpc_address], timeout_s=10) as c:
+            await c.flow_packed("Release", raw, pop="ams")
+            await c.flow_packed("Claim", raw, pop="ams")
+        written = y.node.replicator.results_as_entries(raw, y.node.store.copies(keys, hashes))
+        before = written.copy()
+        before["rec"]["status"] = Status.NOT_FOUND
+        term = int(y.node.replicator.promised[part])  # the write's, as Y accepted it
+        return written.tobytes(), before.tobytes(), term.to_bytes(8, "big")
+
+    undo = await claimed()
+    y.node.internal_promise(parts, int(y.node.replicator.promised[part]) + 1, x.config.node_id)
+    assert y.node.internal_undo(*undo) == 1, "a promise to another node does not stop it"
+    assert y.node.store.copies(keys, hashes)["status"][0] == Status.NOT_FOUND
+    undo = await claimed()
+    assert (await y.node._take_over(np.array([part], dtype=np.uint16))).all()
+    assert y.node.internal_undo(*undo) == 0, "refused: Y coordinated the partition since"
+    assert y.node.store.copies(keys, hashes)["status"][0] == Status.OK
+
+
 async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePop) -> None:
     """A claim whose caller gives up mid-write (its deadline passes while the
     coordinator waits for its replicas, as during a pause of the process) is still run
@@ -544,6 +582,63 @@ async def test_a_write_both_other_replicas_took_stands_after_a_take_over(
     async with Client([y.grpc_address], timeout_s=10, no_forward=True) as c:
         seen = await c.flow_packed("Claim", raw, pop="fra")
     assert seen["status"][0] == Status.OWNED_ELSEWHERE and seen["birth_hlc"][0] == a.birth_hlc
+
+
+async def test_a_claim_beaten_on_its_coordinator_mid_write_is_not_acknowledged(
+    make_pop: MakePop,
+) -> None:
+    """While X's claim B is out to its replicas, an earlier claim A of the flow is
+    merged into X's own store (a quorum read of another call pulled it in). B has
+    already lost there, so B is not acknowledged: X answers with A's owner."""
+    from dht._proto.dht.v1 import dht_pb2 as pb
+    from dht.wire import decode_results
+
+    nodes = await make_pop(3)
+    raw = synthetic_keys(1, seed=48, start=38_000_000)
+    keys, hashes = np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw)
+    part = int(nodes[0].node.table.partitions_of(hashes)[0])
+    ids = [m.node_id for m in nodes[0].node.table.members]
+    x, _, z = (
+        {n.config.node_id: n for n in nodes}[ids[int(i)]]
+        for i in nodes[0].node.table.replicas[part]
+    )
+    # Claim A (fra), born before B; made on Z's store and taken back there, so only
+    # X's own store will hold it.
+    empty = z.node.store.copies(keys, hashes)
+    a = z.node.store.claim(
+        keys, hashes, pop=2, server=0, ttl_ms=60_000, now_ms=z.node.clock.wall_ms()
+    )
+    z.node.store.restore(keys, hashes, empty)
+    entry_a = z.node.replicator.results_as_entries(raw, a)
+
+    gate, stalled = asyncio.Event(), asyncio.Event()
+    transport = x.node.replicator.transport
+    real = transport.replicate
+
+    async def stalling(
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+    ) -> Any:
+        if terms:
+            stalled.set()
+            await gate.wait()
+        return await real(member, entries, hinted, issued_hlc, terms)
+
+    transport.replicate = stalling  # type: ignore[method-assign]
+    ch, stub = _stub(x)
+    try:
+        claim_b = asyncio.ensure_future(
+            stub.Claim(pb.FlowBatchRequest(format_version=1, keys=raw, pop=1))
+        )
+        await stalled.wait()
+        x.node.merge_entries(entry_a)  # as a quorum read of another call would
+        gate.set()
+        b = decode_results((await claim_b).results)[0]
+    finally:
+        gate.set()
+        transport.replicate = real  # type: ignore[method-assign]
+        await ch.close()
+    assert b.status == Status.OWNED_ELSEWHERE and b.owner_pop == 2, b
+    assert b.birth_hlc == int(a["birth_hlc"][0])
 
 
 async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: MakePop) -> None:

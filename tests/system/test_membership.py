@@ -698,7 +698,9 @@ async def test_node_declared_dead_comes_back_without_double_ownership(
                     int(r["birth_hlc"]),
                     int(r["birth_pop"]),
                 )
-                if status not in (Status.OWNED_ELSEWHERE, Status.UNAVAILABLE):
+                # Refused, or no answer (UNAVAILABLE; MOVED once the client's retries
+                # ran out): anything else would be a claim over an acknowledged flow.
+                if status not in (Status.OWNED_ELSEWHERE, Status.UNAVAILABLE, Status.MOVED):
                     late_keys.append(key)
                     late.append(
                         f"{tl.at(started)} {flow_text(key)}: ams acked "

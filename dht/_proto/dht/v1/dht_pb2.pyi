@@ -753,8 +753,9 @@ class UndoRequest(_message.Message):
     """Undo of a coordinated write that did not reach its quorum (the caller was answered
     UNAVAILABLE), sent to the replicas that took it, so that the write cannot later win
     over one that was acknowledged. Per entry, the receiver puts back ``before`` only where
-    its copy is still exactly ``written`` and no higher term than the write's was promised
-    for the partition since (else another coordinator may have built on the copy).
+    its copy is still exactly ``written`` and it has not itself taken the partition over
+    under a higher term since (as coordinator it may have decided claims on the copy; any
+    other node that did pulled the copy and keeps its own).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
