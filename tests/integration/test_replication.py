@@ -496,10 +496,27 @@ async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged(
     raw_a = pool[first * 40 : (first + 1) * 40]
     raw_b = pool[second * 40 : (second + 1) * 40]
     ids = [m.node_id for m in nodes[0].node.table.members]
-    x, _, z = (
+    x, y, z = (
         {n.config.node_id: n for n in nodes}[ids[int(i)]]
         for i in nodes[0].node.table.replicas[part]
     )
+    # Z's answer comes first, so it is heard before the quorum is (X and Y) met: a
+    # replica that answers superseded after the quorum is not waited for.
+    z_answered = asyncio.Event()
+    transport = x.node.replicator.transport
+    real = transport.replicate
+
+    async def z_first(
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+    ) -> Any:
+        if terms and member.node_id == y.config.node_id:
+            await z_answered.wait()
+        res = await real(member, entries, hinted, issued_hlc, terms)
+        if member.node_id == z.config.node_id:
+            z_answered.set()
+        return res
+
+    transport.replicate = z_first  # type: ignore[method-assign]
     async with Client([x.grpc_address], timeout_s=10) as c:
         # X takes the partition over (and pulls the replicas' copies) for flow A.
         assert (await c.flow_packed("Claim", raw_a, pop="ams"))["status"][0] == Status.CREATED
@@ -513,8 +530,10 @@ async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged(
             ttl_ms=60_000,
             now_ms=z.node.clock.wall_ms(),
         )[0]
-        # ams claims B at X: Y takes it, Z reports it superseded.
+        # ams claims B at X: Z reports it superseded (Y takes it).
+        z_answered.clear()
         got = await c.flow_packed("Claim", raw_b, pop="ams")
+    transport.replicate = real  # type: ignore[method-assign]
     assert got["status"][0] == Status.OWNED_ELSEWHERE, got
     assert got["owner_pop"][0] == 2 and got["birth_hlc"][0] == planted["birth_hlc"]
     assert x.node.replicator.stats.superseded_writes == 1
