@@ -64,6 +64,10 @@ __all__ = [
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# A MOVED answer means nodes disagree on the table (a membership change under way, for
+# some tens of ms): the n-th retry of MOVED keys waits n times this.
+MOVED_BACKOFF_S = 0.05
+
 
 def _addr16(addr: Address) -> bytes:
     if isinstance(addr, ipaddress.IPv4Address):
@@ -297,7 +301,8 @@ class Client:
         """Send every key to the first replica of its partition that is not marked down
         (the primary, normally); keys answered UNAVAILABLE (or whose call failed) go to
         the partition's next replica, MOVED keys again after a table refresh. Bounded:
-        at most replication_factor + max_moved_retries rounds."""
+        at most replication_factor + max_moved_retries rounds; MOVED rounds back off
+        (MOVED_BACKOFF_S, 2x, 3x ...)."""
         if self._table is None:
             await self.refresh_table()
         out = new_results(len(hashes))
@@ -313,6 +318,10 @@ class Client:
             if stale or moved.size:
                 await self.refresh_table()
                 moved_rounds += 1
+                if moved.size and moved_rounds <= self.max_moved_retries:
+                    # Nodes disagree on the table for a moment during a membership
+                    # change: give them a little time before asking again.
+                    await asyncio.sleep(MOVED_BACKOFF_S * moved_rounds)
             skip[retry] += 1
             retry = retry[skip[retry] < self.table.replication_factor]
             if moved_rounds > self.max_moved_retries:

@@ -329,7 +329,9 @@ class Load:
             if status == Status.OK and got == w:
                 continue
             bad[status.name] += 1
-            if status != Status.UNAVAILABLE:
+            # No answer (UNAVAILABLE, or MOVED once the client's retries ran out) is a
+            # failed call; any other answer than the acknowledged one is wrong.
+            if status not in (Status.UNAVAILABLE, Status.MOVED):
                 self.wrong.append(
                     f"{self._when(started)} {flow_text(key)}: acknowledged {w}, lookup "
                     f"{status.name} {got}"
