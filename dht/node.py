@@ -202,6 +202,9 @@ class Node:
         # ms, their coordinator may still undo them, their key hashes). Left out of
         # anti-entropy till then.
         self._undoable: deque[tuple[int, U64Array]] = deque()
+        # Of those, the ones a take-over, refill, hand-off or quorum read pulled from
+        # here meanwhile: an undo leaves them standing (see internal_undo).
+        self._pinned: deque[tuple[int, U64Array]] = deque()
         self._stop = asyncio.Event()
         self.failed_loops: dict[str, str] = {}
         self.accepting = False
@@ -796,24 +799,41 @@ class Node:
             keys = entries["key"].tobytes()
             keep = [keys[i : i + KEY_SIZE] not in unsettled for i in range(0, len(keys), KEY_SIZE)]
             entries = entries[np.array(keep, dtype=bool)]
-        if settled_only and len(entries) and self._prune_undoable():
+        if len(entries) and self._prune(self._undoable):
             recent = np.concatenate([hashes for _, hashes in self._undoable])
-            entries = entries[~np.isin(key_hashes(entries["key"].tobytes()), recent)]
+            open_ = np.isin(key_hashes(entries["key"].tobytes()), recent)
+            if settled_only:
+                entries = entries[~open_]
+            else:
+                self._pin(entries["key"][open_])
         return entries
 
+    def _undo_window_ms(self) -> int:
+        """How long a coordinator may still undo a write a replica took: two RPC
+        timeouts (its write, then its undo) and a second of slack."""
+        return 2 * self.config.rpc_timeout_ms + 1000
+
     def _mark_undoable(self, entries: EntryArray) -> None:
-        """Copies of another coordinator's write, just taken: open to its undo for up to
-        two RPC timeouts (its write, then its undo) and a second of slack."""
-        self._prune_undoable()
-        until = _monotonic_ms() + 2 * self.config.rpc_timeout_ms + 1000
+        """Copies of another coordinator's write, just taken: open to its undo."""
+        self._prune(self._undoable)
+        until = _monotonic_ms() + self._undo_window_ms()
         self._undoable.append((until, key_hashes(entries["key"].tobytes())))
 
-    def _prune_undoable(self) -> int:
-        """Forget writes past their undo window; returns how many batches remain."""
+    def _pin(self, keys: npt.NDArray[np.void]) -> None:
+        """Copies open to an undo that a take-over, refill, hand-off or quorum read is
+        pulling from here: their puller may decide claims on them, so they stand."""
+        if len(keys):
+            self._prune(self._pinned)
+            until = _monotonic_ms() + self._undo_window_ms()
+            self._pinned.append((until, key_hashes(keys.tobytes())))
+
+    @staticmethod
+    def _prune(batches: deque[tuple[int, U64Array]]) -> int:
+        """Forget batches past their window; returns how many remain."""
         now = _monotonic_ms()
-        while self._undoable and self._undoable[0][0] <= now:
-            self._undoable.popleft()
-        return len(self._undoable)
+        while batches and batches[0][0] <= now:
+            batches.popleft()
+        return len(batches)
 
     def _unsettled(self) -> dict[bytes, ResultArray]:
         """Keys of writes in flight, with their copies before the write. A write in
@@ -868,12 +888,15 @@ class Node:
             return merged
         return self.merge_entries(entries)
 
-    def internal_undo(self, raw_written: bytes, raw_before: bytes, raw_terms: bytes) -> int:
+    def internal_undo(
+        self, raw_written: bytes, raw_before: bytes, raw_terms: bytes
+    ) -> npt.NDArray[np.intp]:
         """Take back a coordinator's write that missed its quorum (see dht.proto
         UndoRequest): per entry, put ``before`` back where the copy held here is still
-        the one written, unless this node has taken the partition over under a higher
-        term since: as coordinator it may have decided claims on that copy (another node
-        that did so pulled the copy and keeps its own). Returns the copies put back."""
+        the one written, unless a take-over or quorum read pulled that copy from here
+        meanwhile, or this node took the partition over under a higher term since: the
+        puller, or this node as coordinator, may have decided claims on it. Returns the
+        positions of the entries left standing."""
         check_batch_size(len(raw_written), ENTRY_SIZE, 1_000_000, "written")
         written = np.frombuffer(raw_written, dtype=ENTRY_DTYPE)
         if len(raw_before) != len(raw_written):
@@ -888,27 +911,30 @@ class Node:
                 "terms", f"{len(raw_terms)} bytes for {len(written)} entries (want 8 each)"
             )
         terms = np.frombuffer(raw_terms, dtype=">u8").astype(np.uint64)
-        parts = self.table.partitions_of(key_hashes(written["key"].tobytes()))
+        hashes = key_hashes(written["key"].tobytes())
+        parts = self.table.partitions_of(hashes)
         ours = self.replicator.led[parts] <= terms
+        if self._prune(self._pinned):
+            ours &= ~np.isin(hashes, np.concatenate([h for _, h in self._pinned]))
         kinds = written["key"]["kind"]
-        undone = 0
+        undone = np.zeros(len(written), dtype=bool)
         flows = np.flatnonzero(ours & (kinds == KIND_FLOW))
         if flows.size:
             keys = written["key"][flows]
-            hashes = key_hashes(keys.tobytes())
-            still = _unchanged(self.store.copies(keys, hashes), written["rec"][flows])
+            still = _unchanged(self.store.copies(keys, hashes[flows]), written["rec"][flows])
             if still.any():
-                self.store.restore(keys[still], hashes[still], before["rec"][flows][still])
-                undone += int(np.count_nonzero(still))
+                self.store.restore(keys[still], hashes[flows][still], before["rec"][flows][still])
+                undone[flows[still]] = True
         aff = np.flatnonzero(ours & (kinds == KIND_AFFINITY))
         if aff.size:
             prefixes = written["key"]["caddr"][aff]
             still = _unchanged(self.affinity.copies(prefixes), written["rec"][aff])
             if still.any():
                 self.affinity.restore(prefixes[still], before["rec"][aff][still])
-                undone += int(np.count_nonzero(still))
-        self.undone_for_others += undone
-        return undone
+                undone[aff[still]] = True
+        self.undone_for_others += int(np.count_nonzero(undone))
+        kept: npt.NDArray[np.intp] = np.flatnonzero(~undone)
+        return kept
 
     def _superseded(self, entries: EntryArray) -> npt.NDArray[np.intp]:
         """Positions of flow ``entries`` whose claim is not the one now held here: a
@@ -967,6 +993,10 @@ class Node:
                 row = unsettled.get(raw[i * KEY_SIZE : (i + 1) * KEY_SIZE])
                 if row is not None:
                     out[i] = row[0]
+        if self._prune(self._undoable):
+            recent = np.concatenate([hashes for _, hashes in self._undoable])
+            found = out["status"] == Status.OK
+            self._pin(keys[found & np.isin(key_hashes(raw), recent)])
         return out.tobytes()
 
     def internal_digests(

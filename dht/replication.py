@@ -108,9 +108,12 @@ class PeerTransport(Protocol):
         term per partition after the call (== ``term`` where granted)."""
         ...
 
-    async def undo(self, member: Member, written: bytes, before: bytes, terms: bytes) -> int:
+    async def undo(
+        self, member: Member, written: bytes, before: bytes, terms: bytes
+    ) -> npt.NDArray[np.intp]:
         """Have ``member`` take back a write that missed its quorum (entries as
-        ``written``, put back as ``before`` where unchanged); returns copies put back."""
+        ``written``, put back as ``before`` where it may, see dht.proto UndoRequest);
+        returns the positions of the entries it left standing."""
         ...
 
     async def read_copies(self, member: Member, keys: bytes) -> bytes: ...
@@ -197,6 +200,7 @@ class Stats:
     takeover_failures: int = 0  # partitions whose promise quorum was not reached
     undone_remote: int = 0  # copies replicas put back when our write missed its quorum
     undo_failures: int = 0  # copies whose undo a replica did not answer
+    undo_refused: int = 0  # copies a replica left standing (pulled back in here)
     superseded_writes: int = 0  # our writes a replica held another, winning claim of
 
 
@@ -620,7 +624,9 @@ class Replicator:
         """Take back, where replicas took it, a write whose entries ``failed`` (missed
         their quorum; positions as in :meth:`write`). Best effort, concurrently: a
         replica that does not answer within the RPC timeout keeps its copy (a write
-        answered as failed may or may not take effect, DESIGN section 4)."""
+        answered as failed may or may not take effect, DESIGN section 4). Where a
+        replica leaves an entry standing, its copy is pulled back into the local store,
+        so later calls here are decided knowing it."""
         wire_terms = terms.astype(">u8")
 
         async def one(t: Taken) -> None:
@@ -629,7 +635,7 @@ class Replicator:
                 return
             started = self._now()
             try:
-                n = await self.transport.undo(
+                kept = await self.transport.undo(
                     t.member,
                     written[idx].tobytes(),
                     before[idx].tobytes(),
@@ -639,7 +645,11 @@ class Replicator:
                 self.mark_failed(t.member, e, started)
                 self.stats.undo_failures += int(idx.size)
                 return
-            self.stats.undone_remote += n
+            kept = kept[kept < len(idx)]
+            self.stats.undone_remote += int(idx.size - kept.size)
+            if kept.size:
+                self.stats.undo_refused += int(kept.size)
+                await self._pull_copies(t.member, written["key"][idx[kept]].tobytes())
 
         await asyncio.gather(*(one(t) for t in took))
 

@@ -33,7 +33,7 @@ from dht.pop_grpc import GrpcPopTransport, PopLinkService
 from dht.pops import Pops
 from dht.replication import MergeResult, PeerUnreachable
 from dht.udp_lookup import UdpLookupProtocol, start_listener
-from dht.wire import FORMAT_VERSION, U64Array
+from dht.wire import ENTRY_SIZE, FORMAT_VERSION, U64Array
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +236,9 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Undo(self, request: pb.UndoRequest, context: Ctx) -> pb.UndoResponse:
         async def work() -> pb.UndoResponse:
-            return pb.UndoResponse(
-                undone=self.node.internal_undo(request.written, request.before, request.terms)
-            )
+            kept = self.node.internal_undo(request.written, request.before, request.terms)
+            undone = len(request.written) // ENTRY_SIZE - len(kept)
+            return pb.UndoResponse(undone=undone, kept=kept.astype(">u4").tobytes())
 
         result: pb.UndoResponse = await self._guard(context, work)
         return result
@@ -388,13 +388,16 @@ class Peers:
             raise PeerUnreachable(member.node_id, f"answered {len(promised)} promises")
         return promised
 
-    async def undo(self, member: Member, written: bytes, before: bytes, terms: bytes) -> int:
+    async def undo(
+        self, member: Member, written: bytes, before: bytes, terms: bytes
+    ) -> npt.NDArray[np.intp]:
         req = pb.UndoRequest(from_node=self._node_id, written=written, before=before, terms=terms)
         try:
             resp = await self._stubs(member)[1].Undo(req, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
-        return resp.undone
+        kept: npt.NDArray[np.intp] = np.frombuffer(resp.kept, dtype=">u4").astype(np.intp)
+        return kept
 
     async def read_copies(self, member: Member, keys: bytes) -> bytes:
         req = pb.CopiesRequest(format_version=FORMAT_VERSION, keys=keys)

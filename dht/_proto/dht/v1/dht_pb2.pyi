@@ -753,9 +753,11 @@ class UndoRequest(_message.Message):
     """Undo of a coordinated write that did not reach its quorum (the caller was answered
     UNAVAILABLE), sent to the replicas that took it, so that the write cannot later win
     over one that was acknowledged. Per entry, the receiver puts back ``before`` only where
-    its copy is still exactly ``written`` and it has not itself taken the partition over
-    under a higher term since (as coordinator it may have decided claims on the copy; any
-    other node that did pulled the copy and keeps its own).
+    its copy is still exactly ``written``, no take-over or quorum read has pulled that copy
+    from it meanwhile (its puller may have decided claims on it), and it has not itself
+    taken the partition over under a higher term since. The entries it leaves standing are
+    in the answer: the coordinator pulls them back in, so it decides later calls knowing
+    the write stands there.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -793,16 +795,20 @@ class UndoResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     UNDONE_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
     undone: _builtins.int
     """Copies put back."""
+    kept: _builtins.bytes
+    """Big-endian uint32 positions of the entries left standing (see UndoRequest)."""
     def __init__(
         self,
         *,
         undone: _builtins.int = ...,
+        kept: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["undone", b"undone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "undone", b"undone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
