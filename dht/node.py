@@ -1447,11 +1447,13 @@ class Node:
         yield m.counter(
             "dht_undone_copies",
             "copies of writes that missed their quorum, put back: by the coordinator in its "
-            "own store, at its request by the replicas, or not (a replica did not answer)",
+            "own store, at its request by the replicas; or not: a replica did not answer, "
+            "or left the copy standing (pulled back in by the coordinator)",
             {
                 ("coordinator",): self.rollbacks,
                 ("replica",): s.undone_remote,
                 ("unanswered",): s.undo_failures,
+                ("left_standing",): s.undo_refused,
             },
             ["where"],
         )
