@@ -518,12 +518,12 @@ class Replicator:
         but could not be taken back there, say) is not acknowledged whatever the
         others said, since that claim will win everywhere: its copy is pulled into the
         local store instead, so that a retry answers with it. A copy that missed its
-        quorum is *not* kept as a hint: the
-        caller undoes it (locally and, through :meth:`undo`, where replicas took it),
-        so a write that was answered as failed cannot later win over one that was
-        acknowledged. Every other copy a replica missed is kept as a hint for it. A
-        replica that refuses the write as fenced (it promised a higher term) ends this
-        node's term for those partitions: the next write takes them over again.
+        quorum is *not* kept as a hint: the caller undoes it (locally and, through
+        :meth:`undo`, where replicas took it), so a write that was answered as failed
+        cannot later win over one that was acknowledged. Every other copy a replica
+        missed is kept as a hint for it. A replica that refuses the write as fenced (it
+        promised a higher term) ends this node's term for those partitions: the next
+        write takes them over again.
 
         Until every key has its quorum, every call runs to its end, and so do the
         calls still out when a key turns out not acknowledged after all (superseded,
