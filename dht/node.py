@@ -672,19 +672,33 @@ class Node:
     def _restore(
         self, b: _Batch, idx: npt.NDArray[np.intp], before: ResultArray, wrote: ResultArray
     ) -> None:
-        """Undo a write no other replica took (see Replicator.write): where the copy is
-        still the one written (a copy merged in meanwhile, say another coordinator's
-        acknowledged claim, is kept)."""
-        still = _unchanged(self._copies(b, idx), wrote)
-        idx, before = idx[still], before[still]
-        if not idx.size:
-            return
-        self.rollbacks += len(idx)
-        if b.prefixes is not None:
-            self.affinity.restore(b.prefixes[idx], before)
-            return
-        assert b.flows is not None
-        self.store.restore(b.flows[idx], b.hashes[idx], before)
+        """Take back this node's own write of keys ``idx`` that missed its quorum."""
+        keys = np.frombuffer(b.keys40[idx].tobytes(), dtype=KEY_DTYPE)
+        self.rollbacks += int(np.count_nonzero(self._put_back(keys, b.hashes[idx], wrote, before)))
+
+    def _put_back(
+        self, keys: KeyArray, hashes: U64Array, wrote: ResultArray, before: ResultArray
+    ) -> npt.NDArray[np.bool_]:
+        """Put the copies ``before`` back where the copy held is still the one written
+        (a copy merged in meanwhile, say another coordinator's acknowledged claim, is
+        kept). Returns per key whether it was put back."""
+        kinds = keys["kind"]
+        put = np.zeros(len(keys), dtype=bool)
+        flows = np.flatnonzero(kinds == KIND_FLOW)
+        if flows.size:
+            still = _unchanged(self.store.copies(keys[flows], hashes[flows]), wrote[flows])
+            sel = flows[still]
+            put[sel] = True
+            if sel.size:
+                self.store.restore(keys[sel], hashes[sel], before[sel])
+        aff = np.flatnonzero(kinds == KIND_AFFINITY)
+        if aff.size:
+            prefixes = keys["caddr"][aff]
+            still = _unchanged(self.affinity.copies(prefixes), wrote[aff])
+            put[aff[still]] = True
+            if still.any():
+                self.affinity.restore(prefixes[still], before[aff[still]])
+        return put
 
     def _apply(self, b: _Batch, idx: npt.NDArray[np.intp]) -> ResultArray:
         """Apply the call to the local stores for keys ``idx`` (one synchronous step)."""
@@ -813,11 +827,11 @@ class Node:
         timeouts (its write, then its undo) and a second of slack."""
         return 2 * self.config.rpc_timeout_ms + 1000
 
-    def _mark_undoable(self, entries: EntryArray) -> None:
-        """Copies of another coordinator's write, just taken: open to its undo."""
+    def _mark_undoable(self, hashes: U64Array) -> None:
+        """Copies of another coordinator's write (their key hashes), just taken: open
+        to its undo."""
         self._prune(self._undoable)
-        until = _monotonic_ms() + self._undo_window_ms()
-        self._undoable.append((until, key_hashes(entries["key"].tobytes())))
+        self._undoable.append((_monotonic_ms() + self._undo_window_ms(), hashes))
 
     def _pin(self, keys: npt.NDArray[np.void]) -> None:
         """Copies open to an undo that a take-over, refill, hand-off or quorum read is
@@ -867,7 +881,8 @@ class Node:
                 raise InvalidArgument(
                     "terms", f"{len(terms)} bytes for {len(entries)} entries (want 8 each)"
                 )
-            parts = self.table.partitions_of(key_hashes(entries["key"].tobytes()))
+            hashes = key_hashes(entries["key"].tobytes())
+            parts = self.table.partitions_of(hashes)
             if not self._is_member(from_node):
                 # A coordinator this node's table does not hold (declared dead, left, not
                 # yet known) cannot count its quorums in any table in force here.
@@ -881,8 +896,8 @@ class Node:
             if fenced:
                 return MergeResult(fenced=fenced, fenced_by=by)
             merged = self.merge_entries(entries)
-            self._mark_undoable(entries)
-            lost = self._superseded(entries)
+            self._mark_undoable(hashes)
+            lost = self._superseded(entries, hashes)
             if lost.size:
                 return replace(merged, superseded=lost.astype(">u4").tobytes())
             return merged
@@ -916,34 +931,23 @@ class Node:
         ours = self.replicator.led[parts] <= terms
         if self._prune(self._pinned):
             ours &= ~np.isin(hashes, np.concatenate([h for _, h in self._pinned]))
-        kinds = written["key"]["kind"]
         undone = np.zeros(len(written), dtype=bool)
-        flows = np.flatnonzero(ours & (kinds == KIND_FLOW))
-        if flows.size:
-            keys = written["key"][flows]
-            still = _unchanged(self.store.copies(keys, hashes[flows]), written["rec"][flows])
-            if still.any():
-                self.store.restore(keys[still], hashes[flows][still], before["rec"][flows][still])
-                undone[flows[still]] = True
-        aff = np.flatnonzero(ours & (kinds == KIND_AFFINITY))
-        if aff.size:
-            prefixes = written["key"]["caddr"][aff]
-            still = _unchanged(self.affinity.copies(prefixes), written["rec"][aff])
-            if still.any():
-                self.affinity.restore(prefixes[still], before["rec"][aff][still])
-                undone[aff[still]] = True
+        mine = np.flatnonzero(ours)
+        undone[mine] = self._put_back(
+            written["key"][mine], hashes[mine], written["rec"][mine], before["rec"][mine]
+        )
         self.undone_for_others += int(np.count_nonzero(undone))
         kept: npt.NDArray[np.intp] = np.flatnonzero(~undone)
         return kept
 
-    def _superseded(self, entries: EntryArray) -> npt.NDArray[np.intp]:
+    def _superseded(self, entries: EntryArray, hashes: U64Array) -> npt.NDArray[np.intp]:
         """Positions of flow ``entries`` whose claim is not the one now held here: a
         different generation or birth won the merge (this replica holds another claim)."""
         flows = np.flatnonzero(entries["key"]["kind"] == KIND_FLOW)
         if not flows.size:
             return flows
         keys = entries["key"][flows]
-        held = self.store.copies(keys, key_hashes(keys.tobytes()))
+        held = self.store.copies(keys, hashes[flows])
         same = (held["status"] == Status.OK) & _same_claim(held, entries["rec"][flows])
         if self._inflight and not same.all():
             # A claim this node coordinates itself, still in flight, is no winner yet:
