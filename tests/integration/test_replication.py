@@ -211,6 +211,14 @@ async def test_a_write_older_than_anyone_can_be_told_is_refused(make_pop: MakePo
     assert node.internal_replicate(entry.tobytes()).applied == 1
 
 
+def replicas_of(nodes: list[NodeServer], raw: bytes) -> tuple[int, list[NodeServer]]:
+    """The partition of the first key of ``raw``, and its replicas, primary first."""
+    table = nodes[0].node.table
+    part = int(table.partitions_of(key_hashes(raw[:40]))[0])
+    by_id = {n.config.node_id: n for n in nodes}
+    return part, [by_id[table.members[int(i)].node_id] for i in table.replicas[part]]
+
+
 def _stub(srv: NodeServer) -> tuple[Any, Any]:
     import grpc
 
@@ -232,11 +240,7 @@ async def test_a_coordinator_stalled_mid_write_is_fenced_by_a_take_over(
 
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=40, start=30_000_000)
-    part = int(nodes[0].node.table.partitions_of(key_hashes(raw))[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    order = [ids[int(i)] for i in nodes[0].node.table.replicas[part]]
-    by_id = {n.config.node_id: n for n in nodes}
-    x, y = by_id[order[0]], by_id[order[1]]  # the primary, and the next replica
+    _, (x, y, _) = replicas_of(nodes, raw)  # the primary, and the next replica
 
     # X's coordinated writes stall after X applied them locally, as a paused process's.
     gate, stalled = asyncio.Event(), asyncio.Event()
@@ -313,11 +317,7 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
     raw = synthetic_keys(1, seed=42, start=32_000_000)
     keys = np.frombuffer(raw, dtype=KEY_DTYPE)
     hashes = key_hashes(raw)
-    part = int(nodes[0].node.table.partitions_of(hashes)[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    order = [ids[int(i)] for i in nodes[0].node.table.replicas[part]]
-    by_id = {n.config.node_id: n for n in nodes}
-    x, y, z = (by_id[i] for i in order)  # the primary and the two other replicas
+    _, (x, y, z) = replicas_of(nodes, raw)  # the primary and the two other replicas
 
     transport = x.node.replicator.transport
     real = transport.replicate
@@ -372,12 +372,7 @@ async def test_anti_entropy_leaves_out_writes_still_open_to_an_undo(make_pop: Ma
     hand-offs still get it."""
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=46, start=36_000_000)
-    part = int(nodes[0].node.table.partitions_of(key_hashes(raw))[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    x, y, _ = (
-        {n.config.node_id: n for n in nodes}[ids[int(i)]]
-        for i in nodes[0].node.table.replicas[part]
-    )
+    part, (x, y, _) = replicas_of(nodes, raw)
     async with Client([x.grpc_address], timeout_s=10) as c:
         assert (await c.flow_packed("Claim", raw, pop="ams"))["status"][0] == Status.CREATED
     parts = np.array([part], dtype=np.intp)
@@ -404,12 +399,7 @@ async def test_a_failed_write_a_quorum_read_saw_stands_and_is_pulled_back(
     nodes = await make_pop(3, write_quorum=3)
     raw = synthetic_keys(1, seed=49, start=39_000_000)
     keys, hashes = np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw)
-    part = int(nodes[0].node.table.partitions_of(hashes)[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    x, y, z = (
-        {n.config.node_id: n for n in nodes}[ids[int(i)]]
-        for i in nodes[0].node.table.replicas[part]
-    )
+    _, (x, y, z) = replicas_of(nodes, raw)
     transport = x.node.replicator.transport
     real = transport.replicate
 
@@ -453,12 +443,7 @@ async def test_an_undo_is_refused_by_a_replica_that_coordinated_since(
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=47, start=37_000_000)
     keys, hashes = np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw)
-    part = int(nodes[0].node.table.partitions_of(hashes)[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    x, y, _ = (
-        {n.config.node_id: n for n in nodes}[ids[int(i)]]
-        for i in nodes[0].node.table.replicas[part]
-    )
+    part, (x, y, _) = replicas_of(nodes, raw)
     parts = np.array([part], dtype=">u2").tobytes()
 
     async def claimed() -> tuple[bytes, bytes, bytes]:
@@ -496,9 +481,7 @@ async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePo
     raw = synthetic_keys(1, seed=43, start=33_000_000)
     keys = np.frombuffer(raw, dtype=KEY_DTYPE)
     hashes = key_hashes(raw)
-    part = int(nodes[0].node.table.partitions_of(hashes)[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    x = {n.config.node_id: n for n in nodes}[ids[int(nodes[0].node.table.replicas[part][0])]]
+    _, (x, _, _) = replicas_of(nodes, raw)
 
     gate, stalled = asyncio.Event(), asyncio.Event()
     transport = x.node.replicator.transport
@@ -548,11 +531,7 @@ async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged(
     first, second = np.flatnonzero(parts == part)[:2]
     raw_a = pool[first * 40 : (first + 1) * 40]
     raw_b = pool[second * 40 : (second + 1) * 40]
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    x, y, z = (
-        {n.config.node_id: n for n in nodes}[ids[int(i)]]
-        for i in nodes[0].node.table.replicas[part]
-    )
+    _, (x, y, z) = replicas_of(nodes, raw_a)
     # Z's answer comes first, so it is heard before the quorum is (X and Y) met: a
     # replica that answers superseded after the quorum is not waited for.
     z_answered = asyncio.Event()
@@ -605,12 +584,7 @@ async def test_a_write_both_other_replicas_took_stands_after_a_take_over(
 
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=45, start=35_000_000)
-    part = int(nodes[0].node.table.partitions_of(key_hashes(raw))[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    x, y, _ = (
-        {n.config.node_id: n for n in nodes}[ids[int(i)]]
-        for i in nodes[0].node.table.replicas[part]
-    )
+    part, (x, y, _) = replicas_of(nodes, raw)
 
     gate, answered = asyncio.Event(), asyncio.Event()
     transport = x.node.replicator.transport
@@ -668,12 +642,7 @@ async def test_a_claim_beaten_on_its_coordinator_mid_write_is_not_acknowledged(
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=48, start=38_000_000)
     keys, hashes = np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw)
-    part = int(nodes[0].node.table.partitions_of(hashes)[0])
-    ids = [m.node_id for m in nodes[0].node.table.members]
-    x, _, z = (
-        {n.config.node_id: n for n in nodes}[ids[int(i)]]
-        for i in nodes[0].node.table.replicas[part]
-    )
+    _, (x, _, z) = replicas_of(nodes, raw)
     # Claim A (fra), born before B; made on Z's store and taken back there, so only
     # X's own store will hold it.
     empty = z.node.store.copies(keys, hashes)
