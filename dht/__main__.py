@@ -1,5 +1,5 @@
 import sys
 
-from dht.cli import main
+from dht.tools.cli import main
 
 sys.exit(main())

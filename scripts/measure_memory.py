@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dht import wire
-from dht.record import TCP, HybridClock, State, TtlPolicy
-from dht.store import FlowStore, StoreLimits
+from dht.core import wire
+from dht.core.record import TCP, HybridClock, State, TtlPolicy
+from dht.store.flows import FlowStore, StoreLimits
 
 BATCH = 1000
 NOW_MS = 1_700_000_000_000

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from dht.client import Client
-from dht.cluster import plan
-from dht.config import build_config
-from dht.server import NodeServer
+from dht.core.config import build_config
+from dht.edge.server import NodeServer
+from dht.tools.cluster import plan
 
 MakePop = Callable[..., Awaitable[list[NodeServer]]]
 

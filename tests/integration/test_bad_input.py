@@ -9,8 +9,8 @@ import pytest
 
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
-from dht.server import NodeServer
-from dht.wire import decode_results, parse_flow
+from dht.core.wire import decode_results, parse_flow
+from dht.edge.server import NodeServer
 
 from .conftest import MakePop
 

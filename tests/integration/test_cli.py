@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 
-from dht.cluster import free_ports
+from dht.tools.cluster import free_ports
 
 from .conftest import MakePop
 

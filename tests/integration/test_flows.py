@@ -6,9 +6,9 @@ import asyncio
 import ipaddress
 
 from dht.client import Client
-from dht.placement import PartitionMap
-from dht.record import State, Status
-from dht.wire import FlowKey, key_hashes, parse_flow
+from dht.core.placement import PartitionMap
+from dht.core.record import State, Status
+from dht.core.wire import FlowKey, key_hashes, parse_flow
 
 from .conftest import FakeTime, MakePop, wait_for
 
@@ -156,7 +156,7 @@ async def test_forwarded_request_is_never_forwarded_again(make_pop: MakePop) -> 
     async with grpc.aio.insecure_channel(nodes[0].grpc_address) as ch:
         stub = pb_grpc.FlowTableStub(ch)
         resp = await stub.Claim(pb.FlowBatchRequest(format_version=1, keys=raw, forwarded=True))
-    from dht.wire import decode_results
+    from dht.core.wire import decode_results
 
     node0 = nodes[0].node
     results = decode_results(resp.results)

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from dht.client import CacheLimits, Client, Forwarder, ForwarderConfig
-from dht.decision import Action, Packet
-from dht.errors import Unavailable
-from dht.record import Status
-from dht.server import NodeServer
-from dht.wire import FlowKey
+from dht.client.decision import Action, Packet
+from dht.core.errors import Unavailable
+from dht.core.record import Status
+from dht.core.wire import FlowKey
+from dht.edge.server import NodeServer
 
 from .conftest import MakePop, MakePops, wait_for
 

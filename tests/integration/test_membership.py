@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from dht.bench import synthetic_keys
 from dht.client import Client
-from dht.cluster import free_ports
-from dht.config import build_config
-from dht.peers import replica_mask
-from dht.record import Status
-from dht.server import NodeServer
-from dht.wire import key_hashes
+from dht.core.config import build_config
+from dht.core.peers import replica_mask
+from dht.core.record import Status
+from dht.core.wire import key_hashes
+from dht.edge.server import NodeServer
+from dht.tools.bench import synthetic_keys
+from dht.tools.cluster import free_ports
 
 from .conftest import MakePop, wait_for
 

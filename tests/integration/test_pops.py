@@ -13,12 +13,12 @@ import pytest
 
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
-from dht.bench import synthetic_keys
 from dht.client import Client
-from dht.record import State, Status
-from dht.server import NodeServer
-from dht.shipping import Kind
-from dht.wire import ENTRY_DTYPE, FLAG_AFFINITY_FALLBACK, KEY_DTYPE, KEY_SIZE
+from dht.core.record import State, Status
+from dht.core.wire import ENTRY_DTYPE, FLAG_AFFINITY_FALLBACK, KEY_DTYPE, KEY_SIZE
+from dht.edge.server import NodeServer
+from dht.pops.shipping import Kind
+from dht.tools.bench import synthetic_keys
 
 from .conftest import MakePops, wait_for
 

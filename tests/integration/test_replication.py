@@ -10,13 +10,13 @@ import aiohttp
 import numpy as np
 import pytest
 
-from dht.bench import synthetic_keys
 from dht.client import Client
-from dht.config import build_config
-from dht.errors import ConfigError
-from dht.record import Status
-from dht.server import NodeServer
-from dht.wire import ENTRY_DTYPE, KEY_DTYPE, RESULT_DTYPE, FlowKey, key_hashes
+from dht.core.config import build_config
+from dht.core.errors import ConfigError
+from dht.core.record import Status
+from dht.core.wire import ENTRY_DTYPE, KEY_DTYPE, RESULT_DTYPE, FlowKey, key_hashes
+from dht.edge.server import NodeServer
+from dht.tools.bench import synthetic_keys
 
 from .conftest import MakePop, pop_configs, wait_for
 
@@ -181,7 +181,7 @@ async def test_digests_on_the_admin_endpoint(make_pop: MakePop) -> None:
 
 
 async def test_a_write_older_than_anyone_can_be_told_is_refused(make_pop: MakePop) -> None:
-    from dht.record import hlc_pack
+    from dht.core.record import hlc_pack
 
     nodes = await make_pop(3)
     node = nodes[1].node
@@ -236,7 +236,7 @@ async def test_a_coordinator_stalled_mid_write_is_fenced_by_a_take_over(
     conflicting claim B acknowledged. A must not be acknowledged too (its earlier birth
     would later beat B everywhere): the take-over's promises fence A's term."""
     from dht._proto.dht.v1 import dht_pb2 as pb
-    from dht.wire import decode_results
+    from dht.core.wire import decode_results
 
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=40, start=30_000_000)
@@ -310,8 +310,8 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
     replica, and no hint keeps it. Else the failed claim's earlier birth would later beat
     a claim of the same flow that is acknowledged."""
     from dht._proto.dht.v1 import dht_pb2 as pb
-    from dht.replication import PeerUnreachable
-    from dht.wire import decode_results
+    from dht.core.wire import decode_results
+    from dht.node.replication import PeerUnreachable
 
     nodes = await make_pop(3, write_quorum=3)
     raw = synthetic_keys(1, seed=42, start=32_000_000)
@@ -356,7 +356,7 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
     assert again["owner_pop"][0] == 2 and again["birth_hlc"][0] == won["birth_hlc"][0]
 
     # An undo that names keys but not their before-copies is refused, naming the field.
-    from dht.errors import InvalidArgument
+    from dht.core.errors import InvalidArgument
 
     entry = np.zeros(1, dtype=ENTRY_DTYPE).tobytes()
     with pytest.raises(InvalidArgument, match="before"):
@@ -393,8 +393,8 @@ async def test_a_failed_write_a_quorum_read_saw_stands_and_is_pulled_back(
     quorum read of another node pulled Y's copy. Y leaves it standing (the reader may
     have decided on it), and X pulls it back in: the claim stands, consistently."""
     from dht._proto.dht.v1 import dht_pb2 as pb
-    from dht.replication import PeerUnreachable
-    from dht.wire import decode_results
+    from dht.core.wire import decode_results
+    from dht.node.replication import PeerUnreachable
 
     nodes = await make_pop(3, write_quorum=3)
     raw = synthetic_keys(1, seed=49, start=39_000_000)
@@ -475,7 +475,7 @@ async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePo
     import grpc
 
     from dht._proto.dht.v1 import dht_pb2 as pb
-    from dht.replication import PeerUnreachable
+    from dht.node.replication import PeerUnreachable
 
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=43, start=33_000_000)
@@ -580,7 +580,7 @@ async def test_a_write_both_other_replicas_took_stands_after_a_take_over(
     heard back. Y's take-over pulled A from its promisers, so A stands: X acknowledges
     it (its own copy, hidden from Y as in flight, is not counted) and Y answers with A."""
     from dht._proto.dht.v1 import dht_pb2 as pb
-    from dht.wire import decode_results
+    from dht.core.wire import decode_results
 
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=45, start=35_000_000)
@@ -637,7 +637,7 @@ async def test_a_claim_beaten_on_its_coordinator_mid_write_is_not_acknowledged(
     merged into X's own store (a quorum read of another call pulled it in). B has
     already lost there, so B is not acknowledged: X answers with A's owner."""
     from dht._proto.dht.v1 import dht_pb2 as pb
-    from dht.wire import decode_results
+    from dht.core.wire import decode_results
 
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=48, start=38_000_000)
@@ -683,8 +683,8 @@ async def test_a_claim_beaten_on_its_coordinator_mid_write_is_not_acknowledged(
 
 
 async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: MakePop) -> None:
-    from dht.errors import InvalidArgument
-    from dht.record import hlc_pack
+    from dht.core.errors import InvalidArgument
+    from dht.core.record import hlc_pack
 
     nodes = await make_pop(3)
     node = nodes[1].node

@@ -15,11 +15,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.client import Client
-from dht.config import TlsConfig
-from dht.errors import Unavailable
-from dht.placement import PartitionMap
-from dht.record import Status
-from dht.wire import FlowKey, parse_flow
+from dht.core.config import TlsConfig
+from dht.core.errors import Unavailable
+from dht.core.placement import PartitionMap
+from dht.core.record import Status
+from dht.core.wire import FlowKey, parse_flow
 
 from .certs import make_certs
 from .conftest import MakePop

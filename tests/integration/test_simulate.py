@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from dht.server import NodeServer
-from dht.simulate import Endpoint, SimSettings, Simulation, format_report
-from dht.traffic import Traffic
+from dht.edge.server import NodeServer
+from dht.tools.simulate import Endpoint, SimSettings, Simulation, format_report
+from dht.tools.traffic import Traffic
 
 from .conftest import MakePops
 

@@ -1,4 +1,4 @@
-"""The UDP lookup listener (dht.udp_lookup): same answers as gRPC Lookup, from any node,
+"""The UDP lookup listener (dht.edge.udp): same answers as gRPC Lookup, from any node,
 and bad datagrams rejected with an error naming the field, the node serving on."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
-from dht.bench import synthetic_keys
-from dht.config import build_config
-from dht.errors import ConfigError, InvalidArgument
-from dht.server import NodeServer
-from dht.udp_lookup import HEADER, MAX_KEYS, OP_LOOKUP, VERSION, UdpLookupClient
-from dht.wire import KEY_SIZE, RESULT_DTYPE, RESULT_SIZE, parse_flow
+from dht.core.config import build_config
+from dht.core.errors import ConfigError, InvalidArgument
+from dht.core.wire import KEY_SIZE, RESULT_DTYPE, RESULT_SIZE, parse_flow
+from dht.edge.server import NodeServer
+from dht.edge.udp import HEADER, MAX_KEYS, OP_LOOKUP, VERSION, UdpLookupClient
+from dht.tools.bench import synthetic_keys
 
 from .conftest import MakePop
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import aiohttp
 import pytest
 
-from dht.cluster import LocalCluster, NodeProcess, NodeSpec, plan
+from dht.tools.cluster import LocalCluster, NodeProcess, NodeSpec, plan
 
 # The fast timing profile (probes 0.2 s, failure timeout 2 s, anti-entropy every 1 s,
 # pause threshold 1 s), quiet logs.

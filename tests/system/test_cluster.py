@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from dht.client import Client
-from dht.record import Status
-from dht.wire import parse_flow
+from dht.core.record import Status
+from dht.core.wire import parse_flow
 
 pytestmark = pytest.mark.system
 

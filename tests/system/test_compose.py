@@ -36,9 +36,9 @@ import pytest
 import yaml
 
 from dht.client import Client
-from dht.cluster import free_ports
-from dht.record import Status
-from dht.wire import parse_flow
+from dht.core.record import Status
+from dht.core.wire import parse_flow
+from dht.tools.cluster import free_ports
 
 pytestmark = pytest.mark.system
 

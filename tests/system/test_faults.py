@@ -2,7 +2,7 @@
 
 Each test starts a 3-node PoP (``--profile test``: probes every 0.2 s, failure timeout
 2 s, anti-entropy every 1 s, pause threshold 1 s), drives a paced claim load through
-``dht.client``, injects a fault with a signal (SIGKILL, SIGSTOP/SIGCONT) and checks the
+``dht.client.client``, injects a fault with a signal (SIGKILL, SIGSTOP/SIGCONT) and checks the
 promises of DESIGN section 4: an acknowledged claim is never lost, copies converge,
 a flow never has two owners, a restarted node is refilled before it says ready.
 
@@ -30,11 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
-from dht.bench import synthetic_keys
 from dht.client import Client
-from dht.cluster import NodeProcess
-from dht.record import Status
-from dht.wire import FORMAT_VERSION, KEY_SIZE, RESULT_DTYPE, FlowKey, ResultArray, key_hashes
+from dht.core.record import Status
+from dht.core.wire import FORMAT_VERSION, KEY_SIZE, RESULT_DTYPE, FlowKey, ResultArray, key_hashes
+from dht.tools.bench import synthetic_keys
+from dht.tools.cluster import NodeProcess
 
 from .conftest import MakeCluster, TrackedCluster
 
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.system
 
 TWO_POPS = ("--pops", "ams=1,fra=2")
 TTL_S = 600  # claims outlive every test (the embryonic default is 10 s)
-EMBRYONIC, ESTABLISHED = 1, 2  # dht.record.State values as they appear on the wire
+EMBRYONIC, ESTABLISHED = 1, 2  # dht.core.record.State values as they appear on the wire
 
 # A claim acknowledged to a PoP: (owner_pop, birth_hlc, birth_pop) of the answer.
 Ack = tuple[int, int, int]

@@ -2,7 +2,7 @@
 
 Each test starts a PoP of real ``dht node`` processes (``--profile test``: probes every
 0.2 s, failure timeout 2 s, suspicion 2 s, anti-entropy every 1 s, leave timeout 10 s),
-drives a paced open-loop load through ``dht.client`` and changes the membership under it:
+drives a paced open-loop load through ``dht.client.client`` and changes the membership under it:
 a node joins through ``--seeds``, nodes leave gracefully and come back one by one, a node
 is killed, a node is paused until it is declared dead and then resumes, a member leaves
 while an anti-entropy round is under way. Every test checks that no acknowledged claim is
@@ -32,11 +32,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from dht.bench import synthetic_keys
 from dht.client import Client
-from dht.cluster import NodeProcess
-from dht.record import Status
-from dht.wire import KEY_SIZE, key_hashes
+from dht.core.record import Status
+from dht.core.wire import KEY_SIZE, key_hashes
+from dht.tools.bench import synthetic_keys
+from dht.tools.cluster import NodeProcess
 
 from .conftest import MakeCluster, TrackedCluster
 from .test_faults import (
@@ -57,7 +57,7 @@ from .test_faults import (
 
 pytestmark = pytest.mark.system
 
-ESTABLISHED = 2  # dht.record.State.ESTABLISHED on the wire
+ESTABLISHED = 2  # dht.core.record.State.ESTABLISHED on the wire
 
 
 # --------------------------------------------------------------------------- tables

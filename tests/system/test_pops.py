@@ -18,11 +18,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from dht.bench import synthetic_keys
 from dht.client import Client
-from dht.cluster import NodeProcess, plan
-from dht.record import State, Status
-from dht.wire import KEY_DTYPE, KEY_SIZE, addr_from16
+from dht.core.record import State, Status
+from dht.core.wire import KEY_DTYPE, KEY_SIZE, addr_from16
+from dht.tools.bench import synthetic_keys
+from dht.tools.cluster import NodeProcess, plan
 
 from .conftest import TEST_NODE_ARGS, TrackedCluster, shutdown
 from .proxy import Proxy

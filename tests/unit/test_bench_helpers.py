@@ -8,12 +8,13 @@ import argparse
 import numpy as np
 import pytest
 
-from dht import wire
-from dht.bench.command import growth_table, settings, table
-from dht.bench.keys import redis_keys, synthetic_keys
-from dht.errors import InvalidArgument
-from dht.record import HybridClock, TtlPolicy
-from dht.store import FlowStore, StoreLimits
+from dht.core import wire
+from dht.core.config import StoreLimits
+from dht.core.errors import InvalidArgument
+from dht.core.record import HybridClock, TtlPolicy
+from dht.store.flows import FlowStore
+from dht.tools.bench.command import growth_table, settings, table
+from dht.tools.bench.keys import redis_keys, synthetic_keys
 
 NOW = 1_700_000_000_000
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dht.config import build_config, load_file
-from dht.errors import ConfigError
-from dht.placement import Member
+from dht.core.config import build_config, load_file
+from dht.core.errors import ConfigError
+from dht.core.placement import Member
 
 TOML = """
 node_id = "ams-1"

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from dht.decision import Action, Decision, Packet, decide
-from dht.flowcache import Answer, CacheLimits, FlowCache
-from dht.record import State, Status
-from dht.traffic import Traffic, TrafficConfig
+from dht.client.cache import Answer, CacheLimits, FlowCache
+from dht.client.decision import Action, Decision, Packet, decide
+from dht.core.record import State, Status
+from dht.tools.traffic import Traffic, TrafficConfig
 
 P, Q, R = 1, 2, 3
 

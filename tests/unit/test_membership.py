@@ -7,8 +7,8 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht.membership import Membership, MemberState, MemberStatus
-from dht.placement import Member
+from dht.core.membership import Membership, MemberState, MemberStatus
+from dht.core.placement import Member
 
 
 def state(node: str, inc: int, status: MemberStatus) -> MemberState:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from dht.peers import PeerHealth, coordinators, read_quorum, replica_mask, shared_partitions
-from dht.placement import Member, PartitionMap
-from dht.replication import Hints
-from dht.wire import ENTRY_DTYPE
+from dht.core.peers import PeerHealth, coordinators, read_quorum, replica_mask, shared_partitions
+from dht.core.placement import Member, PartitionMap
+from dht.core.wire import ENTRY_DTYPE
+from dht.node.replication import Hints
 
 
 def test_health_goes_down_on_refusal_or_timeout_and_up_on_answer() -> None:

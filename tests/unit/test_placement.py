@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dht.errors import ConfigError
-from dht.placement import Member, PartitionMap
+from dht.core.errors import ConfigError
+from dht.core.placement import Member, PartitionMap
 
 
 def members(n: int) -> list[Member]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht.record import (
+from dht.core.record import (
     Acting,
     ClockOffsetError,
     HybridClock,

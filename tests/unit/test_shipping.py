@@ -8,11 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht import sizing
-from dht.config import build_config
-from dht.errors import ConfigError
-from dht.record import State, Status, hlc_pack
-from dht.shipping import (
+from dht.core import sizing
+from dht.core.config import build_config
+from dht.core.errors import ConfigError
+from dht.core.record import State, Status, hlc_pack
+from dht.core.wire import ENTRY_DTYPE, ENTRY_SIZE, KIND_AFFINITY, KIND_FLOW, RESULT_DTYPE
+from dht.pops.shipping import (
     DelayLine,
     Kind,
     LagSamples,
@@ -23,7 +24,6 @@ from dht.shipping import (
     quantum_ms,
     refresh_due,
 )
-from dht.wire import ENTRY_DTYPE, ENTRY_SIZE, KIND_AFFINITY, KIND_FLOW, RESULT_DTYPE
 
 NOW = 1_800_000_000_000
 BIRTH = hlc_pack(NOW - 60_000, 0)  # a claim made a minute ago

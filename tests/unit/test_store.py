@@ -2,7 +2,7 @@
 
 No sockets, no sleeps: time is a number handed to every call, and the HLC reads a fake
 wall clock. The last test checks the store against a dict-of-Record model built from
-the same pure decisions (dht.record) over random operation sequences.
+the same pure decisions (dht.core.record) over random operation sequences.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dht import digest, wire
-from dht.errors import ConfigError
-from dht.record import (
+from dht.core import digest, wire
+from dht.core.config import StoreLimits
+from dht.core.errors import ConfigError
+from dht.core.record import (
     Acting,
     Decision,
     HybridClock,
@@ -34,8 +35,8 @@ from dht.record import (
     hlc_pack,
     merge,
 )
-from dht.store import FlowStore, MergeStats, StoreLimits
-from dht.wire import EntryArray, KeyArray, ResultArray, U64Array
+from dht.core.wire import EntryArray, KeyArray, ResultArray, U64Array
+from dht.store.flows import FlowStore, MergeStats
 
 T0 = 1_700_000_000_000
 GRACE = 1_000  # the maximum clock offset: a copy is dead this long after its expiry
@@ -973,7 +974,7 @@ def _stored_keys(store: FlowStore) -> list[bytes]:
 
 
 def test_restore_undoes_a_write_exactly() -> None:
-    from dht.wire import KEY_DTYPE, key_hashes, parse_flow
+    from dht.core.wire import KEY_DTYPE, key_hashes, parse_flow
 
     t = [1_000_000]
     store = FlowStore(
@@ -1007,8 +1008,8 @@ def test_restore_undoes_a_write_exactly() -> None:
 
 
 def test_drop_partitions_keeps_only_what_is_kept() -> None:
-    from dht.bench import synthetic_keys
-    from dht.wire import KEY_DTYPE, key_hashes
+    from dht.core.wire import KEY_DTYPE, key_hashes
+    from dht.tools.bench import synthetic_keys
 
     t = [1_000_000]
     store = FlowStore(TtlPolicy(), StoreLimits(), HybridClock(500, wall_ms=lambda: t[0]))

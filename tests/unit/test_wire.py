@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht.errors import InvalidArgument, LimitExceeded
-from dht.wire import (
+from dht.core.errors import InvalidArgument, LimitExceeded
+from dht.core.wire import (
     KEY_DTYPE,
     KEY_SIZE,
     FlowKey,

@@ -1,0 +1,249 @@
+"""The gRPC edge of cross-PoP shipping: the ``dht.v1.PopLink`` service and the transport
+that calls it (dht.pops.extension.PopTransport). Errors are mapped to gRPC status here, with the
+same mapping as the other services (dht.core.errors.grpc_status)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from dht._proto.dht.v1 import dht_pb2 as pb
+from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+from dht.core.errors import DhtError, InvalidArgument
+from dht.core.wire import FORMAT_VERSION, check_batch_size
+from dht.edge.status import grpc_status
+from dht.pops.extension import Digests, Pops, PopUnreachable, ShipResult
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PopLink"].full_name
+
+# What a broken or cancelled stream can raise besides an RPC error.
+_STREAM_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
+def _parts(raw: bytes, num_partitions: int) -> npt.NDArray[np.intp]:
+    check_batch_size(len(raw), 2, 65535, "partitions")
+    parts = np.frombuffer(raw, dtype=">u2").astype(np.intp)
+    if parts.size and int(parts.max()) >= num_partitions:
+        raise InvalidArgument("partitions", f"partition {int(parts.max())} does not exist")
+    return parts
+
+
+def _pack(parts: npt.NDArray[np.intp]) -> bytes:
+    return parts.astype(">u2").tobytes()
+
+
+def _check_version(version: int) -> None:
+    if version != FORMAT_VERSION:
+        raise InvalidArgument(
+            "format_version", f"{version} is not supported (want {FORMAT_VERSION})"
+        )
+
+
+class PopLinkService(pb_grpc.PopLinkServicer):
+    """Calls from other PoPs' nodes."""
+
+    def __init__(self, pops: Pops) -> None:
+        self.pops = pops
+
+    async def _receive(self, b: pb.ShipBatch) -> pb.ShipAck:
+        _check_version(b.format_version)
+        res = await self.pops.receive(b.entries, b.from_pop, b.sent_hlc, b.num_partitions)
+        return pb.ShipAck(
+            seq=b.seq, ok=res.ok, applied=res.applied, rejected=res.rejected, error=res.error
+        )
+
+    async def Ship(
+        self, request_iterator: AsyncIterator[pb.ShipBatch], context: Ctx
+    ) -> AsyncIterator[pb.ShipAck]:
+        async for batch in request_iterator:
+            try:
+                ack = await self._receive(batch)
+            except DhtError as e:
+                await context.abort(grpc_status(e), str(e))
+            yield ack
+
+    async def PopPush(self, request: pb.ShipBatch, context: Ctx) -> pb.ShipAck:
+        try:
+            return await self._receive(request)
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+            raise  # unreachable: abort raises
+
+    async def PopDigests(self, request: pb.PopDigestRequest, context: Ctx) -> pb.PopDigestResponse:
+        try:
+            self.pops.peer_pop_name(request.from_pop)
+            d = self.pops.digests_for(
+                _parts(request.partitions, request.num_partitions),
+                request.num_partitions,
+                request.cutoff_ms,
+            )
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+            raise
+        return pb.PopDigestResponse(
+            partitions=_pack(d.partitions),
+            digests=d.digests.astype(">u8").tobytes(),
+            counts=d.counts.astype(">u4").tobytes(),
+        )
+
+    async def PopFetch(
+        self, request: pb.PopFetchRequest, context: Ctx
+    ) -> AsyncIterator[pb.ShipBatch]:
+        try:
+            self.pops.peer_pop_name(request.from_pop)
+            parts = _parts(request.partitions, request.num_partitions)
+            chunks = self.pops.fetch_for(parts, request.num_partitions, request.cutoff_ms)
+            node = self.pops.node
+            async for raw in chunks:
+                yield pb.ShipBatch(
+                    format_version=FORMAT_VERSION,
+                    entries=raw,
+                    from_pop=node.pop_id,
+                    from_node=node.config.node_id,
+                    num_partitions=request.num_partitions,
+                )
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+
+
+class _Stream:
+    """One bidirectional Ship call; a batch at a time, each acknowledged."""
+
+    def __init__(self, transport: GrpcPopTransport, address: str) -> None:
+        self._t = transport
+        self._address = address
+        self._call: Any = None
+
+    async def send(self, seq: int, raw: bytes, sent_hlc: int) -> ShipResult:
+        t = self._t
+        if self._call is None:
+            self._call = t.stub(self._address).Ship()
+        try:
+            await asyncio.wait_for(self._call.write(t.batch(seq, raw, sent_hlc)), t.timeout_s)
+            ack = await asyncio.wait_for(self._call.read(), t.timeout_s)
+        except _STREAM_ERRORS as e:
+            raise PopUnreachable(f"{self._address}: {_describe(e)}") from None
+        except TimeoutError:
+            raise PopUnreachable(f"{self._address}: no acknowledgement in time") from None
+        if not isinstance(ack, pb.ShipAck):  # grpc.aio.EOF
+            raise PopUnreachable(f"{self._address}: stream closed")
+        if ack.seq != seq:
+            raise PopUnreachable(f"{self._address}: acknowledged {ack.seq}, sent {seq}")
+        return ShipResult(ack.ok, ack.applied, ack.rejected, ack.error)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return repr(e)
+
+
+class GrpcPopTransport:
+    """dht.pops.extension.PopTransport over gRPC. One channel per address, opened on first use."""
+
+    def __init__(
+        self,
+        open_channel: Callable[[str], grpc.aio.Channel],
+        from_pop: int,
+        from_node: str,
+        num_partitions: int,
+        timeout_s: float,
+    ) -> None:
+        self._open = open_channel
+        self.from_pop = from_pop
+        self.from_node = from_node
+        self.num_partitions = num_partitions
+        self.timeout_s = timeout_s
+        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.PopLinkAsyncStub]] = {}
+
+    def stub(self, address: str) -> pb_grpc.PopLinkAsyncStub:
+        entry = self._channels.get(address)
+        if entry is None:
+            channel = self._open(address)
+            entry = (channel, pb_grpc.PopLinkStub(channel))
+            self._channels[address] = entry
+        return entry[1]
+
+    def batch(self, seq: int, raw: bytes, sent_hlc: int) -> pb.ShipBatch:
+        return pb.ShipBatch(
+            format_version=FORMAT_VERSION,
+            seq=seq,
+            entries=raw,
+            from_pop=self.from_pop,
+            from_node=self.from_node,
+            sent_hlc=sent_hlc,
+            num_partitions=self.num_partitions,
+        )
+
+    def stream(self, address: str) -> _Stream:
+        return _Stream(self, address)
+
+    async def digests(
+        self, address: str, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
+    ) -> Digests:
+        req = pb.PopDigestRequest(
+            from_pop=self.from_pop,
+            partitions=_pack(partitions),
+            num_partitions=num_partitions,
+            cutoff_ms=cutoff_ms,
+        )
+        try:
+            # Digests of a whole node's partitions take a moment to compute: slack.
+            resp = await self.stub(address).PopDigests(req, timeout=self.timeout_s * 3)
+        except grpc.aio.AioRpcError as e:
+            raise PopUnreachable(f"{address}: {_describe(e)}") from None
+        return Digests(
+            np.frombuffer(resp.partitions, dtype=">u2").astype(np.intp),
+            np.frombuffer(resp.digests, dtype=">u8").astype(np.uint64),
+            np.frombuffer(resp.counts, dtype=">u4").astype(np.uint32),
+        )
+
+    async def fetch(
+        self, address: str, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
+    ) -> AsyncIterator[bytes]:
+        call = self.stub(address).PopFetch(
+            pb.PopFetchRequest(
+                from_pop=self.from_pop,
+                partitions=_pack(partitions),
+                num_partitions=num_partitions,
+                cutoff_ms=cutoff_ms,
+            )
+        )
+        try:
+            while True:
+                # A bulk resync may stream for a while: bound each batch, not the stream.
+                batch = await asyncio.wait_for(call.read(), self.timeout_s * 5)
+                if not isinstance(batch, pb.ShipBatch):  # grpc.aio.EOF
+                    return
+                yield batch.entries
+        except grpc.aio.AioRpcError as e:
+            raise PopUnreachable(f"{address}: {_describe(e)}") from None
+        except TimeoutError:
+            call.cancel()
+            raise PopUnreachable(f"{address}: PopFetch stalled") from None
+
+    async def push(self, address: str, raw: bytes, sent_hlc: int) -> ShipResult:
+        try:
+            ack = await self.stub(address).PopPush(
+                self.batch(0, raw, sent_hlc), timeout=self.timeout_s * 3
+            )
+        except grpc.aio.AioRpcError as e:
+            raise PopUnreachable(f"{address}: {_describe(e)}") from None
+        return ShipResult(ack.ok, ack.applied, ack.rejected, ack.error)
+
+    async def close(self) -> None:
+        channels = [c for c, _ in self._channels.values()]
+        self._channels.clear()
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

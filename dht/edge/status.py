@@ -1,0 +1,60 @@
+"""The one mapping between the error taxonomy (dht.core.errors) and gRPC / HTTP statuses.
+
+Servicers and the admin app translate with :func:`grpc_status` and :func:`http_status`;
+the client library turns a failed call back into an error with :func:`from_grpc`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from dht.core.errors import (
+    DhtError,
+    InvalidArgument,
+    LimitExceeded,
+    PermissionDenied,
+    Unavailable,
+)
+
+
+def grpc_status(err: DhtError) -> grpc.StatusCode:
+    if isinstance(err, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(err, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(err, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(err, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    return grpc.StatusCode.INTERNAL
+
+
+def http_status(err: DhtError) -> int:
+    if isinstance(err, InvalidArgument):
+        return 400
+    if isinstance(err, PermissionDenied):
+        return 403
+    if isinstance(err, LimitExceeded):
+        return 429
+    if isinstance(err, Unavailable):
+        return 503
+    return 500
+
+
+def from_grpc(code: grpc.StatusCode, details: str) -> DhtError:
+    """The inverse mapping, for the client library: a failed call as a DhtError."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, problem = details.partition(": ")
+        return InvalidArgument(field, problem or details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return LimitExceeded(details)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(details)
+    # CANCELLED: the node stopped serving mid-call (a graceful stop): try another node.
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    ):
+        return Unavailable(f"{code.name}: {details}")
+    return DhtError(f"{code.name}: {details}")

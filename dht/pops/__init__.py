@@ -1,0 +1,1 @@
+"""pops layer: see docs/architecture.md."""

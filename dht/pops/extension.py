@@ -1,0 +1,774 @@
+"""Several PoPs: shipping writes between them, anti-entropy and resync, client affinity
+(DESIGN sections 4, 6, 7 and 9; issue 5).
+
+Every PoP holds the whole table. A node ships the writes it coordinated (and got
+acknowledged inside its PoP) to one node of every other PoP, in batches over a gRPC
+stream, each batch acknowledged once the receiving PoP holds every record on its write
+quorum. What is shipped is decided by the pure policy in :mod:`dht.pops.shipping`.
+
+* **At-least-once.** A batch stays in flight until acknowledged and is resent on a new
+  stream (to the peer PoP's next node) after a failure; merge is idempotent, so a
+  duplicate changes nothing. The queue per peer PoP is bounded (the resend buffer);
+  a peer that falls behind it is repaired by a resync once it answers again.
+* **Anti-entropy.** Every ``pop_anti_entropy_interval_s`` each node compares digests of
+  its primary partitions with each other PoP (the shipped set, expiry left out) and
+  exchanges the partitions that differ, both ways. A node that starts (a PoP restarted
+  from empty) does the same over all the partitions it replicates before /readyz says
+  ready: the bulk resync.
+* **Applied only through merge.** The receiving node applies a batch to its own PoP's
+  replicas of each record's partition (its own store through ``merge_entries``, the
+  others through the replication call), so a remote record is as durable as a local
+  write when acknowledged. A stamp further ahead than the maximum clock offset is
+  rejected and counted. Remote records are never shipped on (no loops: only writes a
+  node coordinated for a client enter the queues; anti-entropy exchanges are repairs).
+* **Affinity.** A confirmed claim makes the claiming PoP the client prefix's preferred
+  PoP (``affinity_on_confirm``); a flow lookup that finds nothing returns the preferred
+  PoP, if any, flagged FLAG_AFFINITY_FALLBACK, status still NOT_FOUND
+  (``affinity_fallback``).
+* **Sizing.** A PoP smaller than the replication factor gets quorums that survive a
+  failed node (:mod:`dht.core.sizing`).
+
+The I/O goes through :class:`PopTransport` (gRPC in :mod:`dht.edge.pop_grpc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client.core import Metric
+
+from dht.core import metrics as m
+from dht.core import sizing
+from dht.core.errors import DhtError, InvalidArgument
+from dht.core.ops import BatchCall, Op
+from dht.core.peers import replica_mask
+from dht.core.placement import Member
+from dht.core.record import ClockOffsetError, State, Status, hlc_physical_ms
+from dht.core.wire import (
+    ENTRY_DTYPE,
+    ENTRY_SIZE,
+    FLAG_AFFINITY_FALLBACK,
+    KEY_DTYPE,
+    KIND_AFFINITY,
+    KIND_FLOW,
+    EntryArray,
+    ResultArray,
+    U64Array,
+    check_batch_size,
+    decode_keys,
+)
+from dht.node.node import Node
+from dht.node.replication import PeerUnreachable, Replicator
+from dht.pops.shipping import (
+    SHIPPED_KINDS,
+    DelayLine,
+    Kind,
+    LagSamples,
+    OutQueue,
+    birth_ms,
+    classify,
+    entry_hashes,
+    exchanged_set,
+    pop_digests,
+)
+
+log = logging.getLogger(__name__)
+
+# Records per message of a bulk exchange (72 bytes each: 360 KB).
+EXCHANGE_BATCH = 5_000
+
+
+class PopUnreachable(DhtError):
+    """A call to another PoP's node failed or timed out."""
+
+    retryable = True
+
+
+@dataclass(frozen=True, slots=True)
+class ShipResult:
+    ok: bool
+    applied: int = 0
+    rejected: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Digests:
+    """A peer node's answer: the partitions it covers and their digests and counts."""
+
+    partitions: npt.NDArray[np.intp]
+    digests: U64Array
+    counts: npt.NDArray[np.uint32]
+
+
+class ShipStream(Protocol):
+    """One open shipping stream to a node of another PoP. ``send`` writes a batch and
+    waits for its acknowledgement (bounded); raises PopUnreachable."""
+
+    async def send(self, seq: int, raw: bytes, sent_hlc: int) -> ShipResult: ...
+
+    async def close(self) -> None: ...
+
+
+class PopTransport(Protocol):
+    """Calls to other PoPs' nodes; each raises PopUnreachable and is bounded in time."""
+
+    def stream(self, address: str) -> ShipStream: ...
+
+    async def digests(
+        self, address: str, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
+    ) -> Digests: ...
+
+    def fetch(
+        self, address: str, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
+    ) -> AsyncIterator[bytes]: ...
+
+    async def push(self, address: str, raw: bytes, sent_hlc: int) -> ShipResult: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class LinkStats:
+    batches: int = 0
+    records: dict[Kind, int] = field(default_factory=dict)
+    resends: int = 0
+    resyncs: int = 0
+    ae_rounds: int = 0
+    ae_partitions: int = 0
+    pulled: int = 0
+    pushed: int = 0
+    failures: int = 0
+
+
+@dataclass
+class PeerPop:
+    """This node's link to one other PoP."""
+
+    name: str
+    pop_id: int
+    addresses: list[str]  # dialled (pop_via applied)
+    queue: OutQueue
+    lag: LagSamples = field(default_factory=LagSamples)
+    stats: LinkStats = field(default_factory=LinkStats)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    up: bool = False
+    synced: bool = False  # one complete exchange of everything this node replicates
+    first: int = 0  # the address tried first (rotates on failure)
+
+    def rotation(self) -> list[str]:
+        n = len(self.addresses)
+        return [self.addresses[(self.first + i) % n] for i in range(n)]
+
+    def rotate(self) -> None:
+        self.first = (self.first + 1) % len(self.addresses)
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class Pops:
+    """The node's extension for several PoPs (see the module docstring). One per node,
+    used from its event loop."""
+
+    def __init__(self, node: Node, transport: PopTransport) -> None:
+        cfg = node.config
+        self.node = node
+        self.config = cfg
+        self.transport = transport
+        self.links: dict[str, PeerPop] = {}
+        for i, (name, addresses) in enumerate(sorted(cfg.pop_peers.items())):
+            dial = [cfg.pop_via.get(a, a) for a in addresses]
+            link = PeerPop(name, cfg.pops[name], dial, OutQueue(cfg.ship_buffer_records))
+            # Spread the PoP's nodes over the peer's nodes.
+            link.first = (zlib.crc32(cfg.node_id.encode()) + i) % len(dial)
+            self.links[name] = link
+        self.delay = DelayLine(cfg.ship_buffer_records)
+        self.replicate_after_ms = round(cfg.replicate_after_s * 1000)
+        self.received: dict[str, int] = {}
+        self.conflicts = 0
+        self.rejected = 0
+        self.skipped: dict[str, int] = {}
+        self.quorums: sizing.Quorums | None = None
+        self._pop_size = 0
+        self._started_ms = _monotonic_ms()
+        self.startup = asyncio.Event()  # set once the start-up resync is done or timed out
+        if not self.links:
+            self.startup.set()
+        node.extension = self
+        node.metrics.add_gauges(self._gauges)
+
+    # ------------------------------------------------------------------ node hooks
+
+    def written(self, op: Op, entries: EntryArray, before: ResultArray) -> None:
+        if not self.links or not len(entries):
+            return
+        now = self.node.clock.wall_ms()
+        kinds = classify(entries, before, now, self.replicate_after_ms)
+        waiting = np.flatnonzero(kinds == Kind.DELAY)
+        if waiting.size:
+            due = birth_ms(entries["rec"][waiting]) + self.replicate_after_ms
+            raw = entries["key"][waiting].tobytes()
+            keys = [raw[i : i + 40] for i in range(0, len(raw), 40)]
+            self.delay.add(keys, due.tolist())
+        tombs = np.flatnonzero(kinds == Kind.TOMBSTONE)
+        if tombs.size and self.delay.waiting:
+            # Released before the delay line shipped its established record: no other
+            # PoP saw the flow, so its tombstone stays home too.
+            raw = entries["key"][tombs].tobytes()
+            unseen = self.delay.holds([raw[i : i + 40] for i in range(0, len(raw), 40)])
+            kinds[tombs[unseen]] = Kind.NONE
+        none = int(np.count_nonzero(kinds == Kind.NONE))
+        if none:
+            self.skipped[op.value] = self.skipped.get(op.value, 0) + none
+        ship = np.isin(kinds, np.array(SHIPPED_KINDS, dtype=np.uint8))
+        if ship.any():
+            self._enqueue(entries[ship].tobytes(), kinds[ship])
+
+    def _enqueue(self, raw: bytes, kinds: npt.NDArray[np.uint8]) -> None:
+        now = _monotonic_ms()
+        for link in self.links.values():
+            was = link.queue.overflowed
+            if link.queue.add(raw, kinds, now) and not was:
+                log.warning(
+                    "shipping buffer for %s full (%d records): dropping; resync follows",
+                    link.name,
+                    self.config.ship_buffer_records,
+                )
+            link.wake.set()
+
+    async def after_batch(self, call: BatchCall, out: ResultArray) -> None:
+        cfg = self.config
+        if not self.links:
+            # A lone PoP: every flow's preferred PoP is this one, so affinity records
+            # (one per client prefix, a /32 by default) would only cost memory and a
+            # quorum write per confirm. Explicit SetAffinity calls still work.
+            return
+        try:
+            if call.op is Op.CONFIRM and cfg.affinity_on_confirm:
+                await self._affinity_on_confirm(call, out)
+            elif call.op is Op.LOOKUP and cfg.affinity_fallback:
+                await self._affinity_fallback(call, out)
+        except DhtError as e:
+            # A hint only: the call's own results stand.
+            log.info("affinity after %s failed: %s", call.op.value, e)
+
+    async def _affinity_on_confirm(self, call: BatchCall, out: ResultArray) -> None:
+        pop = call.pop or self.node.pop_id
+        ok = np.isin(out["status"], (Status.OK, Status.CREATED)) & (out["owner_pop"] == pop)
+        if not ok.any():
+            return
+        keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[ok]
+        clients = np.unique(np.ascontiguousarray(keys["caddr"]), axis=0)
+        await self.node.batch(BatchCall(Op.SET_AFFINITY, clients.tobytes(), pop=pop))
+
+    async def _affinity_fallback(self, call: BatchCall, out: ResultArray) -> None:
+        miss = np.flatnonzero(out["status"] == Status.NOT_FOUND)
+        if not miss.size:
+            return
+        keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[miss]
+        raw = await self.node.batch(
+            BatchCall(Op.GET_AFFINITY, np.ascontiguousarray(keys["caddr"]).tobytes())
+        )
+        res = np.frombuffer(raw, dtype=out.dtype)
+        found = (res["status"] == Status.OK) & (res["owner_pop"] != 0)
+        at = miss[found]
+        out["owner_pop"][at] = res["owner_pop"][found]
+        out["flags"][at] |= FLAG_AFFINITY_FALLBACK
+
+    def sized(self, repl: Replicator, members: int) -> None:
+        cfg = self.config
+        self._pop_size = max(self._pop_size, members)
+        q = sizing.fit(cfg.replication_factor, cfg.write_quorum, self._pop_size, members)
+        if q is None:
+            self.quorums = None
+            return
+        repl.write_quorum, repl.read_quorum = q.write_quorum, q.read_quorum
+        if q != self.quorums:
+            log.warning(
+                "PoP %s has %d node(s), fewer than replication_factor %d: using RF=%d W=%d "
+                "R=%d so writes go on with a node down (an acknowledged write may be on one "
+                "copy for a moment; see README, sizing)",
+                cfg.pop,
+                self._pop_size,
+                cfg.replication_factor,
+                q.replication_factor,
+                q.write_quorum,
+                q.read_quorum,
+            )
+        self.quorums = q
+
+    def not_ready(self) -> list[str]:
+        if self.startup.is_set():
+            return []
+        waiting = sorted(n for n, link in self.links.items() if not link.synced)
+        return [f"resyncing from the other PoPs ({', '.join(waiting)})"]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the loops (owned by the node: they stop with it)."""
+        if not self.links:
+            return
+        node = self.node
+        for link in self.links.values():
+            node.spawn(f"ship->{link.name}", self._ship_loop(link))
+        node.spawn("pop-resync", self._startup_resync())
+        node.spawn(
+            "pop-anti-entropy", node.every(self.config.pop_anti_entropy_interval_s, self._ae_step)
+        )
+        if self.replicate_after_ms:
+            node.spawn("pop-delay-line", node.every(0.1, self._delay_step))
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    # ------------------------------------------------------------------ shipping
+
+    async def _ship_loop(self, link: PeerPop) -> None:
+        cfg = self.config
+        stream: ShipStream | None = None
+        backoff_s = min(1.0, cfg.probe_interval_s)
+        try:
+            while True:
+                if not len(link.queue) and not link.queue.overflowed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(link.wake.wait(), 1.0)
+                    link.wake.clear()
+                    continue
+                if len(link.queue.pending) < cfg.ship_batch_records:
+                    await asyncio.sleep(cfg.ship_interval_ms / 1000)  # let the batch fill
+                failed = False
+                while (batch := link.queue.next_batch(cfg.ship_batch_records)) is not None:
+                    if stream is None:
+                        stream = self.transport.stream(link.rotation()[0])
+                    batch.attempts += 1
+                    if batch.attempts > 1:
+                        link.stats.resends += 1
+                    try:
+                        res = await stream.send(batch.seq, batch.raw, self.node.clock.now())
+                        if not res.ok:
+                            raise PopUnreachable(
+                                f"{link.name}: batch not acknowledged: {res.error}"
+                            )
+                    except PopUnreachable as e:
+                        self._link_failed(link, e)
+                        await stream.close()
+                        stream = None
+                        failed = True
+                        break
+                    link.queue.acked()
+                    self._link_ok(link)
+                    self._count_shipped(link, batch.kinds, batch.queued_ms)
+                if failed:
+                    await asyncio.sleep(backoff_s)
+                elif link.queue.overflowed:
+                    await self._resync(link, "fell behind its resend buffer")
+                    if link.queue.overflowed:  # not through: the peer does not answer
+                        await asyncio.sleep(backoff_s)
+        finally:
+            if stream is not None:
+                await stream.close()
+
+    def _count_shipped(
+        self, link: PeerPop, kinds: npt.NDArray[np.uint8], queued_ms: npt.NDArray[np.int64]
+    ) -> None:
+        link.stats.batches += 1
+        for kind, n in zip(*np.unique(kinds, return_counts=True), strict=True):
+            k = Kind(int(kind))
+            link.stats.records[k] = link.stats.records.get(k, 0) + int(n)
+        link.lag.add(_monotonic_ms() - queued_ms)
+
+    def _link_ok(self, link: PeerPop) -> None:
+        if not link.up:
+            log.info("PoP %s answers", link.name)
+        link.up = True
+
+    def _link_failed(self, link: PeerPop, e: Exception) -> None:
+        link.stats.failures += 1
+        if link.up:
+            log.warning("PoP %s unreachable: %s", link.name, e)
+        link.up = False
+        link.rotate()
+
+    async def _delay_step(self) -> None:
+        """Ship the established records that have become old enough, if still established."""
+        keys = self.delay.due(self.node.clock.wall_ms())
+        if not keys:
+            return
+        raw = b"".join(keys)
+        copies = np.frombuffer(self.node.internal_copies(raw), dtype=ENTRY_DTYPE["rec"])
+        keep = (copies["status"] == Status.OK) & (copies["state"] == State.ESTABLISHED)
+        if keep.any():
+            entries = np.zeros(int(keep.sum()), dtype=ENTRY_DTYPE)
+            entries["key"] = np.frombuffer(raw, dtype=KEY_DTYPE)[keep]
+            entries["rec"] = copies[keep]
+            entries["rec"]["status"] = Status.OK
+            self._enqueue(entries.tobytes(), np.full(len(entries), Kind.ESTABLISHED, np.uint8))
+
+    # ------------------------------------------------------------------ anti-entropy
+
+    def _cutoff_ms(self) -> int:
+        return self.node.clock.wall_ms() - self.replicate_after_ms
+
+    def _replicated(self) -> npt.NDArray[np.intp]:
+        node = self.node
+        return np.flatnonzero(replica_mask(node.table, node.self_index))
+
+    def _primaries(self) -> npt.NDArray[np.intp]:
+        node = self.node
+        return np.flatnonzero(node.table.primaries == node.self_index)
+
+    async def _ae_step(self) -> None:
+        node = self.node
+        if not node.in_sync or node.leaving or not node.first_sync.is_set():
+            return
+        for link in self.links.values():
+            try:
+                await self.sync_with(link, self._primaries())
+            except PopUnreachable as e:
+                self._link_failed(link, e)
+
+    async def _startup_resync(self) -> None:
+        """Exchange every partition this node replicates with every other PoP once; until
+        then (at most pop_resync_timeout_s) /readyz says not ready."""
+        await self.node.first_sync.wait()
+        deadline = self._started_ms + round(self.config.pop_resync_timeout_s * 1000)
+        while not all(link.synced for link in self.links.values()):
+            for link in self.links.values():
+                if not link.synced:
+                    await self._resync(link, "start-up")
+            if not self.startup.is_set() and _monotonic_ms() >= deadline:
+                log.warning(
+                    "ready without a complete resync from %s after %.1f s (PoPs unreachable?)",
+                    sorted(n for n, lk in self.links.items() if not lk.synced),
+                    self.config.pop_resync_timeout_s,
+                )
+                self.startup.set()
+            if not all(link.synced for link in self.links.values()):
+                await asyncio.sleep(min(1.0, self.config.probe_interval_s))
+        if not self.startup.is_set():
+            log.info("resynced from the other PoPs: %s", sorted(self.links))
+        self.startup.set()
+
+    async def _resync(self, link: PeerPop, why: str) -> None:
+        """Bulk resync with ``link``: every partition this node replicates. The overflow
+        mark is cleared first, so writes dropped during the resync trigger another."""
+        overflowed = link.queue.overflowed
+        link.queue.overflowed = False
+        try:
+            complete = await self.sync_with(link, self._replicated())
+        except PopUnreachable as e:
+            self._link_failed(link, e)
+            complete = False
+        if complete:
+            link.stats.resyncs += 1
+            link.synced = True
+            log.info("resync with PoP %s done (%s)", link.name, why)
+        else:
+            link.queue.overflowed = link.queue.overflowed or overflowed
+
+    async def sync_with(self, link: PeerPop, partitions: npt.NDArray[np.intp]) -> bool:
+        """Compare digests of ``partitions`` with ``link``'s nodes (each answers for the
+        partitions it holds in sync) and exchange the partitions that differ, both ways.
+        True when every partition was compared."""
+        node = self.node
+        num = node.table.num_partitions
+        cutoff = self._cutoff_ms()
+        # Cross-PoP exchange is anti-entropy: not copies still open to an undo.
+        entries = node.export_entries(partitions, settled_only=True)
+        parts = (entry_hashes(entries) % np.uint64(num)).astype(np.intp)
+        ours, _ = pop_digests(entries, parts, num, cutoff)
+        remaining = np.asarray(partitions, dtype=np.intp)
+        for address in link.rotation():
+            if not remaining.size:
+                break
+            try:
+                theirs = await self.transport.digests(address, remaining, num, cutoff)
+            except PopUnreachable as e:
+                log.info("PoP %s node %s: no digests: %s", link.name, address, e)
+                continue
+            self._link_ok(link)
+            covered = theirs.partitions
+            remaining = np.setdiff1d(remaining, covered)
+            differ = covered[theirs.digests != ours[covered]]
+            if not differ.size:
+                continue
+            link.stats.ae_partitions += int(differ.size)
+            async for raw in self.transport.fetch(address, differ, num, cutoff):
+                link.stats.pulled += len(raw) // ENTRY_SIZE
+                await self.receive(raw, link.pop_id, 0, num)
+            mine = entries[np.isin(parts, differ) & exchanged_set(entries, cutoff)]
+            for start in range(0, len(mine), EXCHANGE_BATCH):
+                chunk = mine[start : start + EXCHANGE_BATCH].tobytes()
+                res = await self.transport.push(address, chunk, node.clock.now())
+                if not res.ok:
+                    raise PopUnreachable(f"{link.name}: push not acknowledged: {res.error}")
+                link.stats.pushed += len(chunk) // ENTRY_SIZE
+        link.stats.ae_rounds += 1
+        return not remaining.size
+
+    # ------------------------------------------------------------------ the receiving side
+
+    def peer_pop_name(self, pop_id: int) -> str:
+        name = self.config.pop_name(pop_id)
+        if name is None or pop_id == self.node.pop_id:
+            known = ", ".join(f"{i}={n}" for n, i in self.config.pops.items())
+            raise InvalidArgument("from_pop", f"{pop_id} is not another known PoP ({known})")
+        return name
+
+    def _check_partitions(self, num_partitions: int) -> None:
+        mine = self.node.table.num_partitions
+        if num_partitions != mine:
+            raise InvalidArgument(
+                "num_partitions", f"{num_partitions} differs from this PoP's {mine}"
+            )
+
+    def _validate(self, raw: bytes) -> EntryArray:
+        check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
+        entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
+        kind = entries["key"]["kind"]
+        bad = (kind != KIND_FLOW) & (kind != KIND_AFFINITY)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InvalidArgument(f"entries[{i}].kind", f"unknown key kind {int(kind[i])}")
+        flows = np.flatnonzero(kind == KIND_FLOW)
+        if flows.size:
+            decode_keys(entries["key"][flows].tobytes(), len(flows), KIND_FLOW)
+        rec = entries["rec"]
+        bad = (rec["owner_pop"] == 0) | (rec["expiry_ms"] == 0)
+        bad |= (kind == KIND_FLOW) & (
+            (rec["state"] < State.EMBRYONIC) | (rec["state"] > State.RELEASED)
+        )
+        bad |= (kind == KIND_FLOW) & (rec["generation"] == 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InvalidArgument(f"entries[{i}].record", "owner, state, generation or expiry")
+        return entries
+
+    async def receive(
+        self, raw: bytes, from_pop: int, sent_hlc: int, num_partitions: int
+    ) -> ShipResult:
+        """Apply records shipped from PoP ``from_pop`` to this PoP's replicas of their
+        partitions; ok once every accepted record is on the write quorum. Raises
+        InvalidArgument (naming the field) for a malformed batch; nothing is applied."""
+        name = self.peer_pop_name(from_pop)
+        self._check_partitions(num_partitions)
+        entries = self._validate(raw)
+        clock = self.node.clock
+        wall = clock.wall_ms()
+        limit = wall + self.config.max_clock_offset_ms
+        if sent_hlc and hlc_physical_ms(sent_hlc) <= limit:
+            with contextlib.suppress(ClockOffsetError):  # our wall clock stepped back
+                clock.observe(sent_hlc)
+        ahead = (entries["key"]["kind"] == KIND_FLOW) & (birth_ms(entries["rec"]) > limit)
+        rejected = int(np.count_nonzero(ahead))
+        if rejected:
+            # A PoP whose clock runs ahead would win every conflict: refuse its stamps.
+            clock.rejected += rejected
+            self.rejected += rejected
+            log.warning(
+                "rejected %d records from %s: birth stamps beyond the clock offset", rejected, name
+            )
+            entries = entries[~ahead]
+        self.received[name] = self.received.get(name, 0) + len(entries)
+        if not len(entries):
+            return ShipResult(True, 0, rejected)
+        held, applied = await self._apply(entries)
+        ok = bool(held.all())
+        return ShipResult(ok, applied, rejected, "" if ok else "write quorum not reached")
+
+    async def _apply(self, entries: EntryArray) -> tuple[npt.NDArray[np.bool_], int]:
+        """Merge ``entries`` into every replica of their partitions in this PoP; per entry,
+        whether the write quorum holds it, and the copies that changed a record here."""
+        node = self.node
+        repl = node.replicator
+        table = node.table
+        parts = table.partitions_of(entry_hashes(entries))
+        reps = table.replicas[parts]
+        mine = (reps == node.self_index).any(axis=1)
+        if mine.any():
+            self._count_conflicts(entries[mine])
+        counts = np.zeros(len(entries), dtype=np.int32)
+        applied = 0
+        calls = []
+        for member in np.unique(reps).tolist():
+            idx = np.flatnonzero((reps == member).any(axis=1))
+            if member == node.self_index:
+                applied += node.merge_entries(entries[idx]).applied
+                counts[idx] += 1
+            else:
+                calls.append(self._replicate_to(repl, table.members[member], entries, idx, counts))
+        await asyncio.gather(*calls)
+        return counts >= repl.write_quorum, applied
+
+    async def _replicate_to(
+        self,
+        repl: Replicator,
+        member: Member,
+        entries: EntryArray,
+        idx: npt.NDArray[np.intp],
+        counts: npt.NDArray[np.int32],
+    ) -> None:
+        if repl.is_up(member):
+            started = repl.now_ms()
+            try:
+                await repl.transport.replicate(member, entries[idx].tobytes(), hinted=False)
+            except PeerUnreachable as e:
+                repl.mark_failed(member, e, started)
+            else:
+                repl.mark_ok(member)
+                counts[idx] += 1
+                return
+        repl.hints.add(member.node_id, entries[idx])
+
+    def _count_conflicts(self, entries: EntryArray) -> None:
+        """Copies of one generation with different births: two PoPs claimed the flow
+        while they could not see each other; merge keeps the earliest claim."""
+        flows = entries[entries["key"]["kind"] == KIND_FLOW]
+        if not len(flows):
+            return
+        now = self.node.clock.wall_ms()
+        ours = np.frombuffer(self.node.internal_copies(flows["key"].tobytes()), ENTRY_DTYPE["rec"])
+        theirs = flows["rec"]
+        conflict = (
+            (ours["status"] == Status.OK)
+            & (ours["expiry_ms"] > now)
+            & (ours["generation"] == theirs["generation"])
+            & (
+                (ours["birth_hlc"] != theirs["birth_hlc"])
+                | (ours["birth_pop"] != theirs["birth_pop"])
+            )
+        )
+        self.conflicts += int(np.count_nonzero(conflict))
+
+    def digests_for(
+        self, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
+    ) -> Digests:
+        """Answer another PoP: digests of the requested partitions this node holds in sync."""
+        self._check_partitions(num_partitions)
+        node = self.node
+        if not node.in_sync:
+            empty = np.zeros(0, dtype=np.intp)
+            return Digests(empty, np.zeros(0, np.uint64), np.zeros(0, np.uint32))
+        held = replica_mask(node.table, node.self_index) & node.part_ready
+        covered = partitions[held[partitions]]
+        entries = node.export_entries(covered, settled_only=True)
+        parts = (entry_hashes(entries) % np.uint64(num_partitions)).astype(np.intp)
+        digests, counts = pop_digests(entries, parts, num_partitions, cutoff_ms)
+        return Digests(covered, digests[covered], counts[covered])
+
+    async def fetch_for(
+        self, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
+    ) -> AsyncIterator[bytes]:
+        """Answer another PoP: the exchanged set of ``partitions``, in batches."""
+        self._check_partitions(num_partitions)
+        node = self.node
+        held = replica_mask(node.table, node.self_index) & node.part_ready
+        entries = node.export_entries(partitions[held[partitions]], settled_only=True)
+        entries = entries[exchanged_set(entries, cutoff_ms)]
+        for start in range(0, len(entries), EXCHANGE_BATCH):
+            yield entries[start : start + EXCHANGE_BATCH].tobytes()
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ metrics
+
+    def _gauges(self) -> Iterable[Metric]:
+        links = self.links.values()
+        lag: dict[tuple[str, ...], float] = {}
+        for link in links:
+            for q, label in ((0.5, "0.5"), (0.99, "0.99")):
+                v = link.lag.quantile(q)
+                if v is not None:
+                    lag[(link.name, label)] = v / 1000
+        yield m.gauge(
+            "dht_pop_replication_lag_seconds",
+            "queued -> acknowledged by the peer PoP's write quorum, recent batches",
+            ["peer_pop", "quantile"],
+            lag,
+        )
+        yield m.gauge(
+            "dht_pop_link_up", "1 if the peer PoP answered last", ["peer_pop"],
+            {(lk.name,): float(lk.up) for lk in links},
+        )  # fmt: skip
+        yield m.gauge(
+            "dht_pop_ship_queue_records",
+            "records waiting or in flight to the peer PoP (the resend buffer)",
+            ["peer_pop"],
+            {(lk.name,): float(len(lk.queue)) for lk in links},
+        )
+        yield m.counter(
+            "dht_pop_shipped_batches", "batches acknowledged by the peer PoP",
+            {(lk.name,): lk.stats.batches for lk in links}, ["peer_pop"],
+        )  # fmt: skip
+        records: dict[tuple[str, ...], float] = {}
+        nbytes: dict[tuple[str, ...], float] = {}
+        for lk in links:
+            for kind in SHIPPED_KINDS:
+                n = lk.stats.records.get(kind, 0)
+                records[(lk.name, kind.name.lower())] = n
+                nbytes[(lk.name, kind.name.lower())] = n * ENTRY_SIZE
+        yield m.counter(
+            "dht_pop_shipped_records", "records acknowledged by the peer PoP, by kind",
+            records, ["peer_pop", "kind"],
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_shipped_bytes", "record bytes acknowledged by the peer PoP, by kind",
+            nbytes, ["peer_pop", "kind"],
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_resends", "batches sent again after a failure",
+            {(lk.name,): lk.stats.resends for lk in links}, ["peer_pop"],
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_ship_dropped", "records not queued: the resend buffer was full",
+            {(lk.name,): lk.queue.dropped for lk in links}, ["peer_pop"],
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_resyncs", "bulk resyncs completed (start-up, fell behind)",
+            {(lk.name,): lk.stats.resyncs for lk in links}, ["peer_pop"],
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_anti_entropy_rounds", "digest comparisons with the peer PoP",
+            {(lk.name,): lk.stats.ae_rounds for lk in links}, ["peer_pop"],
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_anti_entropy_records",
+            "records exchanged by anti-entropy and resync",
+            {
+                **{(lk.name, "pulled"): lk.stats.pulled for lk in links},
+                **{(lk.name, "pushed"): lk.stats.pushed for lk in links},
+            },
+            ["peer_pop", "direction"],
+        )
+        yield m.counter(
+            "dht_pop_received_records", "records received from other PoPs (shipped or pulled)",
+            {(n,): v for n, v in self.received.items()}, ["from_pop"],
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_conflicts_resolved",
+            "received copies that conflicted with ours (same generation, other birth)",
+            {(): self.conflicts},
+        )
+        yield m.counter(
+            "dht_pop_clock_rejections", "received records refused: birth beyond the clock offset",
+            {(): self.rejected},
+        )  # fmt: skip
+        yield m.counter(
+            "dht_pop_ship_skipped", "written copies not shipped (policy), by call",
+            {(k,): v for k, v in self.skipped.items()}, ["method"],
+        )  # fmt: skip
+        yield m.gauge(
+            "dht_pop_delay_line", "established records waiting to be replicate_after_s old",
+            [], {(): float(len(self.delay.items))},
+        )  # fmt: skip
