@@ -419,7 +419,6 @@ class NodeServer:
 
     def __init__(self, config: NodeConfig, wall_ms: Callable[[], int] | None = None) -> None:
         self.config = config
-        self.node = Node(config, wall_ms)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._admin: AdminServer | None = None
@@ -432,17 +431,21 @@ class NodeServer:
             config.forward_timeout_ms / 1000,
             config.probe_timeout_ms / 1000,
         )
-        self.node.forwarder = self.peers.forward
-        # Cross-PoP shipping, affinity and sizing (dht.pops.extension): hooks into the node.
-        self.pops = Pops(
-            self.node,
-            GrpcPopTransport(
-                lambda address: open_channel(address, creds),
-                config.pop_id,
-                config.node_id,
-                config.num_partitions,
-                config.rpc_timeout_ms / 1000,
-            ),
+        pop_transport = GrpcPopTransport(
+            lambda address: open_channel(address, creds),
+            config.pop_id,
+            config.node_id,
+            config.num_partitions,
+            config.rpc_timeout_ms / 1000,
+        )
+
+        def pops(node: Node) -> Pops:
+            # Cross-PoP shipping, affinity and sizing (dht.pops): hooks into the node.
+            self.pops = Pops(node, pop_transport)
+            return self.pops
+
+        self.node = Node(
+            config, self.peers, forward=self.peers.forward, extension=pops, wall_ms=wall_ms
         )
         self._stopped = False
 
@@ -493,7 +496,7 @@ class NodeServer:
         if cfg.admin_port >= 0:
             self._admin = AdminServer(self)
             admin_port = await self._admin.start(cfg.host, cfg.admin_port)
-        self.node.init_membership(port, admin_port, self.peers)
+        self.node.init_membership(port, admin_port)
         if cfg.udp_lookup_port >= 0:
             self._udp = await start_listener(self.node, cfg.host, cfg.udp_lookup_port or port)
         await server.start()

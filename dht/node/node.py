@@ -38,6 +38,7 @@ import numpy.typing as npt
 from prometheus_client.core import Metric
 
 from dht.core import metrics as m
+from dht.core.clock import MonoMs, monotonic_ms
 from dht.core.config import NodeConfig
 from dht.core.errors import InvalidArgument, NotReady
 from dht.core.membership import Membership, MemberState, MemberStatus
@@ -107,7 +108,7 @@ class _Batch:
 
 
 # Forwards a sub-batch to a member: (member, call) -> packed result records.
-Forwarder = Callable[[Member, BatchCall], Awaitable[bytes]]
+ForwardCall = Callable[[Member, BatchCall], Awaitable[bytes]]
 
 
 class NodeExtension(Protocol):
@@ -126,10 +127,6 @@ class NodeExtension(Protocol):
     def not_ready(self) -> list[str]:
         """Reasons for /readyz to say not ready."""
         ...
-
-
-def _monotonic_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
 
 
 def _same_claim(a: ResultArray, b: ResultArray) -> npt.NDArray[np.bool_]:
@@ -155,7 +152,23 @@ def _unchanged(now: ResultArray, wrote: ResultArray) -> npt.NDArray[np.bool_]:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, wall_ms: Callable[[], int] | None = None) -> None:
+    """One node of a PoP (see the module docstring). Its collaborators are given here:
+    ``transport`` for calls to the other nodes of the PoP, ``forward`` for one-hop
+    forwarding of keys to their coordinator (None: answer MOVED instead), ``extension``
+    builds the hooks that live outside the node (cross-PoP shipping, dht.pops) from it.
+    ``wall_ms`` and ``mono_ms`` are the wall clock (HLC stamps) and the monotonic clock
+    (intervals), for tests that drive time themselves."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        transport: PeerTransport,
+        *,
+        forward: ForwardCall | None = None,
+        extension: Callable[[Node], NodeExtension] | None = None,
+        wall_ms: Callable[[], int] | None = None,
+        mono_ms: MonoMs = monotonic_ms,
+    ) -> None:
         self.config = config
         self.metrics = m.NodeMetrics()
         self.clock = HybridClock(config.max_clock_offset_ms, wall_ms)
@@ -168,8 +181,10 @@ class Node:
         self._replicas: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         self.grpc_port = 0
         self.admin_port = 0
-        self.forwarder: Forwarder | None = None  # set by the gRPC shell (dht.edge.server)
-        self.extension: NodeExtension | None = None  # set by the gRPC shell (dht.pops.extension)
+        self._mono = mono_ms
+        self._transport = transport
+        self.forward = forward
+        self.extension: NodeExtension | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()  # coordinated writes still running
         # Other coordinators' writes taken here lately, oldest first: (until when, mono
@@ -184,7 +199,6 @@ class Node:
         self.accepting = False
         self.membership: Membership
         self.part_ready: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
-        self._transport: PeerTransport
         self._resyncing = True
         self.epochs = 0
         self.leaving = False
@@ -195,7 +209,7 @@ class Node:
         self.joined = not config.seeds
         self.first_sync = asyncio.Event()  # set once the start-up refill is done
         self._resync: asyncio.Task[None] | None = None
-        self._last_tick_ms = _monotonic_ms()
+        self._last_tick_ms = self._mono()
         self.pauses = 0
         self.rollbacks = 0  # own writes put back (missed their quorum)
         self.undone_for_others = 0  # copies put back here at a coordinator's request
@@ -206,10 +220,12 @@ class Node:
         # Partitions being taken over now, each with the take-over's future.
         self._acquiring: dict[int, asyncio.Future[None]] = {}
         self.metrics.add_gauges(self._gauges)
+        if extension is not None:
+            self.extension = extension(self)
 
     # ------------------------------------------------------------------ membership
 
-    def init_membership(self, grpc_port: int, admin_port: int, transport: PeerTransport) -> None:
+    def init_membership(self, grpc_port: int, admin_port: int) -> None:
         """This node, alive at a fresh incarnation, plus its configured peers (assumed
         alive until they say otherwise); further members arrive by gossip and --seeds.
         Called once the real ports are known (the config may say 0 = a free port)."""
@@ -223,12 +239,11 @@ class Node:
             self.clock.wall_ms(),  # a restart outranks every rumour about the old process
             MemberStatus.ALIVE,
         )
-        now = _monotonic_ms()
+        now = self._mono()
         self.membership = Membership(me, round(cfg.suspicion_timeout_s * 1000))
         for peer in cfg.peers:
             self.membership.add_seed(peer, now)
         self.part_ready = np.zeros(cfg.num_partitions, dtype=bool)
-        self._transport = transport
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -263,6 +278,7 @@ class Node:
                 # Terms are HLC stamps. A restart forgets the promises it made; terms
                 # handed out before it are below its wall clock at start (up to a clock
                 # offset, which a restart - a new process, imports, a refill - outlasts).
+                monotonic_ms=self._mono,
                 term_floor=hlc_pack(self.clock.wall_ms(), 0),
             )
             self.repl.on_peer_up = lambda member: self.spawn(
@@ -279,7 +295,7 @@ class Node:
             if acquired.size:
                 self.spawn(f"handoff-{pmap.epoch}", self._handoff(acquired, old))
         self._replicas = mine
-        self._epoch_since_ms = _monotonic_ms()
+        self._epoch_since_ms = self._mono()
         self._dropped_since_epoch = False
         log.info(
             "node %s (pop %s) epoch %d: %d members, %d replicas, W=%d R=%d, primary of %d",
@@ -460,7 +476,7 @@ class Node:
         actions[me & authoritative] = Action.LOCAL
         actions[me & ~authoritative] = Action.QUORUM
         elsewhere = ~me
-        if b.call.forwarded or b.call.no_forward or self.forwarder is None:
+        if b.call.forwarded or b.call.no_forward or self.forward is None:
             # The caller chose this node; a replica can coordinate safely after a quorum
             # read, anything else is MOVED (a forward is never forwarded again).
             actions[elsewhere & replica] = Action.QUORUM
@@ -703,7 +719,7 @@ class Node:
     async def _forward(
         self, b: _Batch, member: Member, idx: npt.NDArray[np.intp], out: ResultArray
     ) -> None:
-        assert self.forwarder is not None
+        assert self.forward is not None
         call = b.call
         sub = BatchCall(
             op=call.op,
@@ -716,7 +732,7 @@ class Node:
         )
         started = self.replicator.now_ms()
         try:
-            raw = await self.forwarder(member, sub)
+            raw = await self.forward(member, sub)
             res = np.frombuffer(raw, dtype=out.dtype)
             if len(res) != len(idx):
                 raise PeerUnreachable(
@@ -805,20 +821,19 @@ class Node:
         """Copies of another coordinator's write (their key hashes), just taken: open
         to its undo."""
         self._prune(self._undoable)
-        self._undoable.append((_monotonic_ms() + self._undo_window_ms(), hashes))
+        self._undoable.append((self._mono() + self._undo_window_ms(), hashes))
 
     def _pin(self, keys: npt.NDArray[np.void]) -> None:
         """Copies open to an undo that a take-over, refill, hand-off or quorum read is
         pulling from here: their puller may decide claims on them, so they stand."""
         if len(keys):
             self._prune(self._pinned)
-            until = _monotonic_ms() + self._undo_window_ms()
+            until = self._mono() + self._undo_window_ms()
             self._pinned.append((until, key_hashes(keys.tobytes())))
 
-    @staticmethod
-    def _prune(batches: deque[tuple[int, U64Array]]) -> int:
+    def _prune(self, batches: deque[tuple[int, U64Array]]) -> int:
         """Forget batches past their window; returns how many remain."""
-        now = _monotonic_ms()
+        now = self._mono()
         while batches and batches[0][0] <= now:
             batches.popleft()
         return len(batches)
@@ -1008,7 +1023,7 @@ class Node:
         """A long gap since the last tick means this process was paused: peers may have
         coordinated our partitions meanwhile, so resync before trusting our copy. Called
         by the ticker and by every batch (after a SIGCONT a call may run before a tick)."""
-        now = _monotonic_ms()
+        now = self._mono()
         gap = now - self._last_tick_ms
         if gap > self.config.pause_threshold_ms:
             self._last_tick_ms = now
@@ -1126,7 +1141,7 @@ class Node:
     def gossip_in(self, states: list[MemberState]) -> None:
         """Merge a peer's membership view (every probe carries one each way)."""
         refuted = self.membership.refutations
-        if self.membership.apply(states, _monotonic_ms()):
+        if self.membership.apply(states, self._mono()):
             self._rebuild()
         if self.membership.refutations != refuted and self.first_sync.is_set():
             # Others took us for suspect or dead: they may have acknowledged writes
@@ -1175,9 +1190,9 @@ class Node:
             oks = await asyncio.gather(
                 *(self._indirect(h, target) for h in helpers), return_exceptions=False
             )
-            if not any(oks) and self.membership.suspect(target.node_id, _monotonic_ms()):
+            if not any(oks) and self.membership.suspect(target.node_id, self._mono()):
                 log.warning("suspecting %s", target.node_id)
-        if self.membership.tick(_monotonic_ms()):
+        if self.membership.tick(self._mono()):
             log.warning("declared dead: %s", sorted(self._dead()))
             self._rebuild()
         for member in repl.pmap.members:
@@ -1268,7 +1283,7 @@ class Node:
 
     def _tick(self) -> None:
         self._check_pause()
-        self._last_tick_ms = _monotonic_ms()
+        self._last_tick_ms = self._mono()
 
     async def _deliver_hints(self, member: Member) -> None:
         await self.replicator.deliver_hints(member)
@@ -1284,7 +1299,7 @@ class Node:
         """Drop the partitions this node no longer replicates, once the table has been
         stable for ``handoff_grace_s`` (their new replicas have long pulled them)."""
         if not self._dropped_since_epoch and (
-            _monotonic_ms() - self._epoch_since_ms >= self.config.handoff_grace_s * 1000
+            self._mono() - self._epoch_since_ms >= self.config.handoff_grace_s * 1000
         ):
             self._dropped_since_epoch = True
             n = self.store.drop_partitions(self._replicas) + self.affinity.drop_partitions(
@@ -1297,7 +1312,7 @@ class Node:
     def start_loops(self) -> None:
         cfg = self.config
         self._stop.clear()
-        self._last_tick_ms = _monotonic_ms()
+        self._last_tick_ms = self._mono()
         self.spawn("purge", self.every(cfg.purge_interval_s, self.purge_step))
         self.spawn("pause-detector", self.every(0.1, self._tick))
         self.spawn("probe", self.every(cfg.probe_interval_s, self._probe_step))
