@@ -175,7 +175,7 @@ class TtlPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class Change:
     """The outcome of one operation on one key: the status to answer, the record to show
     the caller, and the record to store (None = leave the store unchanged)."""
 
@@ -223,56 +223,54 @@ def _extended(rec: Record, act: Acting, policy: TtlPolicy, state: State | None =
     )
 
 
-def decide_claim(
-    existing: Record | None, act: Acting, policy: TtlPolicy, birth_hlc: int
-) -> Decision:
+def decide_claim(existing: Record | None, act: Acting, policy: TtlPolicy, birth_hlc: int) -> Change:
     """Create-once claim. A live record of another PoP is never changed; the owner's own
     claim refreshes; a missing, expired or released record is claimed at generation g+1.
     The caller checks capacity and quota only when the status would be CREATED."""
     if existing is not None and existing.live(act.now_ms):
         if existing.owner_pop != act.pop:
-            return Decision(Status.OWNED_ELSEWHERE, existing, None)
+            return Change(Status.OWNED_ELSEWHERE, existing, None)
         refreshed = _extended(existing, act, policy)
-        return Decision(Status.ALREADY_OWNED, refreshed, refreshed)
+        return Change(Status.ALREADY_OWNED, refreshed, refreshed)
     created = _new_claim(existing, act, State.EMBRYONIC, policy, birth_hlc)
-    return Decision(Status.CREATED, created, created)
+    return Change(Status.CREATED, created, created)
 
 
 def decide_confirm(
     existing: Record | None, act: Acting, policy: TtlPolicy, birth_hlc: int
-) -> Decision:
+) -> Change:
     """Embryonic -> established. Confirm on a missing or expired record creates it
     (established at once, still create-once)."""
     if existing is not None and existing.live(act.now_ms):
         if existing.owner_pop != act.pop:
-            return Decision(Status.OWNED_ELSEWHERE, existing, None)
+            return Change(Status.OWNED_ELSEWHERE, existing, None)
         confirmed = _extended(existing, act, policy, State.ESTABLISHED)
-        return Decision(Status.OK, confirmed, confirmed)
+        return Change(Status.OK, confirmed, confirmed)
     created = _new_claim(existing, act, State.ESTABLISHED, policy, birth_hlc)
-    return Decision(Status.CREATED, created, created)
+    return Change(Status.CREATED, created, created)
 
 
-def decide_refresh(existing: Record | None, act: Acting, policy: TtlPolicy) -> Decision:
+def decide_refresh(existing: Record | None, act: Acting, policy: TtlPolicy) -> Change:
     """Extend a live record owned by the acting PoP; NOT_FOUND if there is none."""
     if existing is None or not existing.live(act.now_ms):
-        return Decision(Status.NOT_FOUND, None, None)
+        return Change(Status.NOT_FOUND, None, None)
     if existing.owner_pop != act.pop:
-        return Decision(Status.OWNED_ELSEWHERE, existing, None)
+        return Change(Status.OWNED_ELSEWHERE, existing, None)
     refreshed = _extended(existing, act, policy)
-    return Decision(Status.OK, refreshed, refreshed)
+    return Change(Status.OK, refreshed, refreshed)
 
 
-def decide_release(existing: Record | None, act: Acting, policy: TtlPolicy) -> Decision:
+def decide_release(existing: Record | None, act: Acting, policy: TtlPolicy) -> Change:
     """End ownership with a tombstone that outlives every live copy of the record: kept
     until the record's own expiry plus the maximum clock offset. Only the owning PoP
     releases (a FIN seen elsewhere is tunnelled to the owner first, DESIGN section 6).
     Releasing a tombstone again is OK and changes nothing."""
     if existing is None or existing.expiry_ms <= act.now_ms:
-        return Decision(Status.NOT_FOUND, None, None)
+        return Change(Status.NOT_FOUND, None, None)
     if existing.state == State.RELEASED:
-        return Decision(Status.OK, existing, None)
+        return Change(Status.OK, existing, None)
     if existing.owner_pop != act.pop:
-        return Decision(Status.OWNED_ELSEWHERE, existing, None)
+        return Change(Status.OWNED_ELSEWHERE, existing, None)
     tombstone = Record(
         owner_pop=existing.owner_pop,
         owner_server=existing.owner_server,
@@ -282,10 +280,10 @@ def decide_release(existing: Record | None, act: Acting, policy: TtlPolicy) -> D
         generation=existing.generation,
         expiry_ms=max(existing.expiry_ms, act.now_ms) + policy.tombstone_extra_ms,
     )
-    return Decision(Status.OK, tombstone, tombstone)
+    return Change(Status.OK, tombstone, tombstone)
 
 
-def decide_lookup(existing: Record | None, now_ms: int) -> Decision:
+def decide_lookup(existing: Record | None, now_ms: int) -> Change:
     if existing is None or not existing.live(now_ms):
-        return Decision(Status.NOT_FOUND, None, None)
-    return Decision(Status.OK, existing, None)
+        return Change(Status.NOT_FOUND, None, None)
+    return Change(Status.OK, existing, None)

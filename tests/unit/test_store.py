@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from dht.core import digest, wire
 from dht.core.config import StoreLimits
 from dht.core.errors import ConfigError
+from dht.core.ops import Op
 from dht.core.record import (
     Acting,
-    Decision,
+    Change,
     HybridClock,
     Record,
     State,
@@ -229,6 +230,28 @@ def test_claim_is_create_once() -> None:
     assert statuses(res) == [Status.ALREADY_OWNED]
     assert shown(res).birth_hlc == first.birth_hlc
     assert shown(res).expiry_ms == env.now + 10_000
+
+
+def test_mutate_takes_the_flow_ops_that_change_records() -> None:
+    via_mutate, via_wrappers = Env(), Env()
+    k, h = keys(A4, A6)
+    wrappers = {
+        Op.CLAIM: lambda s: s.claim(k, h, pop=1, server=3, ttl_ms=None, now_ms=T0),
+        Op.CONFIRM: lambda s: s.confirm(k, h, pop=1, server=3, ttl_ms=None, now_ms=T0),
+        Op.REFRESH: lambda s: s.refresh(k, h, pop=1, ttl_ms=5_000, now_ms=T0),
+        Op.RELEASE: lambda s: s.release(k, h, pop=1, now_ms=T0),
+    }
+    for op, wrapper in wrappers.items():
+        server = 3 if op.creates else 0
+        ttl = 5_000 if op is Op.REFRESH else None
+        got = via_mutate.store.mutate(op, k, h, pop=1, server=server, ttl_ms=ttl, now_ms=T0)
+        assert got.tolist() == wrapper(via_wrappers.store).tolist(), op
+    assert via_mutate.snapshot() == via_wrappers.snapshot()
+    # Lookups and the affinity ops are not flow mutations.
+    for op in set(Op) - set(wrappers):
+        with pytest.raises(ValueError):
+            via_mutate.store.mutate(op, k, h, pop=1, server=0, ttl_ms=None, now_ms=T0)
+    assert via_mutate.snapshot() == via_wrappers.snapshot()
 
 
 def test_generation_grows_over_release_and_expiry() -> None:
@@ -800,7 +823,7 @@ class Model:
         for i, raw in enumerate(batch):
             old = self.recs.get(raw)
             act = Acting(pop, server, raw[1], now, ttl)
-            d: Decision
+            d: Change
             if op in ("claim", "confirm"):
                 birth = self.clock.now() if old is None or not old.live(now) else 0
                 d = (decide_claim if op == "claim" else decide_confirm)(old, act, POLICY, birth)
