@@ -21,21 +21,32 @@ they are disabled (403).
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import web
 
+from dht.core.config import NodeConfig
 from dht.core.errors import DhtError, InvalidArgument, PermissionDenied
 from dht.core.ops import BatchCall, Op
 from dht.core.peers import replica_mask
 from dht.core.wire import decode_results, parse_address, parse_flow, result_to_dict
 from dht.edge.status import http_status
+from dht.node.node import Node
 
-if TYPE_CHECKING:
-    from dht.edge.server import NodeServer
 
-NODE = web.AppKey["NodeServer"]("node_server")
+class AdminHost(Protocol):
+    """What the admin endpoint serves (:class:`dht.edge.server.NodeServer` is one): a
+    node and its configuration."""
+
+    @property
+    def node(self) -> Node: ...
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+
+NODE = web.AppKey[AdminHost]("node_server")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -51,11 +62,11 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _json({"error": str(e)}, status=http_status(e))
 
 
-def _pop_names(srv: NodeServer) -> dict[int, str]:
+def _pop_names(srv: AdminHost) -> dict[int, str]:
     return {i: n for n, i in srv.config.pops.items()}
 
 
-def _require_token(srv: NodeServer, request: web.Request) -> None:
+def _require_token(srv: AdminHost, request: web.Request) -> None:
     token = srv.config.admin_token
     if token is None:
         raise PermissionDenied("mutating admin calls are disabled: no admin_token configured")
@@ -113,7 +124,7 @@ async def partitions(request: web.Request) -> web.Response:
     return _json(data)
 
 
-async def _flow_call(srv: NodeServer, op: Op, flow_text: str, pop: int = 0) -> dict[str, Any]:
+async def _flow_call(srv: AdminHost, op: Op, flow_text: str, pop: int = 0) -> dict[str, Any]:
     key = parse_flow(flow_text)
     raw = await srv.node.batch(BatchCall(op=op, payload=key.to_bytes(), pop=pop))
     return {"flow": str(key), **result_to_dict(decode_results(raw)[0], _pop_names(srv))}
@@ -185,7 +196,7 @@ async def digests(request: web.Request) -> web.Response:
 
 
 class AdminServer:
-    def __init__(self, srv: NodeServer) -> None:
+    def __init__(self, srv: AdminHost) -> None:
         self.app = web.Application(middlewares=[_errors])
         self.app[NODE] = srv
         self.app.router.add_get("/livez", livez)

@@ -11,8 +11,8 @@ from dht.core.config import TlsConfig
 
 # Reconnect attempts at most 2 s apart (gRPC's default backoff grows to 120 s, which would
 # keep a restarted node unused for minutes); a peer seen up again gets a fresh channel at
-# once (Peers.reset). The minimum backoff is also gRPC's connect timeout: 1 s, so a peer
-# that is merely slow to accept is not taken for one that refuses.
+# once (GrpcPeerTransport.reset). The minimum backoff is also gRPC's connect timeout: 1 s,
+# so a peer that is merely slow to accept is not taken for one that refuses.
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 1_000),
     ("grpc.min_reconnect_backoff_ms", 1_000),

@@ -1,6 +1,6 @@
 """The gRPC edge of cross-PoP shipping: the ``dht.v1.PopLink`` service and the transport
-that calls it (dht.pops.extension.PopTransport). Errors are mapped to gRPC status here, with the
-same mapping as the other services (dht.core.errors.grpc_status)."""
+that calls it (dht.pops.transport.PopTransport). Errors are mapped to gRPC status here, with
+the same mapping as the other services (dht.edge.status.grpc_status)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,18 @@ import numpy.typing as npt
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.core.errors import DhtError, InvalidArgument
+from dht.core.packing import (
+    pack_counts,
+    pack_digests,
+    pack_partitions,
+    unpack_counts,
+    unpack_digests,
+    unpack_partitions,
+)
 from dht.core.wire import FORMAT_VERSION, check_batch_size
 from dht.edge.status import grpc_status
-from dht.pops.extension import Digests, Pops, PopUnreachable, ShipResult
+from dht.pops.extension import Pops
+from dht.pops.transport import Digests, PopUnreachable, ShipResult
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -29,14 +38,10 @@ _STREAM_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStat
 
 def _parts(raw: bytes, num_partitions: int) -> npt.NDArray[np.intp]:
     check_batch_size(len(raw), 2, 65535, "partitions")
-    parts = np.frombuffer(raw, dtype=">u2").astype(np.intp)
+    parts = unpack_partitions(raw)
     if parts.size and int(parts.max()) >= num_partitions:
         raise InvalidArgument("partitions", f"partition {int(parts.max())} does not exist")
     return parts
-
-
-def _pack(parts: npt.NDArray[np.intp]) -> bytes:
-    return parts.astype(">u2").tobytes()
 
 
 def _check_version(version: int) -> None:
@@ -88,9 +93,9 @@ class PopLinkService(pb_grpc.PopLinkServicer):
             await context.abort(grpc_status(e), str(e))
             raise
         return pb.PopDigestResponse(
-            partitions=_pack(d.partitions),
-            digests=d.digests.astype(">u8").tobytes(),
-            counts=d.counts.astype(">u4").tobytes(),
+            partitions=pack_partitions(d.partitions),
+            digests=pack_digests(d.digests),
+            counts=pack_counts(d.counts),
         )
 
     async def PopFetch(
@@ -151,7 +156,7 @@ def _describe(e: BaseException) -> str:
 
 
 class GrpcPopTransport:
-    """dht.pops.extension.PopTransport over gRPC. One channel per address, opened on first use."""
+    """dht.pops.transport.PopTransport over gRPC. One channel per address, opened on first use."""
 
     def __init__(
         self,
@@ -195,7 +200,7 @@ class GrpcPopTransport:
     ) -> Digests:
         req = pb.PopDigestRequest(
             from_pop=self.from_pop,
-            partitions=_pack(partitions),
+            partitions=pack_partitions(partitions),
             num_partitions=num_partitions,
             cutoff_ms=cutoff_ms,
         )
@@ -205,9 +210,9 @@ class GrpcPopTransport:
         except grpc.aio.AioRpcError as e:
             raise PopUnreachable(f"{address}: {_describe(e)}") from None
         return Digests(
-            np.frombuffer(resp.partitions, dtype=">u2").astype(np.intp),
-            np.frombuffer(resp.digests, dtype=">u8").astype(np.uint64),
-            np.frombuffer(resp.counts, dtype=">u4").astype(np.uint32),
+            unpack_partitions(resp.partitions),
+            unpack_digests(resp.digests),
+            unpack_counts(resp.counts),
         )
 
     async def fetch(
@@ -216,7 +221,7 @@ class GrpcPopTransport:
         call = self.stub(address).PopFetch(
             pb.PopFetchRequest(
                 from_pop=self.from_pop,
-                partitions=_pack(partitions),
+                partitions=pack_partitions(partitions),
                 num_partitions=num_partitions,
                 cutoff_ms=cutoff_ms,
             )

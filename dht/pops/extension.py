@@ -28,7 +28,11 @@ quorum. What is shipped is decided by the pure policy in :mod:`dht.pops.shipping
 * **Sizing.** A PoP smaller than the replication factor gets quorums that survive a
   failed node (:mod:`dht.core.sizing`).
 
-The I/O goes through :class:`PopTransport` (gRPC in :mod:`dht.edge.pop_grpc`).
+The parts: :class:`Pops` here is what the node and the PopLink service call (the node's
+hooks, the lifecycle, the receiving side); each link to another PoP, with its ship loop
+and digest exchange, is a :class:`dht.pops.link.PeerPop`; the metrics are in
+:mod:`dht.pops.gauges`. The I/O goes through :class:`dht.pops.transport.PopTransport`
+(gRPC in :mod:`dht.edge.pop_grpc`).
 """
 
 from __future__ import annotations
@@ -36,18 +40,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import zlib
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client.core import Metric
 
-from dht.core import metrics as m
 from dht.core import sizing
+from dht.core.clock import monotonic_ms
 from dht.core.errors import DhtError, InvalidArgument
 from dht.core.ops import BatchCall, Op
 from dht.core.peers import replica_mask
@@ -62,119 +63,51 @@ from dht.core.wire import (
     KIND_FLOW,
     EntryArray,
     ResultArray,
-    U64Array,
     check_batch_size,
     decode_keys,
 )
 from dht.node.node import Node
 from dht.node.replication import PeerUnreachable, Replicator
+from dht.pops.gauges import pop_metrics
+from dht.pops.link import EXCHANGE_BATCH, PeerPop
 from dht.pops.shipping import (
     SHIPPED_KINDS,
     DelayLine,
     Kind,
-    LagSamples,
-    OutQueue,
     birth_ms,
     classify,
     entry_hashes,
     exchanged_set,
     pop_digests,
 )
+from dht.pops.transport import Digests, PopTransport, PopUnreachable, ShipResult
 
 log = logging.getLogger(__name__)
 
-# Records per message of a bulk exchange (72 bytes each: 360 KB).
-EXCHANGE_BATCH = 5_000
 
-
-class PopUnreachable(DhtError):
-    """A call to another PoP's node failed or timed out."""
-
-    retryable = True
-
-
-@dataclass(frozen=True, slots=True)
-class ShipResult:
-    ok: bool
-    applied: int = 0
-    rejected: int = 0
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Digests:
-    """A peer node's answer: the partitions it covers and their digests and counts."""
-
-    partitions: npt.NDArray[np.intp]
-    digests: U64Array
-    counts: npt.NDArray[np.uint32]
-
-
-class ShipStream(Protocol):
-    """One open shipping stream to a node of another PoP. ``send`` writes a batch and
-    waits for its acknowledgement (bounded); raises PopUnreachable."""
-
-    async def send(self, seq: int, raw: bytes, sent_hlc: int) -> ShipResult: ...
-
-    async def close(self) -> None: ...
-
-
-class PopTransport(Protocol):
-    """Calls to other PoPs' nodes; each raises PopUnreachable and is bounded in time."""
-
-    def stream(self, address: str) -> ShipStream: ...
-
-    async def digests(
-        self, address: str, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
-    ) -> Digests: ...
-
-    def fetch(
-        self, address: str, partitions: npt.NDArray[np.intp], num_partitions: int, cutoff_ms: int
-    ) -> AsyncIterator[bytes]: ...
-
-    async def push(self, address: str, raw: bytes, sent_hlc: int) -> ShipResult: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass
-class LinkStats:
-    batches: int = 0
-    records: dict[Kind, int] = field(default_factory=dict)
-    resends: int = 0
-    resyncs: int = 0
-    ae_rounds: int = 0
-    ae_partitions: int = 0
-    pulled: int = 0
-    pushed: int = 0
-    failures: int = 0
-
-
-@dataclass
-class PeerPop:
-    """This node's link to one other PoP."""
-
-    name: str
-    pop_id: int
-    addresses: list[str]  # dialled (pop_via applied)
-    queue: OutQueue
-    lag: LagSamples = field(default_factory=LagSamples)
-    stats: LinkStats = field(default_factory=LinkStats)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    up: bool = False
-    synced: bool = False  # one complete exchange of everything this node replicates
-    first: int = 0  # the address tried first (rotates on failure)
-
-    def rotation(self) -> list[str]:
-        n = len(self.addresses)
-        return [self.addresses[(self.first + i) % n] for i in range(n)]
-
-    def rotate(self) -> None:
-        self.first = (self.first + 1) % len(self.addresses)
-
-
-def _monotonic_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
+def validate_entries(raw: bytes) -> EntryArray:
+    """Records received from another PoP, checked field by field; raises InvalidArgument
+    naming the first bad one."""
+    check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
+    entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
+    kind = entries["key"]["kind"]
+    bad = (kind != KIND_FLOW) & (kind != KIND_AFFINITY)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidArgument(f"entries[{i}].kind", f"unknown key kind {int(kind[i])}")
+    flows = np.flatnonzero(kind == KIND_FLOW)
+    if flows.size:
+        decode_keys(entries["key"][flows].tobytes(), len(flows), KIND_FLOW)
+    rec = entries["rec"]
+    bad = (rec["owner_pop"] == 0) | (rec["expiry_ms"] == 0)
+    bad |= (kind == KIND_FLOW) & (
+        (rec["state"] < State.EMBRYONIC) | (rec["state"] > State.RELEASED)
+    )
+    bad |= (kind == KIND_FLOW) & (rec["generation"] == 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidArgument(f"entries[{i}].record", "owner, state, generation or expiry")
+    return entries
 
 
 class Pops:
@@ -189,10 +122,11 @@ class Pops:
         self.links: dict[str, PeerPop] = {}
         for i, (name, addresses) in enumerate(sorted(cfg.pop_peers.items())):
             dial = [cfg.pop_via.get(a, a) for a in addresses]
-            link = PeerPop(name, cfg.pops[name], dial, OutQueue(cfg.ship_buffer_records))
             # Spread the PoP's nodes over the peer's nodes.
-            link.first = (zlib.crc32(cfg.node_id.encode()) + i) % len(dial)
-            self.links[name] = link
+            first = (zlib.crc32(cfg.node_id.encode()) + i) % len(dial)
+            self.links[name] = PeerPop(
+                name, cfg.pops[name], dial, first, config=cfg, transport=transport, home=self
+            )
         self.delay = DelayLine(cfg.ship_buffer_records)
         self.replicate_after_ms = round(cfg.replicate_after_s * 1000)
         self.received: dict[str, int] = {}
@@ -201,7 +135,7 @@ class Pops:
         self.skipped: dict[str, int] = {}
         self.quorums: sizing.Quorums | None = None
         self._pop_size = 0
-        self._started_ms = _monotonic_ms()
+        self._started_ms = monotonic_ms()
         self.startup = asyncio.Event()  # set once the start-up resync is done or timed out
         if not self.links:
             self.startup.set()
@@ -236,16 +170,9 @@ class Pops:
             self._enqueue(entries[ship].tobytes(), kinds[ship])
 
     def _enqueue(self, raw: bytes, kinds: npt.NDArray[np.uint8]) -> None:
-        now = _monotonic_ms()
+        now = monotonic_ms()
         for link in self.links.values():
-            was = link.queue.overflowed
-            if link.queue.add(raw, kinds, now) and not was:
-                log.warning(
-                    "shipping buffer for %s full (%d records): dropping; resync follows",
-                    link.name,
-                    self.config.ship_buffer_records,
-                )
-            link.wake.set()
+            link.enqueue(raw, kinds, now)
 
     async def after_batch(self, call: BatchCall, out: ResultArray) -> None:
         cfg = self.config
@@ -322,7 +249,7 @@ class Pops:
             return
         node = self.node
         for link in self.links.values():
-            node.spawn(f"ship->{link.name}", self._ship_loop(link))
+            node.spawn(f"ship->{link.name}", link.ship_loop())
         node.spawn("pop-resync", self._startup_resync())
         node.spawn(
             "pop-anti-entropy", node.every(self.config.pop_anti_entropy_interval_s, self._ae_step)
@@ -333,73 +260,7 @@ class Pops:
     async def close(self) -> None:
         await self.transport.close()
 
-    # ------------------------------------------------------------------ shipping
-
-    async def _ship_loop(self, link: PeerPop) -> None:
-        cfg = self.config
-        stream: ShipStream | None = None
-        backoff_s = min(1.0, cfg.probe_interval_s)
-        try:
-            while True:
-                if not len(link.queue) and not link.queue.overflowed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(link.wake.wait(), 1.0)
-                    link.wake.clear()
-                    continue
-                if len(link.queue.pending) < cfg.ship_batch_records:
-                    await asyncio.sleep(cfg.ship_interval_ms / 1000)  # let the batch fill
-                failed = False
-                while (batch := link.queue.next_batch(cfg.ship_batch_records)) is not None:
-                    if stream is None:
-                        stream = self.transport.stream(link.rotation()[0])
-                    batch.attempts += 1
-                    if batch.attempts > 1:
-                        link.stats.resends += 1
-                    try:
-                        res = await stream.send(batch.seq, batch.raw, self.node.clock.now())
-                        if not res.ok:
-                            raise PopUnreachable(
-                                f"{link.name}: batch not acknowledged: {res.error}"
-                            )
-                    except PopUnreachable as e:
-                        self._link_failed(link, e)
-                        await stream.close()
-                        stream = None
-                        failed = True
-                        break
-                    link.queue.acked()
-                    self._link_ok(link)
-                    self._count_shipped(link, batch.kinds, batch.queued_ms)
-                if failed:
-                    await asyncio.sleep(backoff_s)
-                elif link.queue.overflowed:
-                    await self._resync(link, "fell behind its resend buffer")
-                    if link.queue.overflowed:  # not through: the peer does not answer
-                        await asyncio.sleep(backoff_s)
-        finally:
-            if stream is not None:
-                await stream.close()
-
-    def _count_shipped(
-        self, link: PeerPop, kinds: npt.NDArray[np.uint8], queued_ms: npt.NDArray[np.int64]
-    ) -> None:
-        link.stats.batches += 1
-        for kind, n in zip(*np.unique(kinds, return_counts=True), strict=True):
-            k = Kind(int(kind))
-            link.stats.records[k] = link.stats.records.get(k, 0) + int(n)
-        link.lag.add(_monotonic_ms() - queued_ms)
-
-    def _link_ok(self, link: PeerPop) -> None:
-        if not link.up:
-            log.info("PoP %s answers", link.name)
-        link.up = True
-
-    def _link_failed(self, link: PeerPop, e: Exception) -> None:
-        link.stats.failures += 1
-        if link.up:
-            log.warning("PoP %s unreachable: %s", link.name, e)
-        link.up = False
-        link.rotate()
+    # ------------------------------------------------------------------ the delay line
 
     async def _delay_step(self) -> None:
         """Ship the established records that have become old enough, if still established."""
@@ -418,13 +279,6 @@ class Pops:
 
     # ------------------------------------------------------------------ anti-entropy
 
-    def _cutoff_ms(self) -> int:
-        return self.node.clock.wall_ms() - self.replicate_after_ms
-
-    def _replicated(self) -> npt.NDArray[np.intp]:
-        node = self.node
-        return np.flatnonzero(replica_mask(node.table, node.self_index))
-
     def _primaries(self) -> npt.NDArray[np.intp]:
         node = self.node
         return np.flatnonzero(node.table.primaries == node.self_index)
@@ -435,9 +289,9 @@ class Pops:
             return
         for link in self.links.values():
             try:
-                await self.sync_with(link, self._primaries())
+                await link.sync_with(self._primaries())
             except PopUnreachable as e:
-                self._link_failed(link, e)
+                link.failed(e)
 
     async def _startup_resync(self) -> None:
         """Exchange every partition this node replicates with every other PoP once; until
@@ -447,8 +301,8 @@ class Pops:
         while not all(link.synced for link in self.links.values()):
             for link in self.links.values():
                 if not link.synced:
-                    await self._resync(link, "start-up")
-            if not self.startup.is_set() and _monotonic_ms() >= deadline:
+                    await link.resync("start-up")
+            if not self.startup.is_set() and monotonic_ms() >= deadline:
                 log.warning(
                     "ready without a complete resync from %s after %.1f s (PoPs unreachable?)",
                     sorted(n for n, lk in self.links.items() if not lk.synced),
@@ -461,62 +315,24 @@ class Pops:
             log.info("resynced from the other PoPs: %s", sorted(self.links))
         self.startup.set()
 
-    async def _resync(self, link: PeerPop, why: str) -> None:
-        """Bulk resync with ``link``: every partition this node replicates. The overflow
-        mark is cleared first, so writes dropped during the resync trigger another."""
-        overflowed = link.queue.overflowed
-        link.queue.overflowed = False
-        try:
-            complete = await self.sync_with(link, self._replicated())
-        except PopUnreachable as e:
-            self._link_failed(link, e)
-            complete = False
-        if complete:
-            link.stats.resyncs += 1
-            link.synced = True
-            log.info("resync with PoP %s done (%s)", link.name, why)
-        else:
-            link.queue.overflowed = link.queue.overflowed or overflowed
+    # ------------------------------------------------------------------ for the links
 
-    async def sync_with(self, link: PeerPop, partitions: npt.NDArray[np.intp]) -> bool:
-        """Compare digests of ``partitions`` with ``link``'s nodes (each answers for the
-        partitions it holds in sync) and exchange the partitions that differ, both ways.
-        True when every partition was compared."""
+    @property
+    def num_partitions(self) -> int:
+        return self.node.table.num_partitions
+
+    def hlc_now(self) -> int:
+        return self.node.clock.now()
+
+    def cutoff_ms(self) -> int:
+        return self.node.clock.wall_ms() - self.replicate_after_ms
+
+    def replicated(self) -> npt.NDArray[np.intp]:
         node = self.node
-        num = node.table.num_partitions
-        cutoff = self._cutoff_ms()
-        # Cross-PoP exchange is anti-entropy: not copies still open to an undo.
-        entries = node.export_entries(partitions, settled_only=True)
-        parts = (entry_hashes(entries) % np.uint64(num)).astype(np.intp)
-        ours, _ = pop_digests(entries, parts, num, cutoff)
-        remaining = np.asarray(partitions, dtype=np.intp)
-        for address in link.rotation():
-            if not remaining.size:
-                break
-            try:
-                theirs = await self.transport.digests(address, remaining, num, cutoff)
-            except PopUnreachable as e:
-                log.info("PoP %s node %s: no digests: %s", link.name, address, e)
-                continue
-            self._link_ok(link)
-            covered = theirs.partitions
-            remaining = np.setdiff1d(remaining, covered)
-            differ = covered[theirs.digests != ours[covered]]
-            if not differ.size:
-                continue
-            link.stats.ae_partitions += int(differ.size)
-            async for raw in self.transport.fetch(address, differ, num, cutoff):
-                link.stats.pulled += len(raw) // ENTRY_SIZE
-                await self.receive(raw, link.pop_id, 0, num)
-            mine = entries[np.isin(parts, differ) & exchanged_set(entries, cutoff)]
-            for start in range(0, len(mine), EXCHANGE_BATCH):
-                chunk = mine[start : start + EXCHANGE_BATCH].tobytes()
-                res = await self.transport.push(address, chunk, node.clock.now())
-                if not res.ok:
-                    raise PopUnreachable(f"{link.name}: push not acknowledged: {res.error}")
-                link.stats.pushed += len(chunk) // ENTRY_SIZE
-        link.stats.ae_rounds += 1
-        return not remaining.size
+        return np.flatnonzero(replica_mask(node.table, node.self_index))
+
+    def export(self, partitions: npt.NDArray[np.intp]) -> EntryArray:
+        return self.node.export_entries(partitions, settled_only=True)
 
     # ------------------------------------------------------------------ the receiving side
 
@@ -534,28 +350,6 @@ class Pops:
                 "num_partitions", f"{num_partitions} differs from this PoP's {mine}"
             )
 
-    def _validate(self, raw: bytes) -> EntryArray:
-        check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
-        entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
-        kind = entries["key"]["kind"]
-        bad = (kind != KIND_FLOW) & (kind != KIND_AFFINITY)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InvalidArgument(f"entries[{i}].kind", f"unknown key kind {int(kind[i])}")
-        flows = np.flatnonzero(kind == KIND_FLOW)
-        if flows.size:
-            decode_keys(entries["key"][flows].tobytes(), len(flows), KIND_FLOW)
-        rec = entries["rec"]
-        bad = (rec["owner_pop"] == 0) | (rec["expiry_ms"] == 0)
-        bad |= (kind == KIND_FLOW) & (
-            (rec["state"] < State.EMBRYONIC) | (rec["state"] > State.RELEASED)
-        )
-        bad |= (kind == KIND_FLOW) & (rec["generation"] == 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InvalidArgument(f"entries[{i}].record", "owner, state, generation or expiry")
-        return entries
-
     async def receive(
         self, raw: bytes, from_pop: int, sent_hlc: int, num_partitions: int
     ) -> ShipResult:
@@ -564,7 +358,7 @@ class Pops:
         InvalidArgument (naming the field) for a malformed batch; nothing is applied."""
         name = self.peer_pop_name(from_pop)
         self._check_partitions(num_partitions)
-        entries = self._validate(raw)
+        entries = validate_entries(raw)
         clock = self.node.clock
         wall = clock.wall_ms()
         limit = wall + self.config.max_clock_offset_ms
@@ -684,91 +478,11 @@ class Pops:
     # ------------------------------------------------------------------ metrics
 
     def _gauges(self) -> Iterable[Metric]:
-        links = self.links.values()
-        lag: dict[tuple[str, ...], float] = {}
-        for link in links:
-            for q, label in ((0.5, "0.5"), (0.99, "0.99")):
-                v = link.lag.quantile(q)
-                if v is not None:
-                    lag[(link.name, label)] = v / 1000
-        yield m.gauge(
-            "dht_pop_replication_lag_seconds",
-            "queued -> acknowledged by the peer PoP's write quorum, recent batches",
-            ["peer_pop", "quantile"],
-            lag,
+        return pop_metrics(
+            self.links.values(),
+            self.received,
+            self.conflicts,
+            self.rejected,
+            self.skipped,
+            len(self.delay.items),
         )
-        yield m.gauge(
-            "dht_pop_link_up", "1 if the peer PoP answered last", ["peer_pop"],
-            {(lk.name,): float(lk.up) for lk in links},
-        )  # fmt: skip
-        yield m.gauge(
-            "dht_pop_ship_queue_records",
-            "records waiting or in flight to the peer PoP (the resend buffer)",
-            ["peer_pop"],
-            {(lk.name,): float(len(lk.queue)) for lk in links},
-        )
-        yield m.counter(
-            "dht_pop_shipped_batches", "batches acknowledged by the peer PoP",
-            {(lk.name,): lk.stats.batches for lk in links}, ["peer_pop"],
-        )  # fmt: skip
-        records: dict[tuple[str, ...], float] = {}
-        nbytes: dict[tuple[str, ...], float] = {}
-        for lk in links:
-            for kind in SHIPPED_KINDS:
-                n = lk.stats.records.get(kind, 0)
-                records[(lk.name, kind.name.lower())] = n
-                nbytes[(lk.name, kind.name.lower())] = n * ENTRY_SIZE
-        yield m.counter(
-            "dht_pop_shipped_records", "records acknowledged by the peer PoP, by kind",
-            records, ["peer_pop", "kind"],
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_shipped_bytes", "record bytes acknowledged by the peer PoP, by kind",
-            nbytes, ["peer_pop", "kind"],
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_resends", "batches sent again after a failure",
-            {(lk.name,): lk.stats.resends for lk in links}, ["peer_pop"],
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_ship_dropped", "records not queued: the resend buffer was full",
-            {(lk.name,): lk.queue.dropped for lk in links}, ["peer_pop"],
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_resyncs", "bulk resyncs completed (start-up, fell behind)",
-            {(lk.name,): lk.stats.resyncs for lk in links}, ["peer_pop"],
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_anti_entropy_rounds", "digest comparisons with the peer PoP",
-            {(lk.name,): lk.stats.ae_rounds for lk in links}, ["peer_pop"],
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_anti_entropy_records",
-            "records exchanged by anti-entropy and resync",
-            {
-                **{(lk.name, "pulled"): lk.stats.pulled for lk in links},
-                **{(lk.name, "pushed"): lk.stats.pushed for lk in links},
-            },
-            ["peer_pop", "direction"],
-        )
-        yield m.counter(
-            "dht_pop_received_records", "records received from other PoPs (shipped or pulled)",
-            {(n,): v for n, v in self.received.items()}, ["from_pop"],
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_conflicts_resolved",
-            "received copies that conflicted with ours (same generation, other birth)",
-            {(): self.conflicts},
-        )
-        yield m.counter(
-            "dht_pop_clock_rejections", "received records refused: birth beyond the clock offset",
-            {(): self.rejected},
-        )  # fmt: skip
-        yield m.counter(
-            "dht_pop_ship_skipped", "written copies not shipped (policy), by call",
-            {(k,): v for k, v in self.skipped.items()}, ["method"],
-        )  # fmt: skip
-        yield m.gauge(
-            "dht_pop_delay_line", "established records waiting to be replicate_after_s old",
-            [], {(): float(len(self.delay.items))},
-        )  # fmt: skip

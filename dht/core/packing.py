@@ -1,0 +1,65 @@
+"""Big-endian packing of the arrays carried in internal messages (node-to-node and
+PoP-to-PoP): the one place that knows their byte layout, used by the sender and the
+receiver alike.
+
+    terms        u64 per partition (fencing terms, promises)      ">u8"
+    partitions   u16 partition ids                                 ">u2"
+    positions    u32 indexes into a batch (kept, superseded)       ">u4"
+    digests      u64 per partition (anti-entropy digests)          ">u8"
+    counts       u32 per partition (records behind a digest)       ">u4"
+
+Packing converts with ``astype`` (no range check: partition ids fit 16 bits, positions
+32); unpacking returns native-endian copies. Pure: numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dht.core.wire import U64Array
+
+IntpArray = npt.NDArray[np.intp]
+U32Array = npt.NDArray[np.uint32]
+
+
+def pack_terms(terms: U64Array) -> bytes:
+    return terms.astype(">u8").tobytes()
+
+
+def unpack_terms(raw: bytes) -> U64Array:
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+def pack_partitions(partitions: npt.NDArray[np.integer[Any]]) -> bytes:
+    return partitions.astype(">u2").tobytes()
+
+
+def unpack_partitions(raw: bytes) -> IntpArray:
+    return np.frombuffer(raw, dtype=">u2").astype(np.intp)
+
+
+def pack_positions(positions: npt.NDArray[np.integer[Any]]) -> bytes:
+    return positions.astype(">u4").tobytes()
+
+
+def unpack_positions(raw: bytes) -> IntpArray:
+    return np.frombuffer(raw, dtype=">u4").astype(np.intp)
+
+
+def pack_digests(digests: U64Array) -> bytes:
+    return digests.astype(">u8").tobytes()
+
+
+def unpack_digests(raw: bytes) -> U64Array:
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+def pack_counts(counts: npt.NDArray[np.integer[Any]]) -> bytes:
+    return counts.astype(">u4").tobytes()
+
+
+def unpack_counts(raw: bytes) -> U32Array:
+    return np.frombuffer(raw, dtype=">u4").astype(np.uint32)

@@ -1,0 +1,212 @@
+"""The gRPC transport from a node to the other nodes of its PoP: the
+:class:`dht.node.replication.PeerTransport` calls (probes, replication, promises, undo,
+quorum reads, anti-entropy) and one-hop forwarding of client calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from dht._proto.dht.v1 import dht_pb2 as pb
+from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+from dht.core.membership import MemberState
+from dht.core.ops import BatchCall, Op
+from dht.core.packing import (
+    pack_partitions,
+    unpack_counts,
+    unpack_digests,
+    unpack_positions,
+    unpack_terms,
+)
+from dht.core.placement import Member
+from dht.core.wire import FORMAT_VERSION, U64Array
+from dht.edge import convert
+from dht.edge.channels import open_channel
+from dht.node.replication import MergeResult, PeerUnreachable
+
+
+def _unreachable(member: Member, e: grpc.aio.AioRpcError) -> PeerUnreachable:
+    details = e.details() or ""
+    # Only a refused connection proves the process is gone; a timeout may be a stall.
+    refused = e.code() == grpc.StatusCode.UNAVAILABLE and "connection refused" in details.lower()
+    return PeerUnreachable(member.node_id, f"{e.code().name}: {details}", refused=refused)
+
+
+class GrpcPeerTransport:
+    """gRPC transport to the other nodes of the PoP (dht.node.replication.PeerTransport, plus
+    one-hop forwarding). Channels are opened on first use and closed on stop; every call
+    is bounded by its timeout, and every failure becomes PeerUnreachable."""
+
+    def __init__(
+        self,
+        node_id: str,
+        creds: grpc.ChannelCredentials | None,
+        rpc_timeout_s: float,
+        forward_timeout_s: float,
+        probe_timeout_s: float,
+    ) -> None:
+        self._node_id = node_id
+        self._creds = creds
+        self._rpc_timeout_s = rpc_timeout_s
+        self._forward_timeout_s = forward_timeout_s
+        self._probe_timeout_s = probe_timeout_s
+        self._channels: dict[
+            str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub, pb_grpc.NodeInternalAsyncStub]
+        ] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _stubs(
+        self, member: Member
+    ) -> tuple[pb_grpc.FlowTableAsyncStub, pb_grpc.NodeInternalAsyncStub]:
+        entry = self._channels.get(member.address)
+        if entry is None:
+            channel = open_channel(member.address, self._creds)
+            entry = (channel, pb_grpc.FlowTableStub(channel), pb_grpc.NodeInternalStub(channel))
+            self._channels[member.address] = entry
+        return entry[1], entry[2]
+
+    async def forward(self, member: Member, call: BatchCall) -> bytes:
+        stub = self._stubs(member)[0]
+        method = getattr(stub, call.op.value)
+        try:
+            if call.op in (Op.GET_AFFINITY, Op.SET_AFFINITY):
+                aresp: pb.AffinityResponse = await method(
+                    convert.affinity_request(call), timeout=self._forward_timeout_s
+                )
+                return aresp.results
+            fresp: pb.FlowBatchResponse = await method(
+                convert.flow_request(call), timeout=self._forward_timeout_s
+            )
+            return fresp.results
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+
+    async def ping(
+        self, member: Member, view: Sequence[MemberState]
+    ) -> tuple[int, list[MemberState]]:
+        req = pb.PingRequest(from_node=self._node_id, members=convert.members_to_pb(list(view)))
+        try:
+            resp = await self._stubs(member)[1].Ping(req, timeout=self._probe_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        return resp.epoch, convert.members_from_pb(resp.members)
+
+    async def ping_req(self, via: Member, target: Member) -> bool:
+        req = pb.PingReqRequest(
+            from_node=self._node_id, target_node=target.node_id, target_address=target.address
+        )
+        try:
+            # The helper's own probe is bounded by the probe timeout; allow for it.
+            resp = await self._stubs(via)[1].PingReq(req, timeout=2 * self._probe_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(via, e) from None
+        return resp.ok
+
+    async def replicate(
+        self,
+        member: Member,
+        entries: bytes,
+        hinted: bool,
+        issued_hlc: int = 0,
+        terms: bytes = b"",
+    ) -> MergeResult:
+        req = pb.EntryBatch(
+            format_version=FORMAT_VERSION,
+            entries=entries,
+            from_node=self._node_id,
+            hinted=hinted,
+            issued_hlc=issued_hlc,
+            terms=terms,
+        )
+        try:
+            resp = await self._stubs(member)[1].Replicate(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        return MergeResult(
+            resp.applied, resp.refused, resp.stale, resp.fenced, resp.fenced_by, resp.superseded
+        )
+
+    async def promise(
+        self, member: Member, partitions: npt.NDArray[np.intp], term: int
+    ) -> npt.NDArray[np.uint64]:
+        req = pb.PromiseRequest(
+            from_node=self._node_id,
+            partitions=pack_partitions(partitions),
+            term=term,
+        )
+        try:
+            resp = await self._stubs(member)[1].Promise(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        promised = unpack_terms(resp.promised)
+        if len(promised) != len(partitions):
+            raise PeerUnreachable(member.node_id, f"answered {len(promised)} promises")
+        return promised
+
+    async def undo(
+        self, member: Member, written: bytes, before: bytes, terms: bytes
+    ) -> npt.NDArray[np.intp]:
+        req = pb.UndoRequest(from_node=self._node_id, written=written, before=before, terms=terms)
+        try:
+            resp = await self._stubs(member)[1].Undo(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        kept = unpack_positions(resp.kept)
+        return kept
+
+    async def read_copies(self, member: Member, keys: bytes) -> bytes:
+        req = pb.CopiesRequest(format_version=FORMAT_VERSION, keys=keys)
+        try:
+            resp = await self._stubs(member)[1].ReadCopies(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        return resp.results
+
+    async def digests(
+        self, member: Member, partitions: npt.NDArray[np.intp]
+    ) -> tuple[U64Array, npt.NDArray[np.uint32]]:
+        req = pb.DigestRequest(partitions=pack_partitions(partitions))
+        try:
+            resp = await self._stubs(member)[1].PartitionDigests(req, timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        digests = unpack_digests(resp.digests)
+        counts = unpack_counts(resp.counts)
+        return digests, counts
+
+    async def fetch(
+        self, member: Member, partitions: npt.NDArray[np.intp], settled_only: bool = False
+    ) -> AsyncIterator[bytes]:
+        # A whole-node refill may stream for a while: bound each batch, not the stream.
+        call = self._stubs(member)[1].FetchPartitions(
+            pb.FetchRequest(partitions=pack_partitions(partitions), settled_only=settled_only)
+        )
+        try:
+            while True:
+                batch = await asyncio.wait_for(call.read(), self._rpc_timeout_s * 5)
+                if not isinstance(batch, pb.EntryBatch):  # grpc.aio.EOF
+                    return
+                yield batch.entries
+        except grpc.aio.AioRpcError as e:
+            raise _unreachable(member, e) from None
+        except TimeoutError:
+            call.cancel()
+            raise PeerUnreachable(member.node_id, "FetchPartitions stalled") from None
+
+    def reset(self, member: Member) -> None:
+        entry = self._channels.pop(member.address, None)
+        if entry is not None:
+            # Closing is async; calls still on the old channel finish or fail on their own.
+            task = asyncio.get_running_loop().create_task(entry[0].close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        channels = [c for c, _, _ in self._channels.values()]
+        self._channels.clear()
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

@@ -1,0 +1,216 @@
+"""The gRPC servicers of a node: ``dht.v1.FlowTable`` (the public API, translated to
+:meth:`Node.batch`) and ``dht.v1.NodeInternal`` (node-to-node calls).
+
+Errors are mapped to gRPC status in exactly one place per service
+(:meth:`FlowTableService._run`, :meth:`NodeInternalService._guard`), both through
+:func:`dht.edge.status.grpc_status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from dht._proto.dht.v1 import dht_pb2 as pb
+from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+from dht.core.errors import DhtError
+from dht.core.ops import Op
+from dht.core.packing import pack_counts, pack_digests, pack_positions
+from dht.core.placement import Member
+from dht.core.wire import ENTRY_SIZE, FORMAT_VERSION
+from dht.edge import convert
+from dht.edge.status import grpc_status
+from dht.node.node import Node
+from dht.node.replication import PeerUnreachable
+
+log = logging.getLogger(__name__)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlowTable"].full_name
+INTERNAL_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NodeInternal"].full_name
+
+
+class FlowTableService(pb_grpc.FlowTableServicer):
+    """Translates protobuf calls to :meth:`Node.batch` and errors to gRPC status."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def _run(self, method: str, context: Ctx, work: Callable[[], Awaitable[bytes]]) -> bytes:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await work()
+        except DhtError as e:
+            status = grpc_status(e)
+            code = status.name
+            await context.abort(status, str(e))
+            raise  # unreachable: abort raises
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            code = "CANCELLED"
+            raise
+        except Exception:
+            # A bug, not bad input: log it, answer INTERNAL, keep serving.
+            log.exception("%s failed", method)
+            code = "INTERNAL"
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error")
+            raise
+        finally:
+            self.node.metrics.requests.labels(method, code).inc()
+            self.node.metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+    async def _flow(self, op: Op, req: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
+        results = await self._run(
+            op.value, context, lambda: self.node.batch(convert.flow_call(op, req))
+        )
+        return pb.FlowBatchResponse(format_version=1, results=results, epoch=self.node.table.epoch)
+
+    async def _affinity(self, op: Op, req: pb.AffinityRequest, context: Ctx) -> pb.AffinityResponse:
+        results = await self._run(
+            op.value, context, lambda: self.node.batch(convert.affinity_call(op, req))
+        )
+        return pb.AffinityResponse(format_version=1, results=results, epoch=self.node.table.epoch)
+
+    async def Claim(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
+        return await self._flow(Op.CLAIM, request, context)
+
+    async def Confirm(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
+        return await self._flow(Op.CONFIRM, request, context)
+
+    async def Lookup(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
+        return await self._flow(Op.LOOKUP, request, context)
+
+    async def Refresh(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
+        return await self._flow(Op.REFRESH, request, context)
+
+    async def Release(self, request: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
+        return await self._flow(Op.RELEASE, request, context)
+
+    async def GetAffinity(self, request: pb.AffinityRequest, context: Ctx) -> pb.AffinityResponse:
+        return await self._affinity(Op.GET_AFFINITY, request, context)
+
+    async def SetAffinity(self, request: pb.AffinityRequest, context: Ctx) -> pb.AffinityResponse:
+        return await self._affinity(Op.SET_AFFINITY, request, context)
+
+    async def GetPartitionTable(
+        self, request: pb.PartitionTableRequest, context: Ctx
+    ) -> pb.PartitionTable:
+        cfg = self.node.config
+        return convert.table_to_pb(
+            self.node.table,
+            self.node.pop_id,
+            cfg.pops,
+            cfg.max_batch_keys,
+            cfg.limits.prefix_v4,
+            cfg.limits.prefix_v6,
+        )
+
+
+class NodeInternalService(pb_grpc.NodeInternalServicer):
+    """Node-to-node calls: probes, replication, quorum reads, anti-entropy."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def _guard(self, context: Ctx, work: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await work()
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+
+    async def Ping(self, request: pb.PingRequest, context: Ctx) -> pb.PingResponse:
+        n = self.node
+        n.replicator.heard_from(request.from_node)
+        n.gossip_in(convert.members_from_pb(request.members))
+        return pb.PingResponse(
+            node_id=n.config.node_id,
+            epoch=n.table.epoch,
+            in_sync=n.in_sync,
+            members=convert.members_to_pb(n.membership.view()),
+        )
+
+    async def PingReq(self, request: pb.PingReqRequest, context: Ctx) -> pb.PingReqResponse:
+        target = Member(request.target_node, request.target_address)
+        try:
+            _, view = await self.node.peers_transport.ping(target, self.node.membership.view())
+        except PeerUnreachable:
+            return pb.PingReqResponse(ok=False)
+        self.node.gossip_in(view)
+        return pb.PingReqResponse(ok=True)
+
+    async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
+        async def work() -> pb.ReplicateResponse:
+            res = self.node.internal_replicate(
+                request.entries, request.issued_hlc, request.terms, request.from_node
+            )
+            return pb.ReplicateResponse(
+                applied=res.applied,
+                refused=res.refused,
+                stale=res.stale,
+                fenced=res.fenced,
+                fenced_by=res.fenced_by,
+                superseded=res.superseded,
+            )
+
+        result: pb.ReplicateResponse = await self._guard(context, work)
+        return result
+
+    async def Promise(self, request: pb.PromiseRequest, context: Ctx) -> pb.PromiseResponse:
+        async def work() -> pb.PromiseResponse:
+            self.node.replicator.heard_from(request.from_node)
+            return pb.PromiseResponse(
+                promised=self.node.internal_promise(
+                    request.partitions, request.term, request.from_node
+                )
+            )
+
+        result: pb.PromiseResponse = await self._guard(context, work)
+        return result
+
+    async def Undo(self, request: pb.UndoRequest, context: Ctx) -> pb.UndoResponse:
+        async def work() -> pb.UndoResponse:
+            kept = self.node.internal_undo(request.written, request.before, request.terms)
+            undone = len(request.written) // ENTRY_SIZE - len(kept)
+            return pb.UndoResponse(undone=undone, kept=pack_positions(kept))
+
+        result: pb.UndoResponse = await self._guard(context, work)
+        return result
+
+    async def ReadCopies(self, request: pb.CopiesRequest, context: Ctx) -> pb.CopiesResponse:
+        async def work() -> pb.CopiesResponse:
+            return pb.CopiesResponse(results=self.node.internal_copies(request.keys))
+
+        result: pb.CopiesResponse = await self._guard(context, work)
+        return result
+
+    async def PartitionDigests(self, request: pb.DigestRequest, context: Ctx) -> pb.DigestResponse:
+        async def work() -> pb.DigestResponse:
+            digests, counts = self.node.internal_digests(
+                self.node.partitions_arg(request.partitions)
+            )
+            return pb.DigestResponse(
+                digests=pack_digests(digests),
+                counts=pack_counts(counts),
+                epoch=self.node.table.epoch,
+            )
+
+        result: pb.DigestResponse = await self._guard(context, work)
+        return result
+
+    async def FetchPartitions(
+        self, request: pb.FetchRequest, context: Ctx
+    ) -> AsyncIterator[pb.EntryBatch]:
+        try:
+            parts = self.node.partitions_arg(request.partitions)
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+        async for chunk in self.node.internal_fetch(parts, request.settled_only):
+            yield pb.EntryBatch(
+                format_version=FORMAT_VERSION, entries=chunk, from_node=self.node.config.node_id
+            )
