@@ -17,8 +17,10 @@ from dht.core.membership import MemberState
 from dht.core.ops import BatchCall, Op
 from dht.core.packing import (
     pack_partitions,
+    pack_terms,
     unpack_counts,
     unpack_digests,
+    unpack_partitions,
     unpack_positions,
     unpack_terms,
 )
@@ -26,7 +28,7 @@ from dht.core.placement import Member
 from dht.core.wire import FORMAT_VERSION, U64Array
 from dht.edge import convert
 from dht.edge.channels import open_channel
-from dht.node.replication import MergeResult, PeerUnreachable
+from dht.node.transport import MergeResult, PeerUnreachable
 
 
 def _unreachable(member: Member, e: grpc.aio.AioRpcError) -> PeerUnreachable:
@@ -112,7 +114,7 @@ class GrpcPeerTransport:
         entries: bytes,
         hinted: bool,
         issued_hlc: int = 0,
-        terms: bytes = b"",
+        terms: U64Array | None = None,
     ) -> MergeResult:
         req = pb.EntryBatch(
             format_version=FORMAT_VERSION,
@@ -120,14 +122,19 @@ class GrpcPeerTransport:
             from_node=self._node_id,
             hinted=hinted,
             issued_hlc=issued_hlc,
-            terms=terms,
+            terms=pack_terms(terms) if terms is not None else b"",
         )
         try:
             resp = await self._stubs(member)[1].Replicate(req, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
         return MergeResult(
-            resp.applied, resp.refused, resp.stale, resp.fenced, resp.fenced_by, resp.superseded
+            resp.applied,
+            resp.refused,
+            resp.stale,
+            unpack_partitions(resp.fenced, "fenced"),
+            resp.fenced_by,
+            unpack_positions(resp.superseded, "superseded"),
         )
 
     async def promise(
@@ -148,9 +155,11 @@ class GrpcPeerTransport:
         return promised
 
     async def undo(
-        self, member: Member, written: bytes, before: bytes, terms: bytes
+        self, member: Member, written: bytes, before: bytes, terms: U64Array
     ) -> npt.NDArray[np.intp]:
-        req = pb.UndoRequest(from_node=self._node_id, written=written, before=before, terms=terms)
+        req = pb.UndoRequest(
+            from_node=self._node_id, written=written, before=before, terms=pack_terms(terms)
+        )
         try:
             resp = await self._stubs(member)[1].Undo(req, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as e:

@@ -20,13 +20,20 @@ from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.core.errors import DhtError
 from dht.core.ops import Op
-from dht.core.packing import pack_counts, pack_digests, pack_positions
+from dht.core.packing import (
+    pack_counts,
+    pack_digests,
+    pack_partitions,
+    pack_positions,
+    pack_terms,
+    unpack_terms,
+)
 from dht.core.placement import Member
 from dht.core.wire import ENTRY_SIZE, FORMAT_VERSION
 from dht.edge import convert
 from dht.edge.status import grpc_status
 from dht.node.node import Node
-from dht.node.replication import PeerUnreachable
+from dht.node.transport import PeerUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +133,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Ping(self, request: pb.PingRequest, context: Ctx) -> pb.PingResponse:
         n = self.node
-        n.replicator.heard_from(request.from_node)
+        n.view.heard_from(request.from_node)
         n.gossip_in(convert.members_from_pb(request.members))
         return pb.PingResponse(
             node_id=n.config.node_id,
@@ -146,16 +153,17 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
         async def work() -> pb.ReplicateResponse:
+            terms = unpack_terms(request.terms) if request.terms else None
             res = self.node.internal_replicate(
-                request.entries, request.issued_hlc, request.terms, request.from_node
+                request.entries, request.issued_hlc, terms, request.from_node
             )
             return pb.ReplicateResponse(
                 applied=res.applied,
                 refused=res.refused,
                 stale=res.stale,
-                fenced=res.fenced,
+                fenced=pack_partitions(res.fenced),
                 fenced_by=res.fenced_by,
-                superseded=res.superseded,
+                superseded=pack_positions(res.superseded),
             )
 
         result: pb.ReplicateResponse = await self._guard(context, work)
@@ -163,19 +171,18 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def Promise(self, request: pb.PromiseRequest, context: Ctx) -> pb.PromiseResponse:
         async def work() -> pb.PromiseResponse:
-            self.node.replicator.heard_from(request.from_node)
-            return pb.PromiseResponse(
-                promised=self.node.internal_promise(
-                    request.partitions, request.term, request.from_node
-                )
-            )
+            self.node.view.heard_from(request.from_node)
+            parts = self.node.partitions_arg(request.partitions)
+            promised = self.node.internal_promise(parts, request.term, request.from_node)
+            return pb.PromiseResponse(promised=pack_terms(promised))
 
         result: pb.PromiseResponse = await self._guard(context, work)
         return result
 
     async def Undo(self, request: pb.UndoRequest, context: Ctx) -> pb.UndoResponse:
         async def work() -> pb.UndoResponse:
-            kept = self.node.internal_undo(request.written, request.before, request.terms)
+            terms = unpack_terms(request.terms)
+            kept = self.node.internal_undo(request.written, request.before, terms)
             undone = len(request.written) // ENTRY_SIZE - len(kept)
             return pb.UndoResponse(undone=undone, kept=pack_positions(kept))
 

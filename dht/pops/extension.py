@@ -67,7 +67,8 @@ from dht.core.wire import (
     decode_keys,
 )
 from dht.node.node import Node
-from dht.node.replication import PeerUnreachable, Replicator
+from dht.node.peerview import PeerView
+from dht.node.transport import PeerUnreachable
 from dht.pops.gauges import pop_metrics
 from dht.pops.link import EXCHANGE_BATCH, PeerPop
 from dht.pops.shipping import (
@@ -139,7 +140,6 @@ class Pops:
         self.startup = asyncio.Event()  # set once the start-up resync is done or timed out
         if not self.links:
             self.startup.set()
-        node.extension = self
         node.metrics.add_gauges(self._gauges)
 
     # ------------------------------------------------------------------ node hooks
@@ -213,14 +213,14 @@ class Pops:
         out["owner_pop"][at] = res["owner_pop"][found]
         out["flags"][at] |= FLAG_AFFINITY_FALLBACK
 
-    def sized(self, repl: Replicator, members: int) -> None:
+    def sized(self, view: PeerView, members: int) -> None:
         cfg = self.config
         self._pop_size = max(self._pop_size, members)
         q = sizing.fit(cfg.replication_factor, cfg.write_quorum, self._pop_size, members)
         if q is None:
             self.quorums = None
             return
-        repl.write_quorum, repl.read_quorum = q.write_quorum, q.read_quorum
+        view.write_quorum, view.read_quorum = q.write_quorum, q.read_quorum
         if q != self.quorums:
             log.warning(
                 "PoP %s has %d node(s), fewer than replication_factor %d: using RF=%d W=%d "
@@ -386,7 +386,7 @@ class Pops:
         """Merge ``entries`` into every replica of their partitions in this PoP; per entry,
         whether the write quorum holds it, and the copies that changed a record here."""
         node = self.node
-        repl = node.replicator
+        view = node.view
         table = node.table
         parts = table.partitions_of(entry_hashes(entries))
         reps = table.replicas[parts]
@@ -402,29 +402,31 @@ class Pops:
                 applied += node.merge_entries(entries[idx]).applied
                 counts[idx] += 1
             else:
-                calls.append(self._replicate_to(repl, table.members[member], entries, idx, counts))
+                calls.append(self._replicate_to(table.members[member], entries, idx, counts))
         await asyncio.gather(*calls)
-        return counts >= repl.write_quorum, applied
+        return counts >= view.write_quorum, applied
 
     async def _replicate_to(
         self,
-        repl: Replicator,
         member: Member,
         entries: EntryArray,
         idx: npt.NDArray[np.intp],
         counts: npt.NDArray[np.int32],
     ) -> None:
-        if repl.is_up(member):
-            started = repl.now_ms()
+        view = self.node.view
+        if view.is_up(member):
+            started = view.now_ms()
             try:
-                await repl.transport.replicate(member, entries[idx].tobytes(), hinted=False)
+                await self.node.peers_transport.replicate(
+                    member, entries[idx].tobytes(), hinted=False
+                )
             except PeerUnreachable as e:
-                repl.mark_failed(member, e, started)
+                view.mark_failed(member, e, started)
             else:
-                repl.mark_ok(member)
+                view.mark_ok(member)
                 counts[idx] += 1
                 return
-        repl.hints.add(member.node_id, entries[idx])
+        self.node.repair.hints.add(member.node_id, entries[idx])
 
     def _count_conflicts(self, entries: EntryArray) -> None:
         """Copies of one generation with different births: two PoPs claimed the flow

@@ -74,11 +74,10 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
 def pop_settled(srv: NodeServer) -> bool:
     """In sync, and every peer seen up with no hints left to deliver."""
     node = srv.node
-    repl = node.replicator
     return (
         node.in_sync
-        and all(h.up for h in repl.health.values())
-        and not any(repl.hints.count(p) for p in repl.health)
+        and all(h.up for h in node.view.health.values())
+        and not any(node.repair.hints.count(p) for p in node.view.health)
     )
 
 

@@ -16,6 +16,7 @@ from dht.core.errors import ConfigError
 from dht.core.record import Status
 from dht.core.wire import ENTRY_DTYPE, KEY_DTYPE, RESULT_DTYPE, FlowKey, key_hashes
 from dht.edge.server import NodeServer
+from dht.node.replication import as_entries
 from dht.tools.bench import synthetic_keys
 
 from .conftest import MakePop, pop_configs, wait_for
@@ -44,7 +45,7 @@ async def test_quorum_survives_a_dead_node_and_it_refills(make_pop: MakePop) -> 
         await victim.stop(leave=False)  # a crash, not a graceful leave
         second = await c.flow_packed("Claim", raw[1500 * 40 :], pop="ams")
         assert set(second["status"].tolist()) == {Status.CREATED}
-        assert all(n.node.replicator.hints.count(cfg.node_id) > 0 for n in nodes[:2]), (
+        assert all(n.node.repair.hints.count(cfg.node_id) > 0 for n in nodes[:2]), (
             "the survivors keep hints for the dead replica"
         )
         # Reads answer from the survivors: nothing acknowledged is NOT_FOUND.
@@ -61,7 +62,7 @@ async def test_quorum_survives_a_dead_node_and_it_refills(make_pop: MakePop) -> 
         await wait_for(lambda: back.node.in_sync, what="refill")
         assert len(back.node.store) == 3000
         await wait_for(
-            lambda: all(n.node.replicator.hints.count(cfg.node_id) == 0 for n in nodes[:2]),
+            lambda: all(n.node.repair.hints.count(cfg.node_id) == 0 for n in nodes[:2]),
             what="hints delivered",
         )
         await wait_for(
@@ -248,9 +249,9 @@ async def test_a_coordinator_stalled_mid_write_is_fenced_by_a_take_over(
     real = transport.replicate
 
     async def stalling(
-        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: Any = None
     ) -> Any:
-        if terms:
+        if terms is not None:
             stalled.set()
             await gate.wait()
         return await real(member, entries, hinted, issued_hlc, terms)
@@ -311,7 +312,7 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
     a claim of the same flow that is acknowledged."""
     from dht._proto.dht.v1 import dht_pb2 as pb
     from dht.core.wire import decode_results
-    from dht.node.replication import PeerUnreachable
+    from dht.node.transport import PeerUnreachable
 
     nodes = await make_pop(3, write_quorum=3)
     raw = synthetic_keys(1, seed=42, start=32_000_000)
@@ -323,7 +324,7 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
     real = transport.replicate
 
     async def z_unreachable(
-        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: Any = None
     ) -> Any:
         if member.node_id == z.config.node_id:
             raise PeerUnreachable(member.node_id, "test: unreachable")
@@ -346,7 +347,7 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
     assert held_by(y) == Status.NOT_FOUND, "undone on the replica that took it"
     assert x.node.replicator.stats.undone_remote == 1
     assert y.node.undone_for_others == 1
-    assert x.node.replicator.hints.count(z.config.node_id) == 0, "no hint of a failed write"
+    assert x.node.repair.hints.count(z.config.node_id) == 0, "no hint of a failed write"
 
     # Another PoP's claim of the flow is then acknowledged, and stays the owner.
     async with Client([y.grpc_address], timeout_s=10) as c:
@@ -360,9 +361,9 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
 
     entry = np.zeros(1, dtype=ENTRY_DTYPE).tobytes()
     with pytest.raises(InvalidArgument, match="before"):
-        y.node.internal_undo(entry, b"", (1).to_bytes(8, "big"))
+        y.node.internal_undo(entry, b"", np.array([1], dtype=np.uint64))
     with pytest.raises(InvalidArgument, match="terms"):
-        y.node.internal_undo(entry, entry, b"")
+        y.node.internal_undo(entry, entry, np.zeros(0, dtype=np.uint64))
 
 
 async def test_anti_entropy_leaves_out_writes_still_open_to_an_undo(make_pop: MakePop) -> None:
@@ -394,7 +395,7 @@ async def test_a_failed_write_a_quorum_read_saw_stands_and_is_pulled_back(
     have decided on it), and X pulls it back in: the claim stands, consistently."""
     from dht._proto.dht.v1 import dht_pb2 as pb
     from dht.core.wire import decode_results
-    from dht.node.replication import PeerUnreachable
+    from dht.node.transport import PeerUnreachable
 
     nodes = await make_pop(3, write_quorum=3)
     raw = synthetic_keys(1, seed=49, start=39_000_000)
@@ -404,12 +405,12 @@ async def test_a_failed_write_a_quorum_read_saw_stands_and_is_pulled_back(
     real = transport.replicate
 
     async def read_at_y_and_z_unreachable(
-        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: Any = None
     ) -> Any:
         if member.node_id == z.config.node_id:
             raise PeerUnreachable(member.node_id, "test: unreachable")
         res = await real(member, entries, hinted, issued_hlc, terms)
-        if terms:
+        if terms is not None:
             y.node.internal_copies(raw)  # another node's quorum read, before the undo
         return res
 
@@ -444,25 +445,25 @@ async def test_an_undo_is_refused_by_a_replica_that_coordinated_since(
     raw = synthetic_keys(1, seed=47, start=37_000_000)
     keys, hashes = np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw)
     part, (x, y, _) = replicas_of(nodes, raw)
-    parts = np.array([part], dtype=">u2").tobytes()
+    parts = np.array([part], dtype=np.intp)
 
     async def claimed() -> tuple[bytes, bytes, bytes]:
         """Claim the flow afresh through X: Y's copy as written, and the write's term."""
         async with Client([x.grpc_address], timeout_s=10) as c:
             await c.flow_packed("Release", raw, pop="ams")
             await c.flow_packed("Claim", raw, pop="ams")
-        written = y.node.replicator.results_as_entries(raw, y.node.store.copies(keys, hashes))
+        written = as_entries(raw, y.node.store.copies(keys, hashes))
         before = written.copy()
         before["rec"]["status"] = Status.NOT_FOUND
-        term = int(y.node.replicator.promised[part])  # the write's, as Y accepted it
-        return written.tobytes(), before.tobytes(), term.to_bytes(8, "big")
+        term = int(y.node.terms.promised[part])  # the write's, as Y accepted it
+        return written.tobytes(), before.tobytes(), np.array([term], dtype=np.uint64)
 
     undo = await claimed()
-    y.node.internal_promise(parts, int(y.node.replicator.promised[part]) + 1, x.config.node_id)
+    y.node.internal_promise(parts, int(y.node.terms.promised[part]) + 1, x.config.node_id)
     assert y.node.internal_undo(*undo).tolist() == [], "a promise elsewhere does not stop it"
     assert y.node.store.copies(keys, hashes)["status"][0] == Status.NOT_FOUND
     undo = await claimed()
-    assert (await y.node._take_over(np.array([part], dtype=np.uint16))).all()
+    assert (await y.node.coordinator._take_over(np.array([part], dtype=np.uint16))).all()
     assert y.node.internal_undo(*undo).tolist() == [0], "kept: Y coordinated the partition since"
     assert y.node.store.copies(keys, hashes)["status"][0] == Status.OK
 
@@ -475,7 +476,7 @@ async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePo
     import grpc
 
     from dht._proto.dht.v1 import dht_pb2 as pb
-    from dht.node.replication import PeerUnreachable
+    from dht.node.transport import PeerUnreachable
 
     nodes = await make_pop(3)
     raw = synthetic_keys(1, seed=43, start=33_000_000)
@@ -488,9 +489,9 @@ async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePo
     real = transport.replicate
 
     async def stall_then_fail(
-        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: Any = None
     ) -> Any:
-        if not terms:
+        if terms is None:
             return await real(member, entries, hinted, issued_hlc, terms)
         stalled.set()
         await gate.wait()
@@ -508,7 +509,7 @@ async def test_a_write_whose_caller_went_away_is_still_finished(make_pop: MakePo
         # Applied locally, still hidden as in flight; then the replicas fail it.
         assert x.node.store.copies(keys, hashes)["status"][0] == Status.OK
         gate.set()
-        await wait_for(lambda: not x.node._writes, what="the write ends")
+        await wait_for(lambda: not x.node.coordinator.writes, what="the write ends")
     finally:
         gate.set()
         transport.replicate = real  # type: ignore[method-assign]
@@ -539,9 +540,9 @@ async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged(
     real = transport.replicate
 
     async def z_first(
-        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: Any = None
     ) -> Any:
-        if terms and member.node_id == y.config.node_id:
+        if terms is not None and member.node_id == y.config.node_id:
             await z_answered.wait()
         res = await real(member, entries, hinted, issued_hlc, terms)
         if member.node_id == z.config.node_id:
@@ -591,10 +592,10 @@ async def test_a_write_both_other_replicas_took_stands_after_a_take_over(
     real = transport.replicate
 
     async def slow_answer(
-        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: Any = None
     ) -> Any:
         res = await real(member, entries, hinted, issued_hlc, terms)
-        if terms:
+        if terms is not None:
             answered.set()
             await gate.wait()
         return res
@@ -616,8 +617,8 @@ async def test_a_write_both_other_replicas_took_stands_after_a_take_over(
             ),
             what="both replicas took A",
         )
-        took = await y.node._take_over(np.array([part], dtype=np.uint16))
-        assert took.all() and x.node.replicator.held[part] == 0, "Y took over; X's term ended"
+        took = await y.node.coordinator._take_over(np.array([part], dtype=np.uint16))
+        assert took.all() and x.node.terms.held[part] == 0, "Y took over; X's term ended"
         gate.set()
         a = decode_results((await claim_a).results)[0]
     finally:
@@ -650,16 +651,16 @@ async def test_a_claim_beaten_on_its_coordinator_mid_write_is_not_acknowledged(
         keys, hashes, pop=2, server=0, ttl_ms=60_000, now_ms=z.node.clock.wall_ms()
     )
     z.node.store.restore(keys, hashes, empty)
-    entry_a = z.node.replicator.results_as_entries(raw, a)
+    entry_a = as_entries(raw, a)
 
     gate, stalled = asyncio.Event(), asyncio.Event()
     transport = x.node.replicator.transport
     real = transport.replicate
 
     async def stalling(
-        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: bytes = b""
+        member: Any, entries: bytes, hinted: bool, issued_hlc: int = 0, terms: Any = None
     ) -> Any:
-        if terms:
+        if terms is not None:
             stalled.set()
             await gate.wait()
         return await real(member, entries, hinted, issued_hlc, terms)
@@ -690,19 +691,19 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     node = nodes[1].node
     raw = synthetic_keys(1, seed=41, start=31_000_000)
     part = int(node.table.partitions_of(key_hashes(raw))[0])
-    parts = np.array([part], dtype=">u2").tobytes()
+    parts = np.array([part], dtype=np.intp)
     # A restart forgets its promises, so every term from before the start is fenced.
-    floor = int(node.replicator.promised[part])
+    floor = int(node.terms.promised[part])
     assert floor >= hlc_pack(node.clock.wall_ms() - 60_000, 0)
     term = node.clock.now() + 1000
     peer = nodes[0].config.node_id
     # Not to a node outside the table (declared dead, left, unknown).
-    stranger = np.frombuffer(node.internal_promise(parts, term, "ams-9"), dtype=">u8")
+    stranger = node.internal_promise(parts, term, "ams-9")
     assert stranger.tolist() == [floor]
-    granted = np.frombuffer(node.internal_promise(parts, term, peer), dtype=">u8")
+    granted = node.internal_promise(parts, term, peer)
     assert granted.tolist() == [term]
     # A lower term is not promised; the answer says what was.
-    lower = np.frombuffer(node.internal_promise(parts, term - 1, peer), dtype=">u8")
+    lower = node.internal_promise(parts, term - 1, peer)
     assert lower.tolist() == [term]
 
     entry = np.zeros(1, dtype=ENTRY_DTYPE)
@@ -711,25 +712,45 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     entry["rec"]["status"], entry["rec"]["state"], entry["rec"]["generation"] = 1, 1, 1
     entry["rec"]["owner_pop"] = entry["rec"]["birth_pop"] = 1
     entry["rec"]["birth_hlc"], entry["rec"]["expiry_ms"] = node.clock.now(), now + 600_000
-    t_lo, t_hi = np.array([term - 1], ">u8").tobytes(), np.array([term], ">u8").tobytes()
-    assert node.internal_replicate(entry.tobytes(), 0, t_hi, "ams-9").fenced
+    t_lo, t_hi = np.array([term - 1], np.uint64), np.array([term], np.uint64)
+    assert node.internal_replicate(entry.tobytes(), 0, t_hi, "ams-9").fenced.size
     res = node.internal_replicate(entry.tobytes(), 0, t_lo, peer)
-    assert np.frombuffer(res.fenced, dtype=">u2").tolist() == [part]
+    assert res.fenced.tolist() == [part]
     assert res.fenced_by == term and len(node.store) == 0
     res = node.internal_replicate(entry.tobytes(), 0, t_hi, peer)
-    assert not res.fenced and res.applied == 1 and not res.superseded
+    assert not res.fenced.size and res.applied == 1 and not res.superseded.size
     # Another claim of the key (a later birth) loses to the one held here: merged, but
     # reported as not held, so it does not count toward its coordinator's quorum.
     other = entry.copy()
     other["rec"]["birth_hlc"], other["rec"]["owner_pop"] = node.clock.now(), 2
     res = node.internal_replicate(other.tobytes(), 0, t_hi, peer)
-    assert np.frombuffer(res.superseded, dtype=">u4").tolist() == [0]
+    assert res.superseded.tolist() == [0]
     held = node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
     assert int(held["birth_hlc"][0]) == int(entry["rec"]["birth_hlc"][0])
 
     with pytest.raises(InvalidArgument, match="terms"):
-        node.internal_replicate(entry.tobytes(), 0, b"\x00" * 7, peer)
+        node.internal_replicate(entry.tobytes(), 0, np.zeros(2, np.uint64), peer)
     with pytest.raises(InvalidArgument, match="term"):
         node.internal_promise(parts, 0, peer)
     with pytest.raises(InvalidArgument, match="partitions"):
-        node.internal_promise(b"\xff\xff", term, peer)
+        node.internal_promise(np.array([0xFFFF], dtype=np.intp), term, peer)
+    # Malformed packed fields are refused at the wire, naming the field.
+    import grpc
+
+    from dht._proto.dht.v1 import dht_pb2 as pb
+    from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(nodes[1].grpc_address) as ch:
+        internal = pb_grpc.NodeInternalStub(ch)
+        bad = [
+            (internal.Replicate, pb.EntryBatch(entries=entry.tobytes(), terms=b"\x00" * 7)),
+            (internal.Promise, pb.PromiseRequest(partitions=b"\xff\xff", term=term)),
+            (internal.Promise, pb.PromiseRequest(partitions=b"\x00", term=term)),
+        ]
+        for call, request in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(request, timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "partitions" in (err.value.details() or "") or "terms" in (
+                err.value.details() or ""
+            )

@@ -7,7 +7,7 @@ import numpy as np
 from dht.core.peers import PeerHealth, coordinators, read_quorum, replica_mask, shared_partitions
 from dht.core.placement import Member, PartitionMap
 from dht.core.wire import ENTRY_DTYPE
-from dht.node.replication import Hints
+from dht.node.repair import Hints
 
 
 def test_health_goes_down_on_refusal_or_timeout_and_up_on_answer() -> None:

@@ -1,0 +1,376 @@
+"""Liveness of a node in its PoP: SWIM probes and gossip, join, graceful leave, the
+table changes they bring (hand-off of partitions), the pause detector, and resync.
+
+A node is *in sync* once it has pulled the copies of all its partitions from the peers
+that are up: at start (a restarted node refills before /readyz says ready) and after a
+pause of its event loop longer than ``pause_threshold_ms`` (it may have missed writes).
+See docs/protocol.md#membership.
+
+Not thread-safe; lives in the node's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import numpy as np
+import numpy.typing as npt
+
+from dht.core.clock import MonoMs
+from dht.core.config import NodeConfig
+from dht.core.membership import Membership, MemberState
+from dht.core.peers import replica_mask
+from dht.core.placement import Member, PartitionMap
+from dht.node.extension import NodeExtension
+from dht.node.peerview import PeerView
+from dht.node.repair import Repair, covered
+from dht.node.replica import Replica
+from dht.node.state import NodeState
+from dht.node.tasks import Tasks
+from dht.node.terms import Terms
+from dht.node.transport import PeerTransport, PeerUnreachable
+
+log = logging.getLogger(__name__)
+
+
+class Liveness:
+    def __init__(
+        self,
+        config: NodeConfig,
+        state: NodeState,
+        membership: Membership,
+        view: PeerView,
+        repair: Repair,
+        terms: Terms,
+        replica: Replica,
+        transport: PeerTransport,
+        tasks: Tasks,
+        mono_ms: MonoMs,
+        extension: NodeExtension | None,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.membership = membership
+        self.view = view
+        self.repair = repair
+        self.terms = terms
+        self.replica = replica
+        self._transport = transport
+        self.tasks = tasks
+        self._mono = mono_ms
+        self.extension = extension
+        self._resync: asyncio.Task[None] | None = None
+        self._last_tick_ms = mono_ms()
+        self._epoch_since_ms = mono_ms()
+        self._dropped_since_epoch = False
+        self.pauses = 0
+        self.epochs = 0
+        self.transfers = 0  # partitions being handed to this node now
+        self.dropped = 0  # copies dropped after their partitions moved away
+
+    # ------------------------------------------------------------------ the table
+
+    def rebuild(self) -> None:
+        """Build the table of the active members; adopt it if it is a new epoch."""
+        if self.state.leaving:
+            return  # keep the last table: a leaving node only hands off
+        pmap = table_of(self.config, self.membership)
+        old = self.state.pmap
+        if old is not None and pmap.epoch == old.epoch:
+            return
+        self.adopt(pmap, old)
+
+    def adopt(self, pmap: PartitionMap, old: PartitionMap | None) -> None:
+        """Adopt a new epoch's table and start handing off the partitions this node
+        newly replicates (``old``: the table before, None at start)."""
+        cfg = self.config
+        self.state.pmap = pmap
+        self.state.self_index = pmap.index_of(cfg.node_id)
+        mine = replica_mask(pmap, self.state.self_index)
+        self.repair.forget(self.view.set_table(pmap, self.state.self_index))
+        if self.extension is not None:
+            self.extension.sized(self.view, len(pmap.members))
+        if old is not None:
+            acquired = np.flatnonzero(mine & ~self.state.replicas)
+            self.state.part_ready[acquired] = False
+            self.epochs += 1
+            if acquired.size:
+                self.tasks.spawn(f"handoff-{pmap.epoch}", self._handoff(acquired, old))
+        self.state.replicas = mine
+        self._epoch_since_ms = self._mono()
+        self._dropped_since_epoch = False
+        log.info(
+            "node %s (pop %s) epoch %d: %d members, %d replicas, W=%d R=%d, primary of %d",
+            cfg.node_id,
+            cfg.pop,
+            pmap.epoch,
+            len(pmap.members),
+            pmap.replication_factor,
+            self.view.write_quorum,
+            self.view.read_quorum,
+            pmap.partition_counts(0)[self.state.self_index],
+        )
+
+    # ------------------------------------------------------------------ SWIM
+
+    def gossip_in(self, states: list[MemberState]) -> None:
+        """Merge a peer's membership view (every probe carries one each way)."""
+        refuted = self.membership.refutations
+        if self.membership.apply(states, self._mono()):
+            self.rebuild()
+        if self.membership.refutations != refuted and self.state.first_sync.is_set():
+            # Others took us for suspect or dead: they may have acknowledged writes
+            # without us. Resync before answering alone again.
+            self.start_resync()
+
+    async def _join(self) -> None:
+        """Ask the configured seeds for their view until one answers."""
+        if self.state.joined:
+            return
+        for address in self.config.seeds:
+            seed = Member(f"seed:{address}", address)
+            try:
+                _, view = await self._transport.ping(seed, self.membership.view())
+            except PeerUnreachable as e:
+                log.info("seed %s did not answer: %s", address, e)
+                continue
+            self.gossip_in(view)
+            self.state.joined = True
+            log.info("joined through seed %s: %d members", address, len(self.state.table.members))
+            return
+
+    async def probe_step(self) -> None:
+        """Probe every other active member directly, carrying our view; a member that
+        does not answer is probed indirectly through up to ``indirect_probes`` others
+        before it is suspected. Then declare dead the suspects whose time ran out."""
+        peers = [m for m in self.membership.active() if m.node_id != self.config.node_id]
+
+        async def direct(member: Member) -> bool:
+            started = self.view.now_ms()
+            try:
+                epoch, view = await self._transport.ping(member, self.membership.view())
+            except PeerUnreachable as e:
+                self.view.mark_failed(member, e, started)
+                return False
+            self.view.mark_ok(member)
+            self.gossip_in(view)
+            self.view.saw_epoch(member.node_id, epoch)
+            return True
+
+        answers = await asyncio.gather(*(direct(m) for m in peers))
+        silent = [m for m, ok in zip(peers, answers, strict=True) if not ok]
+        for target in silent:
+            helpers = [m for m in peers if m not in silent][: self.config.indirect_probes]
+            oks = await asyncio.gather(
+                *(self._indirect(h, target) for h in helpers), return_exceptions=False
+            )
+            if not any(oks) and self.membership.suspect(target.node_id, self._mono()):
+                log.warning("suspecting %s", target.node_id)
+        if self.membership.tick(self._mono()):
+            log.warning("declared dead: %s", sorted(self._dead()))
+            self.rebuild()
+        for member in self.view.pmap.members:
+            if self.repair.hints.count(member.node_id) and self.view.is_up(member):
+                await self._deliver_hints(member)
+
+    async def _indirect(self, via: Member, target: Member) -> bool:
+        try:
+            return await self._transport.ping_req(via, target)
+        except PeerUnreachable:
+            return False
+
+    async def leave(self, timeout_s: float) -> None:
+        """Graceful leave: announce LEFT, then push this node's partitions to their new
+        replicas until their digests match ours (bounded by ``timeout_s``)."""
+        if self.state.pmap is None or self.state.leaving:
+            return
+        self.state.leaving = True
+        # Stop coordinating at once: the others stop sending us writes as soon as they
+        # hear we left, so our copy may fall behind. Callers get UNAVAILABLE and retry
+        # at another replica; the internal service keeps serving the hand-off.
+        self.state.accepting = False
+        self.membership.leave()
+        others = [m for m in self.state.table.members if m.node_id != self.config.node_id]
+        started = time.perf_counter()
+
+        async def handoff() -> None:
+            await asyncio.gather(*(self._announce(m) for m in others), return_exceptions=True)
+            if not self.membership.active():
+                return  # the last member: nobody to hand off to
+            successor = PartitionMap.build(
+                self.membership.active(),
+                self.config.num_partitions,
+                min(self.config.replication_factor, len(self.membership.active())),
+                self.config.vnodes,
+            )
+            held = np.flatnonzero(self.state.replicas)
+            for i, member in enumerate(successor.members):
+                theirs = held[(successor.replicas[held] == i).any(axis=1)]
+                if theirs.size:
+                    await self.repair.sync_with(member, push=True, partitions=theirs)
+
+        try:
+            await asyncio.wait_for(handoff(), timeout_s)
+            log.info("left after handing off in %.2f s", time.perf_counter() - started)
+        except (TimeoutError, PeerUnreachable) as e:
+            log.warning(
+                "leave hand-off incomplete after %.2f s: %r", time.perf_counter() - started, e
+            )
+
+    async def _announce(self, member: Member) -> None:
+        with contextlib.suppress(PeerUnreachable):
+            await self._transport.ping(member, self.membership.view())
+
+    # ------------------------------------------------------------------ loops
+
+    def tick(self) -> None:
+        self.check_pause()
+        self._last_tick_ms = self._mono()
+
+    async def _deliver_hints(self, member: Member) -> None:
+        await self.repair.deliver_hints(member)
+
+    async def anti_entropy_step(self) -> None:
+        if self.state.in_sync and not self.state.leaving:
+            # Not copies of coordinated writes still open to an undo (dht.proto
+            # FetchRequest): a write answered as failed must not spread meanwhile.
+            await self.repair.anti_entropy_round(settled_only=True)
+            self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Drop the partitions this node no longer replicates, once the table has been
+        stable for ``handoff_grace_s`` (their new replicas have long pulled them)."""
+        if not self._dropped_since_epoch and (
+            self._mono() - self._epoch_since_ms >= self.config.handoff_grace_s * 1000
+        ):
+            self._dropped_since_epoch = True
+            n = self.replica.store.drop_partitions(
+                self.state.replicas
+            ) + self.replica.affinity.drop_partitions(self.state.replicas)
+            if n:
+                self.dropped += n
+                log.info("dropped %d copies of partitions handed off to other nodes", n)
+
+    # ------------------------------------------------------------------ resync
+
+    def check_pause(self) -> None:
+        """A long gap since the last tick means this process was paused: peers may have
+        coordinated our partitions meanwhile, so resync before trusting our copy. Called
+        by the ticker and by every batch (after a SIGCONT a call may run before a tick)."""
+        now = self._mono()
+        gap = now - self._last_tick_ms
+        if gap > self.config.pause_threshold_ms:
+            self._last_tick_ms = now
+            self.pauses += 1
+            log.warning("event loop was paused for %d ms: resyncing", gap)
+            self.start_resync()
+
+    def start_resync(self) -> None:
+        """Distrust the local copy until a resync round got through (start, pause). The
+        terms this node held may have been taken over meanwhile: take them over again
+        before the next write rather than learn it from a refused one."""
+        self.state.resyncing = True
+        self.terms.forget_held()
+        if self._resync is None or self._resync.done():
+            self._resync = self.tasks.start("resync", self._resync_loop())
+
+    def _need(self, lost_data: bool) -> int:
+        """Replicas of a partition a (re)sync must reach to see every acknowledged write
+        this node may lack. An acknowledged write is on W replicas. A node that kept its
+        data but missed writes (a pause) finds each one on RF - W of the others; a node
+        that lost or never had the data (a restart, a hand-off) may itself have been one
+        of the W, so it needs RF - W + 1."""
+        rf = self.state.table.replication_factor
+        w = self.view.write_quorum
+        return min(rf - 1, rf - w + 1 if lost_data else rf - w)
+
+    def _dead(self) -> set[str]:
+        return {s.node_id for s in self.membership.view() if not s.active}
+
+    async def _resync_loop(self) -> None:
+        """Pull every partition that differs from the peers until enough replicas of each
+        partition took part (see _need); then the whole local copy counts again."""
+        self.repair.stats.resyncs += 1
+        lost_data = not self.state.first_sync.is_set()
+        started = time.perf_counter()
+        took_part: set[str] = set()
+        while not self.tasks.stopping.is_set():
+            await self._join()
+            await self.probe_step()
+            # Pull only once every peer that is up uses our table: writes acknowledged
+            # under another table (say, while the others had declared us dead) are then
+            # already on them.
+            if self.view.epochs_agree():
+                took_part |= await self.repair.anti_entropy_round(push=False)
+            mine = np.flatnonzero(self.state.replicas)
+            if covered(
+                self.state.table,
+                self.config.node_id,
+                mine,
+                took_part,
+                self._need(lost_data),
+                self._dead(),
+            ):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.tasks.stopping.wait(), timeout=self.config.probe_interval_s
+                )
+        if self.tasks.stopping.is_set():
+            return
+        self.state.part_ready[self.state.replicas] = True
+        self.state.resyncing = False
+        self.state.first_sync.set()
+        if not self.state.leaving:
+            self.state.accepting = True
+        log.info(
+            "in sync after %.2f s (%d records)",
+            time.perf_counter() - started,
+            len(self.replica.store),
+        )
+
+    async def _handoff(self, acquired: npt.NDArray[np.intp], old: PartitionMap) -> None:
+        """Stream the partitions this node newly replicates from their previous replicas
+        (and any other replica that has them) until enough of the old replicas answered."""
+        started = time.perf_counter()
+        self.transfers += int(acquired.size)
+        took_part: set[str] = set()
+        while not self.tasks.stopping.is_set() and self.state.pmap is not None:
+            acquired = acquired[~self.state.part_ready[acquired]]
+            if not acquired.size:
+                break
+            holders = {m.node_id: m for m in self.state.table.members}
+            holders.update({m.node_id: m for m in old.members})
+            holders.pop(self.config.node_id, None)
+            for member in holders.values():
+                if member.node_id in took_part or not self.view.is_up(member):
+                    continue
+                try:
+                    await self.repair.sync_with(member, push=False, partitions=acquired)
+                except PeerUnreachable as e:
+                    self.view.mark_failed(member, e)
+                    continue
+                took_part.add(member.node_id)
+            if covered(
+                old, self.config.node_id, acquired, took_part, self._need(True), self._dead()
+            ):
+                self.state.part_ready[acquired] = True
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.tasks.stopping.wait(), timeout=self.config.probe_interval_s
+                )
+        self.transfers -= int(acquired.size)
+        log.info(
+            "hand-off of %d partitions done in %.2f s", acquired.size, time.perf_counter() - started
+        )
+
+
+def table_of(config: NodeConfig, membership: Membership) -> PartitionMap:
+    """The partition table of the active members."""
+    active = membership.active()
+    rf = min(config.replication_factor, len(active))
+    return PartitionMap.build(active, config.num_partitions, rf, config.vnodes)

@@ -1,0 +1,380 @@
+"""The replica's half of replication, beside the copies it guards.
+
+What other nodes of the PoP ask of this one (the NodeInternal calls: Replicate, Undo,
+Promise, ReadCopies, PartitionDigests, FetchPartitions) and the copies they change: the
+flow and affinity stores, the terms this node promised (dht.node.terms), and the windows
+in which a coordinator may still take back a write this node took
+(docs/protocol.md#undo). Everything arriving here comes from the network and is checked
+before it touches state.
+
+Not thread-safe; lives in the node's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+import numpy as np
+import numpy.typing as npt
+
+from dht.core.clock import MonoMs
+from dht.core.config import NodeConfig
+from dht.core.errors import InvalidArgument
+from dht.core.placement import PartitionMap
+from dht.core.record import HybridClock, Status, hlc_physical_ms
+from dht.core.wire import (
+    ENTRY_DTYPE,
+    ENTRY_SIZE,
+    KEY_DTYPE,
+    KEY_SIZE,
+    KIND_AFFINITY,
+    KIND_FLOW,
+    EntryArray,
+    KeyArray,
+    ResultArray,
+    U64Array,
+    check_batch_size,
+    key_hashes,
+    new_results,
+)
+from dht.node.inflight import InFlight
+from dht.node.state import NodeState
+from dht.node.terms import Terms
+from dht.node.transport import MergeResult
+from dht.store.affinity import AffinityStore
+from dht.store.flows import FlowStore
+
+
+def same_claim(a: ResultArray, b: ResultArray) -> npt.NDArray[np.bool_]:
+    """Per row: the same claim (generation and birth), whatever its state since."""
+    same: npt.NDArray[np.bool_] = (
+        (a["generation"] == b["generation"])
+        & (a["birth_hlc"] == b["birth_hlc"])
+        & (a["birth_pop"] == b["birth_pop"])
+    )
+    return same
+
+
+def _unchanged(now: ResultArray, wrote: ResultArray) -> npt.NDArray[np.bool_]:
+    """Per row: the copy held ``now`` is still the one written (nothing merged in)."""
+    same: npt.NDArray[np.bool_] = (
+        (now["status"] == Status.OK)
+        & same_claim(now, wrote)
+        & (now["state"] == wrote["state"])
+        & (now["owner_pop"] == wrote["owner_pop"])
+        & (now["expiry_ms"] == wrote["expiry_ms"])
+    )
+    return same
+
+
+class Replica:
+    """The copies of one node and what peers may do to them. ``prev_table`` gives the
+    previous table while a membership change settles (a coordinator still counting its
+    quorums there is a member too)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        state: NodeState,
+        store: FlowStore,
+        affinity: AffinityStore,
+        clock: HybridClock,
+        terms: Terms,
+        inflight: InFlight,
+        mono_ms: MonoMs,
+        prev_table: Callable[[], PartitionMap | None],
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.store = store
+        self.affinity = affinity
+        self.clock = clock
+        self.terms = terms
+        self.inflight = inflight
+        self._mono = mono_ms
+        self._prev_table = prev_table
+        # Other coordinators' writes taken here lately, oldest first: (until when, mono
+        # ms, their coordinator may still undo them, their key hashes). Left out of
+        # anti-entropy till then.
+        self._undoable: deque[tuple[int, U64Array]] = deque()
+        # Of those, the ones a take-over, refill, hand-off or quorum read pulled from
+        # here meanwhile: an undo leaves them standing (see undo).
+        self._pinned: deque[tuple[int, U64Array]] = deque()
+        self.undone_for_others = 0  # copies put back here at a coordinator's request
+
+    # ------------------------------------------------------------------ local copies
+
+    def merge_entries(self, entries: EntryArray) -> MergeResult:
+        """Apply copies from other nodes (replication, hints, anti-entropy, refill)."""
+        if len(entries) == 0:
+            return MergeResult()
+        now = self.clock.wall_ms()
+        kinds = entries["key"]["kind"]
+        flows = entries[kinds == KIND_FLOW]
+        applied = refused = 0
+        if len(flows):
+            stats = self.store.merge_entries(flows, None, now)
+            applied, refused = stats.applied, stats.refused
+        aff = entries[kinds == KIND_AFFINITY]
+        if len(aff):
+            applied += self.affinity.merge_entries(aff, now, self.config.ttl.tombstone_extra_ms)
+        return MergeResult(applied, refused)
+
+    def partition_digests(self) -> tuple[U64Array, npt.NDArray[np.uint32]]:
+        now = self.clock.wall_ms()
+        p = self.state.table.num_partitions
+        d1, c1 = self.store.partition_digests(p, now)
+        d2, c2 = self.affinity.partition_digests(p, now)
+        with np.errstate(over="ignore"):
+            return d1 + d2, c1 + c2
+
+    def export_entries(
+        self, partitions: npt.NDArray[np.intp], settled_only: bool = False
+    ) -> EntryArray:
+        """Every copy of ``partitions``, except those of writes still in flight; with
+        ``settled_only``, also except copies of other coordinators' writes taken
+        recently, which their coordinator may still take back (see undo)."""
+        now = self.clock.wall_ms()
+        p = self.state.table.num_partitions
+        raw = (
+            self.store.export_entries(partitions, p, now).tobytes()
+            + self.affinity.export_entries(partitions, p, now).tobytes()
+        )
+        entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
+        if self.inflight and len(entries):
+            entries = entries[~self.inflight.hidden(entries["key"].tobytes())]
+        if len(entries) and self._prune(self._undoable):
+            recent = np.concatenate([hashes for _, hashes in self._undoable])
+            open_ = np.isin(key_hashes(entries["key"].tobytes()), recent)
+            if settled_only:
+                entries = entries[~open_]
+            else:
+                self._pin(entries["key"][open_])
+        return entries
+
+    def copies(self, keys: KeyArray, hashes: U64Array) -> ResultArray:
+        """This node's copies of ``keys`` (flows and affinity prefixes alike)."""
+        out = new_results(len(keys))
+        flows = np.flatnonzero(keys["kind"] == KIND_FLOW)
+        if flows.size:
+            out[flows] = self.store.copies(keys[flows], hashes[flows])
+        aff = np.flatnonzero(keys["kind"] == KIND_AFFINITY)
+        if aff.size:
+            out[aff] = self.affinity.copies(keys["caddr"][aff])
+        other = (keys["kind"] != KIND_FLOW) & (keys["kind"] != KIND_AFFINITY)
+        out["status"][other] = Status.NOT_FOUND
+        return out
+
+    def put_back(
+        self, keys: KeyArray, hashes: U64Array, wrote: ResultArray, before: ResultArray
+    ) -> npt.NDArray[np.bool_]:
+        """Put the copies ``before`` back where the copy held is still the one written
+        (a copy merged in meanwhile, say another coordinator's acknowledged claim, is
+        kept). Returns per key whether it was put back. Serves the coordinator's own
+        undo and a replica's alike."""
+        kinds = keys["kind"]
+        put = np.zeros(len(keys), dtype=bool)
+        flows = np.flatnonzero(kinds == KIND_FLOW)
+        if flows.size:
+            still = _unchanged(self.store.copies(keys[flows], hashes[flows]), wrote[flows])
+            sel = flows[still]
+            put[sel] = True
+            if sel.size:
+                self.store.restore(keys[sel], hashes[sel], before[sel])
+        aff = np.flatnonzero(kinds == KIND_AFFINITY)
+        if aff.size:
+            prefixes = keys["caddr"][aff]
+            still = _unchanged(self.affinity.copies(prefixes), wrote[aff])
+            put[aff[still]] = True
+            if still.any():
+                self.affinity.restore(prefixes[still], before[aff[still]])
+        return put
+
+    # ------------------------------------------------------------------ undo windows
+
+    def _undo_window_ms(self) -> int:
+        """How long a coordinator may still undo a write a replica took: two RPC
+        timeouts (its write, then its undo) and a second of slack."""
+        return 2 * self.config.rpc_timeout_ms + 1000
+
+    def _mark_undoable(self, hashes: U64Array) -> None:
+        """Copies of another coordinator's write (their key hashes), just taken: open
+        to its undo."""
+        self._prune(self._undoable)
+        self._undoable.append((self._mono() + self._undo_window_ms(), hashes))
+
+    def _pin(self, keys: npt.NDArray[np.void]) -> None:
+        """Copies open to an undo that a take-over, refill, hand-off or quorum read is
+        pulling from here: their puller may decide claims on them, so they stand."""
+        if len(keys):
+            self._prune(self._pinned)
+            until = self._mono() + self._undo_window_ms()
+            self._pinned.append((until, key_hashes(keys.tobytes())))
+
+    def _prune(self, batches: deque[tuple[int, U64Array]]) -> int:
+        """Forget batches past their window; returns how many remain."""
+        now = self._mono()
+        while batches and batches[0][0] <= now:
+            batches.popleft()
+        return len(batches)
+
+    # ------------------------------------------------------------------ NodeInternal
+
+    def replicate(
+        self,
+        raw: bytes,
+        issued_hlc: int = 0,
+        terms: npt.NDArray[np.uint64] | None = None,
+        from_node: str = "",
+    ) -> MergeResult:
+        """Apply copies. A coordinator's write (``terms`` given) is refused whole when a
+        higher term was promised for any of its partitions, or when it was issued longer
+        ago than the failure timeout (see dht.proto EntryBatch)."""
+        check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
+        entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
+        if issued_hlc:
+            # Past the failure timeout others may have routed around the coordinator
+            # and acknowledged a conflicting claim (a paused coordinator cannot know).
+            limit = round(self.config.failure_timeout_s * 1000) + self.config.max_clock_offset_ms
+            if hlc_physical_ms(issued_hlc) < self.clock.wall_ms() - limit:
+                return MergeResult(stale=True)
+        if terms is None or not len(terms):
+            return self.merge_entries(entries)
+        if len(terms) != len(entries):
+            raise InvalidArgument(
+                "terms", f"{8 * len(terms)} bytes for {len(entries)} entries (want 8 each)"
+            )
+        hashes = key_hashes(entries["key"].tobytes())
+        parts = self.state.table.partitions_of(hashes).astype(np.intp)
+        if not self.is_member(from_node):
+            # A coordinator this node's table does not hold (declared dead, left, not
+            # yet known) cannot count its quorums in any table in force here.
+            return MergeResult(
+                fenced=np.unique(parts), fenced_by=int(self.terms.promised[parts].max())
+            )
+        fenced, by = self.terms.fence(parts, terms)
+        if fenced.size:
+            return MergeResult(fenced=fenced, fenced_by=by)
+        merged = self.merge_entries(entries)
+        self._mark_undoable(hashes)
+        lost = self._superseded(entries, hashes)
+        if lost.size:
+            return replace(merged, superseded=lost)
+        return merged
+
+    def undo(
+        self, raw_written: bytes, raw_before: bytes, terms: npt.NDArray[np.uint64]
+    ) -> npt.NDArray[np.intp]:
+        """Take back a coordinator's write that missed its quorum (see dht.proto
+        UndoRequest): per entry, put ``before`` back where the copy held here is still
+        the one written, unless a take-over or quorum read pulled that copy from here
+        meanwhile, or this node took the partition over under a higher term since: the
+        puller, or this node as coordinator, may have decided claims on it. Returns the
+        positions of the entries left standing."""
+        check_batch_size(len(raw_written), ENTRY_SIZE, 1_000_000, "written")
+        written = np.frombuffer(raw_written, dtype=ENTRY_DTYPE)
+        if len(raw_before) != len(raw_written):
+            raise InvalidArgument(
+                "before", f"{len(raw_before)} bytes for {len(written)} written entries"
+            )
+        before = np.frombuffer(raw_before, dtype=ENTRY_DTYPE)
+        if (before["key"] != written["key"]).any():
+            raise InvalidArgument("before", "keys differ from those written")
+        if len(terms) != len(written):
+            raise InvalidArgument(
+                "terms", f"{8 * len(terms)} bytes for {len(written)} entries (want 8 each)"
+            )
+        hashes = key_hashes(written["key"].tobytes())
+        parts = self.state.table.partitions_of(hashes).astype(np.intp)
+        ours = self.terms.undoable_by(parts, terms)
+        if self._prune(self._pinned):
+            ours &= ~np.isin(hashes, np.concatenate([h for _, h in self._pinned]))
+        undone = np.zeros(len(written), dtype=bool)
+        mine = np.flatnonzero(ours)
+        undone[mine] = self.put_back(
+            written["key"][mine], hashes[mine], written["rec"][mine], before["rec"][mine]
+        )
+        self.undone_for_others += int(np.count_nonzero(undone))
+        kept: npt.NDArray[np.intp] = np.flatnonzero(~undone)
+        return kept
+
+    def _superseded(self, entries: EntryArray, hashes: U64Array) -> npt.NDArray[np.intp]:
+        """Positions of flow ``entries`` whose claim is not the one now held here: a
+        different generation or birth won the merge (this replica holds another claim)."""
+        flows = np.flatnonzero(entries["key"]["kind"] == KIND_FLOW)
+        if not flows.size:
+            return flows
+        keys = entries["key"][flows]
+        held = self.store.copies(keys, hashes[flows])
+        same = (held["status"] == Status.OK) & same_claim(held, entries["rec"][flows])
+        if self.inflight and not same.all():
+            # A claim this node coordinates itself, still in flight, is no winner yet:
+            # a write under a higher term reaching it means another node took the
+            # partition over, so that claim can no longer be acknowledged (it is fenced
+            # and undone).
+            same |= self.inflight.hidden(keys.tobytes())
+        lost: npt.NDArray[np.intp] = flows[~same]
+        return lost
+
+    def promise(
+        self, parts: npt.NDArray[np.intp], term: int, from_node: str
+    ) -> npt.NDArray[np.uint64]:
+        """Promise ``term`` for partitions (``from_node`` takes them over); not to a
+        node this node's table does not hold (see replicate)."""
+        self.check_partitions(parts)
+        if term == 0:
+            raise InvalidArgument("term", "must be set")
+        if not self.is_member(from_node):
+            promised: npt.NDArray[np.uint64] = self.terms.promised[parts].copy()
+            return promised
+        return self.terms.promise_in(parts, term)
+
+    def is_member(self, node_id: str) -> bool:
+        """In this node's table, or (while a membership change settles) its previous."""
+        prev = self._prev_table()
+        tables = [self.state.table] + ([prev] if prev else [])
+        return any(m.node_id == node_id for t in tables for m in t.members)
+
+    def read_copies(self, raw: bytes) -> bytes:
+        """This node's copies of ``raw`` keys for a quorum read, take-over or refill:
+        writes still in flight show as their copy before; copies still open to an undo
+        that are pulled are pinned (see undo)."""
+        check_batch_size(len(raw), KEY_SIZE, 1_000_000, "keys")
+        keys = np.frombuffer(raw, dtype=KEY_DTYPE)
+        out = self.copies(keys, key_hashes(raw))
+        if self.inflight:
+            unsettled = self.inflight.unsettled()
+            for i in range(len(keys)):
+                row = unsettled.get(raw[i * KEY_SIZE : (i + 1) * KEY_SIZE])
+                if row is not None:
+                    out[i] = row[0]
+        if self._prune(self._undoable):
+            recent = np.concatenate([hashes for _, hashes in self._undoable])
+            found = out["status"] == Status.OK
+            self._pin(keys[found & np.isin(key_hashes(raw), recent)])
+        return out.tobytes()
+
+    def digests(self, partitions: npt.NDArray[np.intp]) -> tuple[U64Array, npt.NDArray[np.uint32]]:
+        self.check_partitions(partitions)
+        digests, counts = self.partition_digests()
+        if partitions.size == 0:
+            return digests, counts
+        return digests[partitions], counts[partitions]
+
+    async def fetch(
+        self, partitions: npt.NDArray[np.intp], settled_only: bool = False, batch: int = 20_000
+    ) -> AsyncIterator[bytes]:
+        self.check_partitions(partitions)
+        if partitions.size == 0:
+            partitions = np.arange(self.state.table.num_partitions)
+        entries = self.export_entries(partitions, settled_only)
+        for start in range(0, len(entries), batch):
+            yield entries[start : start + batch].tobytes()
+            await asyncio.sleep(0)  # let calls in flight run between batches
+
+    def check_partitions(self, parts: npt.NDArray[np.intp]) -> None:
+        if parts.size and int(parts.max()) >= self.state.table.num_partitions:
+            raise InvalidArgument("partitions", f"partition {int(parts.max())} does not exist")
