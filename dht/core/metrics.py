@@ -66,11 +66,9 @@ def gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], 
     return fam
 
 
-def counter(
-    name: str, doc: str, values: dict[tuple[str, ...], float], labels: list[str] | None = None
-) -> Metric:
+def counter(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], float]) -> Metric:
     """A monotonic count kept by a pure object (store, replicator), read at scrape time."""
-    fam = CounterMetricFamily(name, doc, labels=labels or [])
+    fam = CounterMetricFamily(name, doc, labels=labels)
     for label_values, value in values.items():
         fam.add_metric(list(label_values), value)
     return fam

@@ -37,22 +37,25 @@ def store_gauges(
     yield m.counter(
         "dht_expirations",
         "records purged after expiry",
+        [],
         {(): store.expirations + affinity.expirations},
     )
     yield m.counter(
         "dht_refusals",
         "records refused, by reason (full/quota: new claims; hard: replicated copies)",
-        {(k,): v for k, v in store.refusals.items()},
         ["reason"],
+        {(k,): v for k, v in store.refusals.items()},
     )
     yield m.counter(
-        "dht_clock_offset_rejections", "remote HLC stamps rejected", {(): clock.rejected}
+        "dht_clock_offset_rejections", "remote HLC stamps rejected", [], {(): clock.rejected}
     )
     yield m.gauge("dht_ready", "1 when /readyz is ready", [], {(): 1.0 if ready else 0.0})
     yield m.gauge(
         "dht_in_sync", "1 once the node holds all its partitions", [], {(): float(in_sync)}
     )
-    yield m.counter("dht_pauses", "event-loop pauses detected (each starts a resync)", {(): pauses})
+    yield m.counter(
+        "dht_pauses", "event-loop pauses detected (each starts a resync)", [], {(): pauses}
+    )
 
 
 def replication_gauges(
@@ -79,51 +82,58 @@ def replication_gauges(
     yield m.counter(
         "dht_peer_transitions",
         "peer up/down changes seen",
-        {(n,): h.transitions for n, h in view.health.items()},
         ["peer"],
+        {(n,): h.transitions for n, h in view.health.items()},
     )
     hints: dict[tuple[str, ...], float] = {(n,): float(repair.hints.count(n)) for n in view.health}
     yield m.gauge("dht_hints_queued", "copies queued for an unreachable replica", ["peer"], hints)
-    yield m.counter("dht_hints_delivered", "hinted copies delivered", {(): repair.hints.delivered})
     yield m.counter(
-        "dht_hints_dropped", "hints dropped at the per-peer limit", {(): repair.hints.dropped}
+        "dht_hints_delivered", "hinted copies delivered", [], {(): repair.hints.delivered}
+    )
+    yield m.counter(
+        "dht_hints_dropped", "hints dropped at the per-peer limit", [], {(): repair.hints.dropped}
     )
     s = stats
-    yield m.counter("dht_anti_entropy_rounds", "anti-entropy rounds", {(): s.ae_rounds})
+    yield m.counter("dht_anti_entropy_rounds", "anti-entropy rounds", [], {(): s.ae_rounds})
     yield m.counter(
         "dht_anti_entropy_repaired_partitions",
         "partitions whose digests differed",
+        [],
         {(): s.ae_partitions_repaired},
     )
     yield m.counter(
         "dht_anti_entropy_repaired_records",
         "copies that changed a record during anti-entropy",
+        [],
         {(): s.ae_records_repaired},
     )
     yield m.counter(
         "dht_quorum_failures",
         "keys whose write did not reach the write quorum, by call",
-        {(op,): n for op, n in s.quorum_failures.items()},
         ["method"],
+        {(op,): n for op, n in s.quorum_failures.items()},
     )
     yield m.counter(
         "dht_read_quorum_failures",
         "keys whose read quorum did not answer",
+        [],
         {(): s.read_quorum_failures},
     )
-    yield m.counter("dht_resyncs", "refills and resyncs started", {(): s.resyncs})
+    yield m.counter("dht_resyncs", "refills and resyncs started", [], {(): s.resyncs})
     yield m.counter(
-        "dht_stale_writes", "writes a replica refused for their age", {(): s.stale_writes}
+        "dht_stale_writes", "writes a replica refused for their age", [], {(): s.stale_writes}
     )
     yield m.counter(
         "dht_fenced_writes",
         "writes a replica refused: another node took the partition over (a higher term)",
+        [],
         {(): s.fenced_writes},
     )
     yield m.counter(
         "dht_superseded_writes",
         "keys of our writes not acknowledged because a replica held another claim "
         "of the key that wins (its copy is pulled in and the call retried once)",
+        [],
         {(): s.superseded_writes},
     )
     yield m.counter(
@@ -131,23 +141,23 @@ def replication_gauges(
         "copies of writes that missed their quorum, put back: by the coordinator in its "
         "own store, at its request by the replicas; or not: a replica did not answer, "
         "or left the copy standing (pulled back in by the coordinator)",
+        ["where"],
         {
             ("coordinator",): rollbacks,
             ("replica",): s.undone_remote,
             ("unanswered",): s.undo_failures,
             ("left_standing",): s.undo_refused,
         },
-        ["where"],
     )
     yield m.counter(
         "dht_takeovers",
         "partitions this node took over as coordinator, by result",
-        {("ok",): s.takeovers, ("no_quorum",): s.takeover_failures},
         ["result"],
+        {("ok",): s.takeovers, ("no_quorum",): s.takeover_failures},
     )
     yield m.counter(
         "dht_streamed_bytes",
         "record copies streamed by anti-entropy, refill and hand-off",
-        {("pulled",): s.bytes_pulled, ("pushed",): s.bytes_pushed},
         ["direction"],
+        {("pulled",): s.bytes_pulled, ("pushed",): s.bytes_pushed},
     )

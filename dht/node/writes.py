@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -33,25 +32,15 @@ import numpy.typing as npt
 
 from dht.core import metrics as m
 from dht.core.config import NodeConfig
-from dht.core.errors import InvalidArgument, NotReady
+from dht.core.errors import NotReady
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import Member
 from dht.core.record import HybridClock, Status
 from dht.core.wire import (
-    FORMAT_VERSION,
     KEY_DTYPE,
-    KEY_SIZE,
-    KIND_FLOW,
-    KeyArray,
     ResultArray,
-    U64Array,
-    affinity_keys,
-    decode_clients,
-    decode_keys,
     key_hash,
-    key_hashes,
     new_results,
-    prefix_mask,
 )
 from dht.node.extension import NodeExtension
 from dht.node.inflight import InFlight, Lock
@@ -61,6 +50,7 @@ from dht.node.replication import Replicator, as_entries
 from dht.node.state import NodeState
 from dht.node.terms import Terms
 from dht.node.transport import ForwardCall, PeerUnreachable
+from dht.node.validate import ValidatedBatch, validate
 from dht.store.affinity import AffinityStore
 from dht.store.flows import FlowStore
 
@@ -77,22 +67,6 @@ class Route(IntEnum):
     QUORUM = 1  # coordinate after a quorum read
     FORWARD = 2
     MOVED = 3
-
-
-@dataclass(frozen=True)
-class ValidatedBatch:
-    """A validated batch: the canonical key records, their hashes and partitions, and
-    what each key needs for the local apply."""
-
-    call: BatchCall
-    keys40: npt.NDArray[np.uint8]  # (n, 40) canonical key records (affinity: masked)
-    payload_rows: npt.NDArray[np.uint8]  # (n, record size) rows of the call's payload
-    hashes: U64Array
-    parts: npt.NDArray[np.uint16]
-    pop: int
-    ttl_ms: int | None
-    flows: KeyArray | None  # KEY_DTYPE view (flow ops)
-    prefixes: npt.NDArray[np.uint8] | None  # (n, 16) masked prefixes (affinity ops)
 
 
 class Coordinator:
@@ -145,61 +119,6 @@ class Coordinator:
     def _now_ms(self) -> int:
         return self.clock.wall_ms()
 
-    def _acting_pop(self, pop: int) -> int:
-        if pop == 0:
-            return self.pop_id
-        if self.config.pop_name(pop) is None:
-            known = ", ".join(f"{i}={n}" for n, i in self.config.pops.items())
-            raise InvalidArgument("pop", f"unknown PoP id {pop} (known: {known})")
-        return pop
-
-    def _ttl_ms(self, ttl_s: int) -> int | None:
-        if ttl_s == 0:
-            return None
-        ttl = self.config.ttl
-        ttl_ms = ttl_s * 1000
-        if not ttl.min_ms <= ttl_ms <= ttl.max_ms:
-            raise InvalidArgument(
-                "ttl_s", f"{ttl_s} outside the allowed {ttl.min_ms // 1000}..{ttl.max_ms // 1000} s"
-            )
-        return ttl_ms
-
-    def _validate(self, call: BatchCall) -> ValidatedBatch:
-        if call.format_version != FORMAT_VERSION:
-            raise InvalidArgument(
-                "format_version", f"{call.format_version} is not supported (want {FORMAT_VERSION})"
-            )
-        cfg = self.config
-        flows: KeyArray | None = None
-        prefixes: npt.NDArray[np.uint8] | None = None
-        if call.op.affinity:
-            clients = decode_clients(call.payload, cfg.max_batch_keys)
-            prefixes = prefix_mask(cfg.limits.prefix_v4, cfg.limits.prefix_v6, clients)
-            if call.op is Op.SET_AFFINITY and call.pop == 0:
-                raise InvalidArgument("pop", "SetAffinity needs the preferred PoP id")
-            raw = affinity_keys(prefixes)
-            payload_rows = clients
-        else:
-            flows = decode_keys(call.payload, cfg.max_batch_keys, KIND_FLOW)
-            raw = call.payload
-            payload_rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, KEY_SIZE)
-        pop = self._acting_pop(call.pop)
-        ttl_ms = self._ttl_ms(call.ttl_s)
-        if call.op in (Op.CLAIM, Op.CONFIRM) and not 0 <= call.server <= 65535:
-            raise InvalidArgument("server", f"{call.server} outside 0..65535")
-        hashes = key_hashes(raw)
-        return ValidatedBatch(
-            call=call,
-            keys40=np.frombuffer(raw, dtype=np.uint8).reshape(-1, KEY_SIZE),
-            payload_rows=payload_rows,
-            hashes=hashes,
-            parts=self.state.table.partitions_of(hashes),
-            pop=pop,
-            ttl_ms=ttl_ms,
-            flows=flows,
-            prefixes=prefixes,
-        )
-
     async def batch(self, call: BatchCall) -> bytes:
         """Validate, route and apply one batch call; returns packed result records.
 
@@ -207,7 +126,7 @@ class Coordinator:
         per-key outcomes, including UNAVAILABLE, are statuses in the results."""
         if not self.state.accepting:
             raise NotReady("node is not accepting calls")
-        b = self._validate(call)
+        b = validate(self.config, self.state.table, call)
         self._check_pause()
         out = new_results(len(b.hashes))
         actions, coord = self._plan(b)

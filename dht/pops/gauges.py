@@ -46,8 +46,7 @@ def pop_metrics(
         {(lk.name,): float(len(lk.queue)) for lk in links},
     )
     yield m.counter(
-        "dht_pop_shipped_batches", "batches acknowledged by the peer PoP",
-        {(lk.name,): lk.stats.batches for lk in links}, ["peer_pop"],
+        "dht_pop_shipped_batches", "batches acknowledged by the peer PoP", ["peer_pop"], {(lk.name,): lk.stats.batches for lk in links},
     )  # fmt: skip
     records: dict[tuple[str, ...], float] = {}
     nbytes: dict[tuple[str, ...], float] = {}
@@ -57,54 +56,46 @@ def pop_metrics(
             records[(lk.name, kind.name.lower())] = n
             nbytes[(lk.name, kind.name.lower())] = n * ENTRY_SIZE
     yield m.counter(
-        "dht_pop_shipped_records", "records acknowledged by the peer PoP, by kind",
-        records, ["peer_pop", "kind"],
+        "dht_pop_shipped_records", "records acknowledged by the peer PoP, by kind", ["peer_pop", "kind"], records,
     )  # fmt: skip
     yield m.counter(
-        "dht_pop_shipped_bytes", "record bytes acknowledged by the peer PoP, by kind",
-        nbytes, ["peer_pop", "kind"],
+        "dht_pop_shipped_bytes", "record bytes acknowledged by the peer PoP, by kind", ["peer_pop", "kind"], nbytes,
     )  # fmt: skip
     yield m.counter(
-        "dht_pop_resends", "batches sent again after a failure",
-        {(lk.name,): lk.stats.resends for lk in links}, ["peer_pop"],
+        "dht_pop_resends", "batches sent again after a failure", ["peer_pop"], {(lk.name,): lk.stats.resends for lk in links},
     )  # fmt: skip
     yield m.counter(
-        "dht_pop_ship_dropped", "records not queued: the resend buffer was full",
-        {(lk.name,): lk.queue.dropped for lk in links}, ["peer_pop"],
+        "dht_pop_ship_dropped", "records not queued: the resend buffer was full", ["peer_pop"], {(lk.name,): lk.queue.dropped for lk in links},
     )  # fmt: skip
     yield m.counter(
-        "dht_pop_resyncs", "bulk resyncs completed (start-up, fell behind)",
-        {(lk.name,): lk.stats.resyncs for lk in links}, ["peer_pop"],
+        "dht_pop_resyncs", "bulk resyncs completed (start-up, fell behind)", ["peer_pop"], {(lk.name,): lk.stats.resyncs for lk in links},
     )  # fmt: skip
     yield m.counter(
-        "dht_pop_anti_entropy_rounds", "digest comparisons with the peer PoP",
-        {(lk.name,): lk.stats.ae_rounds for lk in links}, ["peer_pop"],
+        "dht_pop_anti_entropy_rounds", "digest comparisons with the peer PoP", ["peer_pop"], {(lk.name,): lk.stats.ae_rounds for lk in links},
     )  # fmt: skip
     yield m.counter(
         "dht_pop_anti_entropy_records",
         "records exchanged by anti-entropy and resync",
+        ["peer_pop", "direction"],
         {
             **{(lk.name, "pulled"): lk.stats.pulled for lk in links},
             **{(lk.name, "pushed"): lk.stats.pushed for lk in links},
         },
-        ["peer_pop", "direction"],
     )
     yield m.counter(
-        "dht_pop_received_records", "records received from other PoPs (shipped or pulled)",
-        {(n,): v for n, v in received.items()}, ["from_pop"],
+        "dht_pop_received_records", "records received from other PoPs (shipped or pulled)", ["from_pop"], {(n,): v for n, v in received.items()},
     )  # fmt: skip
     yield m.counter(
         "dht_pop_conflicts_resolved",
         "received copies that conflicted with ours (same generation, other birth)",
+        [],
         {(): conflicts},
     )
     yield m.counter(
-        "dht_pop_clock_rejections", "received records refused: birth beyond the clock offset",
-        {(): rejected},
+        "dht_pop_clock_rejections", "received records refused: birth beyond the clock offset", [], {(): rejected},
     )  # fmt: skip
     yield m.counter(
-        "dht_pop_ship_skipped", "written copies not shipped (policy), by call",
-        {(k,): v for k, v in skipped.items()}, ["method"],
+        "dht_pop_ship_skipped", "written copies not shipped (policy), by call", ["method"], {(k,): v for k, v in skipped.items()},
     )  # fmt: skip
     yield m.gauge(
         "dht_pop_delay_line", "established records waiting to be replicate_after_s old",
