@@ -36,9 +36,11 @@ def pop_metrics(
         lag,
     )
     yield m.gauge(
-        "dht_pop_link_up", "1 if the peer PoP answered last", ["peer_pop"],
+        "dht_pop_link_up",
+        "1 if the peer PoP answered last",
+        ["peer_pop"],
         {(lk.name,): float(lk.up) for lk in links},
-    )  # fmt: skip
+    )
     yield m.gauge(
         "dht_pop_ship_queue_records",
         "records waiting or in flight to the peer PoP (the resend buffer)",
@@ -46,8 +48,11 @@ def pop_metrics(
         {(lk.name,): float(len(lk.queue)) for lk in links},
     )
     yield m.counter(
-        "dht_pop_shipped_batches", "batches acknowledged by the peer PoP", ["peer_pop"], {(lk.name,): lk.stats.batches for lk in links},
-    )  # fmt: skip
+        "dht_pop_shipped_batches",
+        "batches acknowledged by the peer PoP",
+        ["peer_pop"],
+        {(lk.name,): lk.stats.batches for lk in links},
+    )
     records: dict[tuple[str, ...], float] = {}
     nbytes: dict[tuple[str, ...], float] = {}
     for lk in links:
@@ -56,23 +61,41 @@ def pop_metrics(
             records[(lk.name, kind.name.lower())] = n
             nbytes[(lk.name, kind.name.lower())] = n * ENTRY_SIZE
     yield m.counter(
-        "dht_pop_shipped_records", "records acknowledged by the peer PoP, by kind", ["peer_pop", "kind"], records,
-    )  # fmt: skip
+        "dht_pop_shipped_records",
+        "records acknowledged by the peer PoP, by kind",
+        ["peer_pop", "kind"],
+        records,
+    )
     yield m.counter(
-        "dht_pop_shipped_bytes", "record bytes acknowledged by the peer PoP, by kind", ["peer_pop", "kind"], nbytes,
-    )  # fmt: skip
+        "dht_pop_shipped_bytes",
+        "record bytes acknowledged by the peer PoP, by kind",
+        ["peer_pop", "kind"],
+        nbytes,
+    )
     yield m.counter(
-        "dht_pop_resends", "batches sent again after a failure", ["peer_pop"], {(lk.name,): lk.stats.resends for lk in links},
-    )  # fmt: skip
+        "dht_pop_resends",
+        "batches sent again after a failure",
+        ["peer_pop"],
+        {(lk.name,): lk.stats.resends for lk in links},
+    )
     yield m.counter(
-        "dht_pop_ship_dropped", "records not queued: the resend buffer was full", ["peer_pop"], {(lk.name,): lk.queue.dropped for lk in links},
-    )  # fmt: skip
+        "dht_pop_ship_dropped",
+        "records not queued: the resend buffer was full",
+        ["peer_pop"],
+        {(lk.name,): lk.queue.dropped for lk in links},
+    )
     yield m.counter(
-        "dht_pop_resyncs", "bulk resyncs completed (start-up, fell behind)", ["peer_pop"], {(lk.name,): lk.stats.resyncs for lk in links},
-    )  # fmt: skip
+        "dht_pop_resyncs",
+        "bulk resyncs completed (start-up, fell behind)",
+        ["peer_pop"],
+        {(lk.name,): lk.stats.resyncs for lk in links},
+    )
     yield m.counter(
-        "dht_pop_anti_entropy_rounds", "digest comparisons with the peer PoP", ["peer_pop"], {(lk.name,): lk.stats.ae_rounds for lk in links},
-    )  # fmt: skip
+        "dht_pop_anti_entropy_rounds",
+        "digest comparisons with the peer PoP",
+        ["peer_pop"],
+        {(lk.name,): lk.stats.ae_rounds for lk in links},
+    )
     yield m.counter(
         "dht_pop_anti_entropy_records",
         "records exchanged by anti-entropy and resync",
@@ -83,8 +106,11 @@ def pop_metrics(
         },
     )
     yield m.counter(
-        "dht_pop_received_records", "records received from other PoPs (shipped or pulled)", ["from_pop"], {(n,): v for n, v in received.items()},
-    )  # fmt: skip
+        "dht_pop_received_records",
+        "records received from other PoPs (shipped or pulled)",
+        ["from_pop"],
+        {(n,): v for n, v in received.items()},
+    )
     yield m.counter(
         "dht_pop_conflicts_resolved",
         "received copies that conflicted with ours (same generation, other birth)",
@@ -92,12 +118,20 @@ def pop_metrics(
         {(): conflicts},
     )
     yield m.counter(
-        "dht_pop_clock_rejections", "received records refused: birth beyond the clock offset", [], {(): rejected},
-    )  # fmt: skip
+        "dht_pop_clock_rejections",
+        "received records refused: birth beyond the clock offset",
+        [],
+        {(): rejected},
+    )
     yield m.counter(
-        "dht_pop_ship_skipped", "written copies not shipped (policy), by call", ["method"], {(k,): v for k, v in skipped.items()},
-    )  # fmt: skip
+        "dht_pop_ship_skipped",
+        "written copies not shipped (policy), by call",
+        ["method"],
+        {(k,): v for k, v in skipped.items()},
+    )
     yield m.gauge(
-        "dht_pop_delay_line", "established records waiting to be replicate_after_s old",
-        [], {(): float(delayed)},
-    )  # fmt: skip
+        "dht_pop_delay_line",
+        "established records waiting to be replicate_after_s old",
+        [],
+        {(): float(delayed)},
+    )
