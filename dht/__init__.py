@@ -1,6 +1,6 @@
 """dht: a distributed connection-ownership table for anycast networks.
 
-See README.md for the architecture and DESIGN.md (in the planning repo) for the rules.
+See docs/architecture.md for the layout and docs/protocol.md for the rules.
 """
 
 __version__ = "0.1.0"

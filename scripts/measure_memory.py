@@ -5,7 +5,8 @@
 
 Inserts N distinct established records (claim + confirm in 1000-key batches, or merge_in),
 reads the process RSS from /proc/self/statm before and after, and prints bytes per record
-(compare: Redis with TTL 145 B IPv4 / 177 B IPv6, BASELINES.md), then times lookups of
+(compare: Redis with TTL 145 B IPv4 / 177 B IPv6, docs/benchmarks.md#baselines), then times lookups
+of
 random 1000-key batches. Keys are made on the fly from their ordinal, so no key list is
 held while measuring.
 """

@@ -1,4 +1,5 @@
-"""What a forwarder does with a packet: the decision table of DESIGN section 6 (pure).
+"""What a forwarder does with a packet: the decision table of docs/protocol.md#decision-table
+(pure).
 
     decide(Packet.DATA, here=1, tunnelled=False, owner=2, affinity=0)
     -> Decision(Action.TUNNEL, target=2, reason="owner")
@@ -58,7 +59,7 @@ def decide(
     affinity: int = 0,
     sticky_clients: bool = False,
 ) -> Decision:
-    """The table of DESIGN section 6 for one packet at PoP ``here``.
+    """The table of docs/protocol.md#decision-table for one packet at PoP ``here``.
 
     ``owner``: the flow's owning PoP, 0 if no live record is known. ``affinity``: the
     client's preferred PoP (the look-up's affinity fallback), 0 if none.

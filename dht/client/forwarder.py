@@ -1,5 +1,6 @@
 """The forwarder-side client: one PoP's packet forwarder asks "who owns this flow?" and
-acts on the answer with the decision table of DESIGN section 6 (``dht.client.decision``).
+acts on the answer with the decision table of docs/protocol.md#decision-table
+(``dht.client.decision``).
 
     async with Client(pop_nodes) as client, Forwarder(client, "ams") as fw:
         out = await fw.handle(key, Packet.SYN)        # claims the new flow for ams
@@ -82,7 +83,7 @@ class ForwarderConfig:
     # Requested TTLs (0 = the server's default for the state; within its bounds).
     claim_ttl_s: int = 0
     confirm_ttl_s: int = 0
-    # DESIGN section 6: a new flow of a client whose affinity names another PoP goes
+    # docs/protocol.md#decision-table: a new flow of a client whose affinity names another PoP goes
     # there ("sticky clients"); off = the flow starts where its SYN lands.
     sticky_clients: bool = False
     # Use the affinity fallback for packets of unknown flows (off: the simulator's
@@ -421,8 +422,8 @@ class Forwarder:
     async def handle(
         self, key: FlowKey | bytes, packet: Packet, *, tunnelled: bool = False
     ) -> Outcome:
-        """Decide one packet (DESIGN section 6): look the owner up (cache, then table),
-        claim a new flow, release an ended one, and say SERVE, TUNNEL or SERVE_UNKNOWN."""
+        """Decide one packet (docs/protocol.md#decision-table): look the owner up (cache, then
+        table), claim a new flow, release an ended one, and say SERVE, TUNNEL or SERVE_UNKNOWN."""
         k = _raw(key)
         self.stats.packets += 1
         answer: Answer | None = None

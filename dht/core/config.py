@@ -1,4 +1,4 @@
-"""Node configuration: one validated, frozen object (STYLE habit 7).
+"""Node configuration: one validated, frozen object (docs/operations.md#configuration).
 
 Sources, later wins: the profile's defaults, a TOML file (``--config``), command-line
 flags. Units are in the field names. Every default says why it is what it is.
@@ -44,7 +44,7 @@ PROFILES = ("local", "docker", "test")
 
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
-    """Capacity and quota of one node's store (DESIGN section 5).
+    """Capacity and quota of one node's store (docs/protocol.md#capacity-and-quota).
 
     ``max_records``: new embryonic claims are refused (REFUSED_FULL) at this many records.
     ``hard_max_records``: replicated records (and confirms that would create a record) are
@@ -152,14 +152,15 @@ class NodeConfig:
     pause_threshold_ms: int = 1_500
     # Graceful stop: in-flight calls get this long before they are cancelled.
     shutdown_grace_s: float = 5.0
-    # ---- several PoPs (dht.pops.extension, DESIGN section 7)
+    # ---- several PoPs (dht.pops.extension, docs/protocol.md#shipping-between-pops)
     # The other PoPs' nodes: PoP name -> gRPC addresses. Empty = a PoP on its own.
     pop_peers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Dial the value instead of the key (a proxy, a NAT): per-peer address overrides.
     pop_via: Mapping[str, str] = field(default_factory=dict)
     # An established record is shipped once it is this old (its birth): 0 ships every
     # confirmed flow at once; more keeps short flows in their PoP (less traffic) at the
-    # price of a window in which another PoP cannot find the flow (DESIGN section 9).
+    # price of a window in which another PoP cannot find the flow
+    # (docs/protocol.md#the-replicate-after-trade-off).
     replicate_after_s: float = 0.0
     # Records per shipped batch, and how long a write may wait for its batch to fill:
     # 20 ms adds little lag and lets a busy node send a few large batches instead of many
@@ -234,7 +235,7 @@ def validate(cfg: NodeConfig) -> None:
         bad("max_batch_keys must be in 1..50000 (50k keys = 2 MB, half gRPC's message limit)")
     t = cfg.ttl
     if t.embryonic_ms < 1_000:
-        bad("ttl.embryonic_s must be >= 1 (DESIGN: >= 10 s in production)")
+        bad("ttl.embryonic_s must be >= 1 (>= 10 s in production, docs/protocol.md#time-to-live)")
     if not 0 < t.min_ms <= t.max_ms:
         bad("ttl bounds need 0 < min_s <= max_s")
     lim = cfg.limits

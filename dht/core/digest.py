@@ -1,6 +1,6 @@
 """Per-partition digests for anti-entropy: an order-independent fingerprint of the record
-copies a node holds in each partition (DESIGN section 3: partitions are the unit of
-digests and anti-entropy).
+copies a node holds in each partition (docs/protocol.md#keys-and-partitions: partitions are the
+unit of digests and anti-entropy).
 
 digest(p) = sum over records r in p of mix(r) mod 2**64, where mix hashes the key's hash
 with every record field. A sum is order-independent and incremental; two replicas holding

@@ -7,8 +7,9 @@ refused: a dead process is routed around at once, not after the timeout). One
 successful probe brings it back up.
 
 The coordinator of a partition is its first replica that is up (primary first). A
-coordinator other than an in-sync primary reads a quorum before it decides (DESIGN
-section 4: one replica's miss is not NOT_FOUND), so any replica may coordinate safely.
+coordinator other than an in-sync primary reads a quorum before it decides
+(docs/protocol.md#routing: one replica's miss is not NOT_FOUND), so any replica may
+coordinate safely.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Placement: key hash -> partition -> replica nodes (DESIGN section 3).
+"""Placement: key hash -> partition -> replica nodes (docs/protocol.md#keys-and-partitions).
 
 A key's partition is ``xxh3_64(key record) mod num_partitions``. Partitions, not keys,
 go on consistent-hash rings (``uhashring``), once per membership epoch, into a

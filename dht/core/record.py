@@ -1,4 +1,4 @@
-"""The flow record, its merge rule and the create-once decisions (DESIGN sections 4 and 5).
+"""The flow record, its merge rule and the create-once decisions (docs/protocol.md#merge-rule).
 
 Everything here is pure: time comes in as an argument (Unix milliseconds), nothing does
 I/O, so every rule is tested without sockets or sleeps. The store, replication and
@@ -153,7 +153,7 @@ UDP = 17
 
 @dataclass(frozen=True, slots=True)
 class TtlPolicy:
-    """Server-side TTLs per state (DESIGN section 5). All milliseconds."""
+    """Server-side TTLs per state (docs/protocol.md#time-to-live). All milliseconds."""
 
     embryonic_ms: int = 10_000
     established_tcp_ms: int = 600_000
@@ -263,7 +263,8 @@ def decide_refresh(existing: Record | None, act: Acting, policy: TtlPolicy) -> C
 def decide_release(existing: Record | None, act: Acting, policy: TtlPolicy) -> Change:
     """End ownership with a tombstone that outlives every live copy of the record: kept
     until the record's own expiry plus the maximum clock offset. Only the owning PoP
-    releases (a FIN seen elsewhere is tunnelled to the owner first, DESIGN section 6).
+    releases (a FIN seen elsewhere is tunnelled to the owner first,
+    docs/protocol.md#decision-table).
     Releasing a tombstone again is OK and changes nothing."""
     if existing is None or existing.expiry_ms <= act.now_ms:
         return Change(Status.NOT_FOUND, None, None)

@@ -1,5 +1,5 @@
 """Replication factor and quorums for a PoP smaller than the configured replication factor
-(issue 5, "sizing defaults that work"). Pure.
+(docs/protocol.md#small-pops). Pure.
 
 A PoP of 3+ nodes keeps the configured replication factor RF and write quorum W
 (default a majority), R = RF - W + 1. A PoP with fewer nodes than RF would otherwise
@@ -9,7 +9,7 @@ So a small PoP keeps the configured *tolerance* instead: the configured RF toler
 RF - W failed replicas (1 for RF 3), and the shrunk PoP tolerates as many, with
 W = R = max(1, nodes - tolerance).
 
-The price, documented in README: with two nodes W = R = 1, so R + W = RF. An
+The price, documented in docs/protocol.md#small-pops: with two nodes W = R = 1, so R + W = RF. An
 acknowledged write is on one copy until the other takes it (milliseconds later, or as a
 hint when it comes back); a node that crashes in that window takes the write with it,
 and the two nodes that each believe the other dead both answer alone (the merge rule

@@ -454,7 +454,8 @@ def result_to_dict(result: Result, pop_names: Mapping[int, str]) -> dict[str, ob
         or result.owner_pop == 0
     ):
         if result.affinity_fallback and result.owner_pop:
-            # A lookup miss that names the client's preferred PoP (DESIGN section 6).
+            # A lookup miss that names the client's preferred PoP
+            # (docs/protocol.md#client-affinity).
             out["affinity_fallback"] = True
             out["preferred_pop"] = pop_names.get(result.owner_pop, str(result.owner_pop))
         return out

@@ -1,8 +1,8 @@
 """A lean binary Lookup over UDP, beside gRPC: the lowest-latency path for one forwarder
-cache miss (issue 7). Off unless ``udp_lookup_port`` is set.
+cache miss (docs/api.md#udp-lookup). Off unless ``udp_lookup_port`` is set.
 
 Why: with one request in flight, a grpc.aio unary call costs ~0.3-0.7 ms here (HTTP/2
-framing and the asyncio <-> C-core hand-off, BASELINES.md), several times a loopback
+framing and the asyncio <-> C-core hand-off, docs/benchmarks.md#baselines), several times a loopback
 round trip (~71 us). One datagram each way, handled inside the node's event loop and
 answered from the store in pure Python, costs about what a Redis GET does.
 

@@ -1,6 +1,6 @@
 """Replication inside a PoP: quorum writes and reads, hinted hand-off, anti-entropy.
 
-DESIGN section 4: *acknowledged means on write_quorum replicas*, and *a read that finds
+docs/protocol.md#quorums: *acknowledged means on write_quorum replicas*, and *a read that finds
 nothing must come from a read quorum (R + W > RF)*. The coordinator of a partition (its
 primary, or the first replica that is up) applies a write to its own store first and then
 ships the changed copies to the other replicas; a key is acknowledged when W copies hold
@@ -329,7 +329,7 @@ class Replicator:
         """Take back, where replicas took it, a write whose entries ``failed`` (missed
         their quorum; positions as in :meth:`write`). Best effort, concurrently: a
         replica that does not answer within the RPC timeout keeps its copy (a write
-        answered as failed may or may not take effect, DESIGN section 4). Where a
+        answered as failed may or may not take effect, docs/protocol.md#undo). Where a
         replica leaves an entry standing, its copy is pulled back into the local store,
         so later calls here are decided knowing it."""
 

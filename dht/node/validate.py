@@ -1,5 +1,5 @@
 """Validation of a batch call as it arrives from the wire: the checks the public API
-makes before anything is routed or applied (docs/api.md#errors)."""
+makes before anything is routed or applied (docs/api.md#call-level-errors)."""
 
 from __future__ import annotations
 

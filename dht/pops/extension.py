@@ -1,5 +1,5 @@
 """Several PoPs: shipping writes between them, anti-entropy and resync, client affinity
-(DESIGN sections 4, 6, 7 and 9; issue 5).
+(docs/protocol.md#shipping-between-pops).
 
 Every PoP holds the whole table. A node ships the writes it coordinated (and got
 acknowledged inside its PoP) to one node of every other PoP, in batches over a gRPC
@@ -225,7 +225,7 @@ class Pops:
             log.warning(
                 "PoP %s has %d node(s), fewer than replication_factor %d: using RF=%d W=%d "
                 "R=%d so writes go on with a node down (an acknowledged write may be on one "
-                "copy for a moment; see README, sizing)",
+                "copy for a moment; see docs/protocol.md#small-pops)",
                 cfg.pop,
                 self._pop_size,
                 cfg.replication_factor,

@@ -1,4 +1,5 @@
-"""What a PoP ships to the other PoPs, and the bookkeeping of a link (DESIGN section 7).
+"""What a PoP ships to the other PoPs, and the bookkeeping of a link
+(docs/protocol.md#shipping-between-pops).
 
 Pure: time comes in as an argument, nothing does I/O (dht.pops.extension wires it to gRPC and
 timers), so every rule here is tested without sockets.

@@ -1,4 +1,4 @@
-"""Client affinity records: client prefix -> preferred PoP (DESIGN sections 1 and 7).
+"""Client affinity records: client prefix -> preferred PoP (docs/protocol.md#client-affinity).
 
 A hint, not an ownership claim: last writer wins by (HLC stamp, PoP id), which is a
 total order, so merging copies is commutative, associative and idempotent too. Keyed by

@@ -1,4 +1,4 @@
-"""The in-memory flow record store of one node (DESIGN sections 4 and 5).
+"""The in-memory flow record store of one node (docs/protocol.md#merge-rule, #time-to-live).
 
 Layout, capacity and quota only: every decision about a record is made by the pure
 functions of :mod:`dht.core.record` (``decide_*`` and ``merge``), so the store cannot disagree
@@ -282,8 +282,8 @@ class FlowStore:
     def _refusal(
         self, op: Op, d: Change, *, batch: FamilyBatch, j: int, row: int, old: Record | None
     ) -> Status | None:
-        """Capacity and quota (DESIGN section 5): only a claim creating an embryonic
-        record is refused by the soft limit and the quota; a confirm that needs a new row
+        """Capacity and quota (docs/protocol.md#capacity-and-quota): only a claim creating an
+        embryonic record is refused by the soft limit and the quota; a confirm that needs a new row
         is refused only at the hard ceiling. Owners' refreshes are never refused."""
         if d.status != Status.CREATED:
             return None

@@ -1,7 +1,7 @@
 """The column table of one address family: the flow store's memory layout.
 
-Why this layout: a Python object per record costs 120-200 bytes (BASELINES.md), so there
-is none. Each address family has one table in the style of CPython's compact dict:
+Why this layout: a Python object per record costs 120-200 bytes (docs/benchmarks.md#baselines), so
+there is none. Each address family has one table in the style of CPython's compact dict:
 
 * ``entries``: one packed numpy structured array, one 48-byte (IPv4) or 72-byte (IPv6) row
   per record: the key's hash, the record fields and the key itself, compacted to 13 bytes

@@ -121,7 +121,7 @@ def add_node_parser(sub: Any) -> None:
         "--event-loop",
         choices=["asyncio", "uvloop"],
         default="asyncio",
-        help="uvloop (the 'fast' extra) halves the UDP lookup's latency (README, Benchmarks)",
+        help="uvloop (the 'fast' extra) halves the UDP lookup's latency (docs/benchmarks.md)",
     )
 
 

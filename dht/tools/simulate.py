@@ -1,7 +1,7 @@
 """``dht simulate``: anycast traffic with route flaps against a real multi-PoP cluster.
 
 One forwarder per PoP (``dht.client.forwarder.Forwarder`` over ``dht.client.Client``) decides
-every packet that lands on its PoP with the decision table of DESIGN section 6; the
+every packet that lands on its PoP with the decision table of docs/protocol.md#decision-table; the
 simulator carries tunnelled packets to their target PoP (whose forwarder serves them,
 hop limit 1) and judges where each packet was served against where its connection
 lives (the PoP that served its SYN). A packet served anywhere else breaks its
@@ -54,7 +54,8 @@ class SimSettings:
     time_scale: float = 10.0
     seed: int = 1
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
-    # Nodes ship an established flow once it is this old (simulated s; DESIGN section 9).
+    # Nodes ship an established flow once it is this old (simulated s;
+    # docs/protocol.md#the-replicate-after-trade-off).
     replicate_after_s: float = 5.0
     # TTLs the forwarders ask for (simulated s): embryonic, established.
     claim_ttl_s: float = 10.0
@@ -466,7 +467,9 @@ def add_simulate_parser(sub: Any) -> None:
     p.add_argument(
         "--replicate-after", type=float, default=5.0, help="sim s (nodes' replicate_after_s)"
     )
-    p.add_argument("--sticky", action="store_true", help="sticky clients (DESIGN section 6)")
+    p.add_argument(
+        "--sticky", action="store_true", help="sticky clients (docs/protocol.md#decision-table)"
+    )
     p.add_argument("--no-affinity", action="store_true", help="forwarders ignore affinity")
     p.add_argument("--endpoints", help="use a running cluster (`dht cluster --endpoints-file`)")
     p.add_argument("--json", help="write the report here")

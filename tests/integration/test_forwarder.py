@@ -1,4 +1,5 @@
-"""The forwarder client against real nodes over gRPC on loopback (issue 6): cache hits,
+"""The forwarder client against real nodes over gRPC on loopback (docs/api.md#forwarder): cache
+hits,
 coalescing, micro-batching, failover when a node is gone, the loop guard, the owner-change
 bound and invalidation, live-flow refresh, close."""
 

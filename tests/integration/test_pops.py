@@ -1,5 +1,6 @@
 """Two PoPs in one process over real gRPC on loopback: shipping, the policy, tombstones,
-affinity, the resend buffer and resync, clock-offset rejection, bad input (issue 5)."""
+affinity, the resend buffer and resync, clock-offset rejection, bad input
+(docs/protocol.md#shipping-between-pops)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Replication inside a PoP with real nodes over gRPC: quorum writes and reads, hinted
-hand-off, refill, anti-entropy (DESIGN section 4; issue 3)."""
+hand-off, refill, anti-entropy (docs/protocol.md#replication-in-a-pop)."""
 
 from __future__ import annotations
 
@@ -232,7 +232,8 @@ def _stub(srv: NodeServer) -> tuple[Any, Any]:
 async def test_a_coordinator_stalled_mid_write_is_fenced_by_a_take_over(
     make_pop: MakePop,
 ) -> None:
-    """The race of a coordinator paused mid-write (issue 3): its claim A is applied
+    """The race of a coordinator paused mid-write (docs/protocol.md#terms-and-fencing): its claim A
+    is applied
     locally and in flight when another replica takes the partition over and gets a
     conflicting claim B acknowledged. A must not be acknowledged too (its earlier birth
     would later beat B everywhere): the take-over's promises fence A's term."""

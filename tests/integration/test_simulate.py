@@ -1,4 +1,4 @@
-"""The simulator on small scripted scenarios against three in-process PoPs (issue 6):
+"""The simulator on small scripted scenarios against three in-process PoPs (docs/simulator.md):
 connections break under plain anycast, none break with the table once records had time
 to be shipped, and a flap that lands before its record was shipped is counted and
 explained (saved by the client's affinity, or broken with no owner known)."""

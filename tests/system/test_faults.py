@@ -1,9 +1,11 @@
-"""Fault tests for replication inside a PoP (issue 3), with real node processes.
+"""Fault tests for replication inside a PoP (docs/protocol.md#replication-in-a-pop), with real node
+processes.
 
 Each test starts a 3-node PoP (``--profile test``: probes every 0.2 s, failure timeout
 2 s, anti-entropy every 1 s, pause threshold 1 s), drives a paced claim load through
 ``dht.client.client``, injects a fault with a signal (SIGKILL, SIGSTOP/SIGCONT) and checks the
-promises of DESIGN section 4: an acknowledged claim is never lost, copies converge,
+promises of docs/protocol.md#replication-in-a-pop: an acknowledged claim is never lost, copies
+converge,
 a flow never has two owners, a restarted node is refilled before it says ready.
 
 No sleep is used to wait for the system: every wait polls a condition with a deadline.
@@ -697,7 +699,8 @@ async def test_unacknowledged_claim_never_overrides_an_acknowledged_one(
     (not acknowledged). Its copy stays on that node. If another PoP then claims the same
     flow while that node is stopped, a write quorum of the other replicas acknowledges
     that claim. When the node comes back, its older unacknowledged copy must not take
-    the flow from the acknowledged owner (DESIGN 4: acknowledged means on W replicas;
+    the flow from the acknowledged owner (docs/protocol.md#quorums: acknowledged means on W
+    replicas;
     claims are create-once)."""
     cluster = await make_cluster(3, TWO_POPS)
     x, y, z = cluster.nodes
@@ -761,7 +764,7 @@ async def test_restarted_node_is_not_ready_until_a_replica_answered(
 ) -> None:
     """A restarted node whose replicas do not answer (stopped, not dead: connections
     hang rather than being refused) has refilled nothing, so it must not say ready
-    (DESIGN 3: /readyz means "holds all its partitions")."""
+    (docs/protocol.md#resync-and-refill: /readyz means "holds all its partitions")."""
     n_records = 5_000
     cluster = await make_cluster(3)
     x, y, z = cluster.nodes

@@ -1,4 +1,4 @@
-"""Membership and rebalancing tests (issue 4), with real node processes.
+"""Membership and rebalancing tests (docs/protocol.md#membership), with real node processes.
 
 Each test starts a PoP of real ``dht node`` processes (``--profile test``: probes every
 0.2 s, failure timeout 2 s, suspicion 2 s, anti-entropy every 1 s, leave timeout 10 s),

@@ -1,4 +1,5 @@
-"""Three PoPs of two real `dht node` processes each (issue 5): shipping lag, conflicting
+"""Three PoPs of two real `dht node` processes each (docs/protocol.md#shipping-between-pops):
+shipping lag, conflicting
 claims during a cut (a proxy the test controls sits on every link between PoPs), a PoP
 restarted from empty, refresh shipping, and a two-node PoP that loses a node.
 

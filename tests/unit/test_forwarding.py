@@ -1,4 +1,5 @@
-"""The forwarder's pure parts: the decision table (DESIGN section 6) with its loop guard,
+"""The forwarder's pure parts: the decision table (docs/protocol.md#decision-table) with its loop
+guard,
 the flow cache's bounds, and the traffic model's baseline verdicts."""
 
 from __future__ import annotations

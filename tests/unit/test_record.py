@@ -1,4 +1,4 @@
-"""The merge rule and the create-once decisions (DESIGN section 4), as properties."""
+"""The merge rule and the create-once decisions (docs/protocol.md#merge-rule), as properties."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The shipping policy between PoPs, the link's bounded queue, and the sizing of small
-PoPs (DESIGN section 7; issue 5). Pure: no sockets, time is an argument."""
+PoPs (docs/protocol.md#shipping-between-pops). Pure: no sockets, time is an argument."""
 
 from __future__ import annotations
 

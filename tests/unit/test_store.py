@@ -1,4 +1,5 @@
-"""The flow record store: layout, capacity, quota and expiry (DESIGN sections 4 and 5).
+"""The flow record store: layout, capacity, quota and expiry (docs/protocol.md#merge-rule,
+#capacity-and-quota).
 
 No sockets, no sleeps: time is a number handed to every call, and the HLC reads a fake
 wall clock. The last test checks the store against a dict-of-Record model built from

@@ -1,4 +1,4 @@
-"""``dht bench``: the side-by-side benchmark against Redis (issue 7). Never part of the
+"""``dht bench``: the side-by-side benchmark against Redis (docs/benchmarks.md). Never part of the
 test suite.
 
     dht bench                   # full run: 1M records, growth to 5M (~2-4 min on 2 cores)

@@ -1,7 +1,7 @@
 """The workloads of ``dht bench``, each run against this project and against Redis,
 interleaved (A, B, A, B ...) so both sides see the same machine noise.
 
-Fairness rules (issue 7): the same number of requests in flight on both sides; no client
+Fairness rules (docs/benchmarks.md): the same number of requests in flight on both sides; no client
 cache (dht.client.client has none); on the Redis side the faster of redis-py's sync and asyncio
 clients, both with hiredis; memory as process RSS growth on both sides. Every function
 returns a plain dict (JSON-able) with both sides' medians and the ratio.
@@ -39,7 +39,7 @@ REDIS_VALUE = b"\x00\x01\x00\x00\x02\x00\x00\x00\x01" + b"\x00" * 7
 FILL_TTL_S = 3600
 # uvloop when installed (the 'fast' extra): the UDP lookup's latency halves with it.
 NODE_ARGS = ["--log-level", "error", "--event-loop", "uvloop" if HAVE_UVLOOP else "asyncio"]
-CLAIM_TTL_S = 10  # the embryonic TTL (DESIGN section 5), on both sides
+CLAIM_TTL_S = 10  # the embryonic TTL (docs/protocol.md#time-to-live), on both sides
 # Server-side loop: fills Redis ~10x faster than a client pipeline (not measured).
 _FILL_LUA = "for i=1,#KEYS do redis.call('SET',KEYS[i],ARGV[1],'EX',ARGV[2]) end return #KEYS"
 

@@ -3,7 +3,7 @@
 isort:skip_file
 dht v1: the connection-ownership table for anycast PoPs.
 
-Design reference: DESIGN.md sections 4 (records), 5 (TTLs) and 8 (interfaces).
+Reference: docs/api.md (the API), docs/protocol.md (records, TTLs, replication).
 
 Batch calls do not use one sub-message per key: keys go in and results come out as
 packed, fixed-width binary records in a single `bytes` field (about 2.5x faster to
@@ -937,7 +937,7 @@ Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
 @_typing.final
 class ShipBatch(_message.Message):
     """---------------------------------------------------------------------------------------
-    Cross-PoP shipping (DESIGN section 7, issue 5). Node to node between PoPs.
+    Cross-PoP shipping (docs/protocol.md#shipping-between-pops). Node to node between PoPs.
 
     A node ships the writes it coordinated to one node of every other PoP, in batches of
     ENTRY records (the 40-byte key followed by the 32-byte result layout, as in

@@ -3,7 +3,7 @@
 isort:skip_file
 dht v1: the connection-ownership table for anycast PoPs.
 
-Design reference: DESIGN.md sections 4 (records), 5 (TTLs) and 8 (interfaces).
+Reference: docs/api.md (the API), docs/protocol.md (records, TTLs, replication).
 
 Batch calls do not use one sub-message per key: keys go in and results come out as
 packed, fixed-width binary records in a single `bytes` field (about 2.5x faster to
