@@ -3,7 +3,7 @@ PY ?= python3
 PROTO_SRC := protos/dht/v1/dht.proto
 PROTO_OUT := dht/_proto
 
-.PHONY: help proto proto-check lint typecheck test test-unit test-integration test-system bench cluster compose-check demo
+.PHONY: help proto proto-check lint typecheck test test-unit test-sim test-integration test-system bench cluster compose-check demo
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -25,6 +25,9 @@ test: ## the whole suite, as CI runs it
 
 test-unit: ## unit tests only (no sockets)
 	$(PY) -m pytest tests/unit
+
+test-sim: ## scripted scenarios of whole PoPs on the in-memory network, in virtual time (no sockets)
+	$(PY) -m pytest tests/sim
 
 test-integration: ## real nodes over gRPC on loopback, in-process
 	$(PY) -m pytest tests/integration

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this). Layers, in order:
-# generated code current, lint, types, compose file valid, unit + integration tests,
-# then system tests (real processes and faults), one at a time.
+# generated code current, lint, types, compose file valid, unit + in-memory network
+# scenarios (virtual time) + integration tests, then system tests (real processes and
+# faults), one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
@@ -11,5 +12,5 @@ python -m ruff check .
 python -m ruff format --check .
 python -m mypy
 bash scripts/validate_compose.sh
-python -m pytest -q tests/unit tests/integration
+python -m pytest -q tests/unit tests/sim tests/integration
 python -m pytest -q -p no:randomly tests/system

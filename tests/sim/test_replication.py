@@ -1,0 +1,197 @@
+"""Replication inside one PoP, scripted on the in-memory network: fencing by terms, undo
+of a write that missed its quorum, a pinned copy left standing, a superseded claim.
+Ported from tests/integration/test_replication.py (which keeps the real-socket cases)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from dht.core.ops import BatchCall, Op
+from dht.core.record import Status
+from dht.core.wire import KEY_DTYPE, ResultArray, key_hashes
+from dht.tools.bench.keys import synthetic_keys
+
+from .memnet import Network, SimNode
+
+
+def held_by(sim: SimNode, raw: bytes) -> ResultArray:
+    """The copy ``sim``'s store holds of the flow ``raw`` (one 40-byte key)."""
+    return sim.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
+
+
+# The messages of a coordinated write's life (not probes, not anti-entropy).
+WRITE_KINDS = ("Promise", "Replicate", "Undo", "ReadCopies")
+
+
+def same_partition(net: Network, n: int, seed: int) -> list[bytes]:
+    """``n`` flow keys of one partition."""
+    pool = synthetic_keys(2_000, seed=seed, start=seed * 1_000_000)
+    parts = next(iter(net.by_id.values())).node.table.partitions_of(key_hashes(pool))
+    return [pool[i * 40 : (i + 1) * 40] for i in np.flatnonzero(parts == parts[0])[:n]]
+
+
+def claim(raw: bytes, pop: int, no_forward: bool = False) -> BatchCall:
+    return BatchCall(Op.CLAIM, raw, pop=pop, no_forward=no_forward)
+
+
+async def test_a_coordinator_paused_mid_write_is_fenced_by_a_take_over() -> None:
+    """X applies claim A locally and is paused as it sends A to the replicas. Y takes
+    the partition over (a higher term, promised by Y and Z) and gets claim B
+    acknowledged. X resumes and sends A late: both replicas refuse it as fenced, so A is
+    never acknowledged; X undoes it, takes over again and answers with B's owner.
+    Create-once holds: exactly one CREATED, and every replica converges on B."""
+    async with Network(seed=1) as net:
+        nodes = await net.start_pop(3)
+        raw = synthetic_keys(1, seed=40, start=30_000_000)
+        _, (x, y, z) = net.replicas(raw)
+
+        stalled = net.pause_when(x.node_id, "Replicate")
+        claim_a = asyncio.ensure_future(net.call(x.node_id, claim(raw, pop=1)))
+        await net.wait(stalled, what="X sends A")
+        mine = held_by(x, raw)[0]
+        assert mine["status"] == Status.OK and mine["owner_pop"] == 1, "A applied on X"
+
+        b = (await net.call(y.node_id, claim(raw, pop=2, no_forward=True)))[0]
+        assert b["status"] == Status.CREATED and b["owner_pop"] == 2
+        resumed_ms = net.now_ms()
+        net.resume(x.node_id)
+        a = (await claim_a)[0]
+
+        assert a["status"] == Status.OWNED_ELSEWHERE and a["owner_pop"] == 2, a
+        assert a["birth_hlc"] == b["birth_hlc"]
+        assert [a["status"], b["status"]].count(Status.CREATED) == 1, "create-once"
+        assert x.node.replicator.stats.fenced_writes >= 1
+        assert x.node.rollbacks == 1
+        # X's late write went out on its resume, and both replicas refused it.
+        late = [e for e in net.trace if e.src == x.node_id and e.kind == "Replicate"]
+        assert {(e.dst, e.sent_ms >= resumed_ms, e.outcome) for e in late} == {
+            (y.node_id, True, "ok:fenced"),
+            (z.node_id, True, "ok:fenced"),
+        }
+
+        await net.until(
+            lambda: {int(held_by(n, raw)["birth_hlc"][0]) for n in nodes} == {b["birth_hlc"]},
+            what="every replica holds B",
+        )
+        seen = (await net.call(z.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert seen["owner_pop"] == 2 and seen["birth_hlc"] == b["birth_hlc"]
+
+
+async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_it() -> None:
+    """W=3 and the link from the coordinator X to the third replica Z is cut: Y takes
+    the claim, Z never answers, so it is answered UNAVAILABLE and undone on X *and* on
+    Y, and no hint keeps it for Z. Another PoP's claim of the flow is then acknowledged
+    and stays the owner (the failed claim's earlier birth cannot come back to beat it)."""
+    async with Network(seed=2) as net:
+        await net.start_pop(3, write_quorum=3)
+        raw = synthetic_keys(1, seed=42, start=32_000_000)
+        _, (x, y, z) = net.replicas(raw)
+
+        net.cut(x.node_id, z.node_id, both=False)
+        failed = (await net.call(x.node_id, claim(raw, pop=1, no_forward=True)))[0]
+        assert failed["status"] == Status.UNAVAILABLE
+        assert held_by(x, raw)["status"][0] == Status.NOT_FOUND, "undone on the coordinator"
+        assert held_by(y, raw)["status"][0] == Status.NOT_FOUND, "undone on the replica"
+        assert held_by(z, raw)["status"][0] == Status.NOT_FOUND, "never reached"
+        assert x.node.replicator.stats.undone_remote == 1
+        assert y.node.undone_for_others == 1
+        assert x.node.replicator.hints.count(z.node_id) == 0, "no hint of a failed write"
+        outcomes = {(e.dst, e.kind, e.outcome) for e in net.trace if e.src == x.node_id}
+        assert (z.node_id, "Replicate", "timeout:cut") in outcomes
+        assert (y.node_id, "Undo", "ok") in outcomes
+
+        net.heal()
+        await net.until(net.settled, what="settled after the heal")
+        won = (await net.call(y.node_id, claim(raw, pop=2)))[0]
+        assert won["status"] == Status.CREATED and won["owner_pop"] == 2
+        again = (await net.call(z.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert again["owner_pop"] == 2 and again["birth_hlc"] == won["birth_hlc"]
+
+
+async def test_a_failed_write_a_take_over_saw_stands_and_is_pulled_back() -> None:
+    """As above (W=3, X cut from Z), but while X waits for Z, Z takes the partition over
+    (for a claim of its own) and pulls Y's copies, A among them: Y pins A. X's undo then
+    leaves A standing at Y, and X pulls it back in: the claim stands on every replica,
+    consistently, though its caller was told UNAVAILABLE. (With W=3, R=1: a quorum read
+    asks no other replica, so here the take-over is what pulls the copy.)"""
+    async with Network(seed=3) as net:
+        await net.start_pop(3, write_quorum=3)
+        warm, raw, other = same_partition(net, 3, seed=49)
+        _, (x, y, z) = net.replicas(raw)
+        # X takes the partition over first, while it still reaches Z.
+        assert (await net.call(x.node_id, claim(warm, pop=1)))["status"][0] == Status.CREATED
+
+        net.cut(x.node_id, z.node_id)
+        started = net.now_ms()
+        claim_a = asyncio.ensure_future(net.call(x.node_id, claim(raw, pop=1, no_forward=True)))
+        await net.until(lambda: held_by(y, raw)["status"][0] == Status.OK, what="Y took A")
+        claim_c = asyncio.ensure_future(net.call(z.node_id, claim(other, pop=2, no_forward=True)))
+        await net.until(lambda: held_by(z, raw)["status"][0] == Status.OK, what="Z pulled A")
+        failed = (await claim_a)[0]
+
+        assert failed["status"] == Status.UNAVAILABLE
+        for sim in (x, y, z):
+            copy = held_by(sim, raw)[0]
+            assert copy["status"] == Status.OK and copy["birth_hlc"] == failed["birth_hlc"], sim
+        assert x.node.replicator.stats.undo_refused == 1
+        assert y.node.undone_for_others == 0
+        # X's messages for A: to Y and Z (Z's timed out), the undo Y refused, the pull.
+        steps = [
+            (e.dst, e.kind, e.outcome)
+            for e in net.trace
+            if e.src == x.node_id and e.kind in WRITE_KINDS and e.sent_ms >= started
+        ]
+        assert steps == [
+            (y.node_id, "Replicate", "ok"),
+            (z.node_id, "Replicate", "timeout:cut"),
+            (y.node_id, "Undo", "ok:kept 1"),
+            (y.node_id, "ReadCopies", "ok"),
+        ], steps
+        # Z's own claim cannot reach X either: no quorum with W=3.
+        assert (await claim_c)["status"][0] == Status.UNAVAILABLE
+
+        net.heal()
+        again = (await net.call(x.node_id, claim(raw, pop=2, no_forward=True)))[0]
+        assert again["status"] == Status.OWNED_ELSEWHERE and again["owner_pop"] == 1
+
+
+async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged() -> None:
+    """Replica Z holds a claim of flow B by fra that coordinator X has not seen (a write
+    answered as failed that could not be taken back there, planted here). ams then
+    claims B at X; Z answers first (X's link to Y is slow) and reports it superseded,
+    so it is not acknowledged on Y's word: X pulls fra's claim in, retries once, and
+    the caller gets the winning owner."""
+    async with Network(seed=4) as net:
+        await net.start_pop(3)
+        raw_a, raw_b = same_partition(net, 2, seed=44)
+        _, (x, y, z) = net.replicas(raw_a)
+
+        # X takes the partition over (pulling the replicas' copies) for flow A.
+        assert (await net.call(x.node_id, claim(raw_a, pop=1)))["status"][0] == Status.CREATED
+        keys_b = np.frombuffer(raw_b, dtype=KEY_DTYPE)
+        planted = z.node.store.claim(
+            keys_b, key_hashes(raw_b), pop=2, server=0, ttl_ms=60_000, now_ms=z.node._now_ms()
+        )[0]
+        net.set_delay(x.node_id, y.node_id, 50)
+        got = (await net.call(x.node_id, claim(raw_b, pop=1)))[0]
+
+        assert got["status"] == Status.OWNED_ELSEWHERE, got
+        assert got["owner_pop"] == 2 and got["birth_hlc"] == planted["birth_hlc"]
+        assert x.node.replicator.stats.superseded_writes == 1
+        held = held_by(x, raw_b)[0]
+        assert held["owner_pop"] == 2 and held["birth_hlc"] == planted["birth_hlc"]
+        # Z answered first (superseded), Y later; then X pulled Z's claim in and took
+        # its write back at Y, the replica that took it.
+        steps = [
+            (e.dst, e.kind, e.outcome)
+            for e in net.trace
+            if e.src == x.node_id and e.kind in WRITE_KINDS
+        ]
+        assert steps[-4:] == [
+            (z.node_id, "Replicate", "ok:superseded"),
+            (y.node_id, "Replicate", "ok"),
+            (z.node_id, "ReadCopies", "ok"),
+            (y.node_id, "Undo", "ok"),
+        ], steps
