@@ -36,7 +36,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PopLink"].full_name
 _STREAM_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
-def _parts(raw: bytes, num_partitions: int) -> npt.NDArray[np.intp]:
+def partitions_field(raw: bytes, num_partitions: int) -> npt.NDArray[np.intp]:
     check_batch_size(len(raw), 2, 65535, "partitions")
     parts = unpack_partitions(raw)
     if parts.size and int(parts.max()) >= num_partitions:
@@ -85,7 +85,7 @@ class PopLinkService(pb_grpc.PopLinkServicer):
         try:
             self.pops.peer_pop_name(request.from_pop)
             d = self.pops.digests_for(
-                _parts(request.partitions, request.num_partitions),
+                partitions_field(request.partitions, request.num_partitions),
                 request.num_partitions,
                 request.cutoff_ms,
             )
@@ -103,7 +103,7 @@ class PopLinkService(pb_grpc.PopLinkServicer):
     ) -> AsyncIterator[pb.ShipBatch]:
         try:
             self.pops.peer_pop_name(request.from_pop)
-            parts = _parts(request.partitions, request.num_partitions)
+            parts = partitions_field(request.partitions, request.num_partitions)
             chunks = self.pops.fetch_for(parts, request.num_partitions, request.cutoff_ms)
             node = self.pops.node
             async for raw in chunks:

@@ -95,6 +95,7 @@ class Node:
         self._transport = transport
         self._forward = forward
         self._mono = mono_ms
+        self.mono_ms = mono_ms  # the monotonic clock the node's parts (and pops) use
         self.grpc_port = 0
         self.admin_port = 0
         self.membership: Membership
@@ -200,6 +201,7 @@ class Node:
             forward=self._forward,
             extension=self.extension,
             check_pause=self.liveness.check_pause,
+            spawn=self.tasks.spawn,
         )
         self.liveness.adopt(pmap, None)
 
@@ -314,6 +316,11 @@ class Node:
         return self.replica.undone_for_others
 
     @property
+    def pauses(self) -> int:
+        """Event-loop pauses detected (each starts a resync)."""
+        return self.liveness.pauses if self._coordinator is not None else 0
+
+    @property
     def dropped(self) -> int:
         return self.liveness.dropped
 
@@ -417,9 +424,8 @@ class Node:
 
     def _gauges(self) -> Iterable[Metric]:
         ready, _ = self.readiness()
-        pauses = self.liveness.pauses if self._coordinator is not None else 0
         yield from store_gauges(
-            self.store, self.affinity, self.clock, ready, self.state.in_sync, pauses
+            self.store, self.affinity, self.clock, ready, self.state.in_sync, self.pauses
         )
         if self._coordinator is None or self.state.pmap is None:
             return

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
 
 import numpy as np
@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from dht.core import metrics as m
 from dht.core.config import NodeConfig
-from dht.core.errors import NotReady
+from dht.core.errors import DhtError, NotReady
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import Member
 from dht.core.record import HybridClock, Status
@@ -90,6 +90,7 @@ class Coordinator:
         forward: ForwardCall | None,
         extension: NodeExtension | None,
         check_pause: Callable[[], None],
+        spawn: Callable[[str, Awaitable[object]], object] | None = None,
     ) -> None:
         self.config = config
         self.state = state
@@ -105,10 +106,12 @@ class Coordinator:
         self.forward = forward
         self.extension = extension
         self._check_pause = check_pause
+        self._spawn = spawn
         self.pop_id = config.pop_id
         self.writes: set[asyncio.Task[None]] = set()  # coordinated writes still running
         # Partitions being taken over now, each with the take-over's future.
         self._acquiring: dict[int, asyncio.Future[None]] = {}
+        self._warming: set[int] = set()  # partitions taken over in the background now
         self.rollbacks = 0  # own writes put back (missed their quorum)
 
     async def drain(self, timeout_s: float) -> None:
@@ -150,7 +153,8 @@ class Coordinator:
     def lookup_local(self, key: bytes) -> bytes | None:
         """A Lookup of one validated 40-byte key answered from this node's copy alone, as
         one packed result, in the one case where :meth:`batch` would do the same (Action
-        LOCAL: the in-sync primary, every replica up, no write in flight holding the key);
+        LOCAL: the in-sync primary under a term it holds, every replica up, no write in flight
+        holding the key);
         None otherwise, and the caller takes :meth:`batch`. For the UDP lookup listener
         (dht.edge.udp), where a numpy batch of one would cost ~20x more."""
         if not self.state.accepting:
@@ -163,20 +167,35 @@ class Coordinator:
             or self.view.coordinators()[p] != self.state.self_index
             or not self.state.part_ready[p]
             or not self.view.all_replicas_up()[p]
+            or self.terms.held[p] == 0
             or self.inflight.holds(key)
         ):
+            if self.terms.held[p] == 0 and self.state.table.primaries[p] == self.state.self_index:
+                self._warm(np.array([p], dtype=np.uint16))
             return None
         return self.store.lookup_one(key, h, self._now_ms(), p)
 
     def _plan(self, b: ValidatedBatch) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int16]]:
         coord = self.view.coordinators()[b.parts]
-        me = coord == self.state.self_index
+        me_index = self.state.self_index
+        me = coord == me_index
         replica = self.state.replicas[b.parts]
         authoritative = (
             (self.state.table.primaries[b.parts] == self.state.self_index)
             & self.state.part_ready[b.parts]
             & self.view.all_replicas_up()[b.parts]
         )
+        if not b.call.op.mutating:
+            # A read answers from this node's copy alone only under a term it holds: the
+            # take-over that got it pulled every acknowledged write (docs/protocol.md#routing).
+            # Without one (a new primary after a membership change, or after a pause) the
+            # copy may lack writes another coordinator got acknowledged by the others: read
+            # a quorum, and take the partitions over in the background for the next reads.
+            # (A write takes its partitions over before it applies anything anyway.)
+            unheld = authoritative & (self.terms.held[b.parts] == 0) & (coord == me_index)
+            if unheld.any():
+                self._warm(b.parts[unheld])
+            authoritative &= self.terms.held[b.parts] > 0
         actions = np.full(len(b.parts), Route.MOVED, dtype=np.uint8)
         actions[me & authoritative] = Route.LOCAL
         actions[me & ~authoritative] = Route.QUORUM
@@ -335,6 +354,29 @@ class Coordinator:
         if waiting:
             await asyncio.wait(waiting)
         return np.asarray(self.terms.held[parts] > 0, dtype=bool)
+
+    def _warm(self, parts: npt.NDArray[np.uint16]) -> None:
+        """Take ``parts`` over in the background (once at a time per partition), so that
+        later reads of them are answered locally. Best effort: a take-over that fails is
+        logged, and the next read tries again."""
+        todo = [
+            p
+            for p in np.unique(parts).tolist()
+            if p not in self._acquiring and p not in self._warming
+        ]
+        if not todo or self._spawn is None:
+            return
+        self._warming.update(todo)
+
+        async def run() -> None:
+            try:
+                await self._take_over(np.array(todo, dtype=np.uint16))
+            except DhtError as e:
+                log.info("background take-over of %d partitions failed: %r", len(todo), e)
+            finally:
+                self._warming.difference_update(todo)
+
+        self._spawn(f"take-over-{todo[0]}+{len(todo) - 1}", run())
 
     def _copies(self, b: ValidatedBatch, idx: npt.NDArray[np.intp]) -> ResultArray:
         if b.prefixes is not None:

@@ -48,7 +48,6 @@ import numpy.typing as npt
 from prometheus_client.core import Metric
 
 from dht.core import sizing
-from dht.core.clock import monotonic_ms
 from dht.core.errors import DhtError, InvalidArgument
 from dht.core.ops import BatchCall, Op
 from dht.core.peers import replica_mask
@@ -136,7 +135,7 @@ class Pops:
         self.skipped: dict[str, int] = {}
         self.quorums: sizing.Quorums | None = None
         self._pop_size = 0
-        self._started_ms = monotonic_ms()
+        self._started_ms = self.node.mono_ms()
         self.startup = asyncio.Event()  # set once the start-up resync is done or timed out
         if not self.links:
             self.startup.set()
@@ -170,7 +169,7 @@ class Pops:
             self._enqueue(entries[ship].tobytes(), kinds[ship])
 
     def _enqueue(self, raw: bytes, kinds: npt.NDArray[np.uint8]) -> None:
-        now = monotonic_ms()
+        now = self.node.mono_ms()
         for link in self.links.values():
             link.enqueue(raw, kinds, now)
 
@@ -302,7 +301,7 @@ class Pops:
             for link in self.links.values():
                 if not link.synced:
                     await link.resync("start-up")
-            if not self.startup.is_set() and monotonic_ms() >= deadline:
+            if not self.startup.is_set() and self.node.mono_ms() >= deadline:
                 log.warning(
                     "ready without a complete resync from %s after %.1f s (PoPs unreachable?)",
                     sorted(n for n, lk in self.links.items() if not lk.synced),
@@ -320,6 +319,9 @@ class Pops:
     @property
     def num_partitions(self) -> int:
         return self.node.table.num_partitions
+
+    def mono_ms(self) -> int:
+        return self.node.mono_ms()
 
     def hlc_now(self) -> int:
         return self.node.clock.now()

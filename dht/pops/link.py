@@ -17,7 +17,6 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from dht.core.clock import monotonic_ms
 from dht.core.config import NodeConfig
 from dht.core.wire import ENTRY_SIZE, EntryArray
 from dht.pops.shipping import Kind, LagSamples, OutQueue, entry_hashes, exchanged_set, pop_digests
@@ -34,6 +33,10 @@ class Home(Protocol):
 
     @property
     def num_partitions(self) -> int: ...
+
+    def mono_ms(self) -> int:
+        """The node's monotonic clock (queue stamps and lag)."""
+        ...
 
     def hlc_now(self) -> int:
         """A fresh HLC stamp of the node's clock (``sent_hlc`` of a batch)."""
@@ -185,7 +188,7 @@ class PeerPop:
         for kind, n in zip(*np.unique(kinds, return_counts=True), strict=True):
             k = Kind(int(kind))
             stats.records[k] = stats.records.get(k, 0) + int(n)
-        self.lag.add(monotonic_ms() - queued_ms)
+        self.lag.add(self.home.mono_ms() - queued_ms)
 
     # ------------------------------------------------------------------ exchange
 

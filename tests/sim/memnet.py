@@ -66,11 +66,10 @@ from dht.core.ops import BatchCall, Op
 from dht.core.placement import Member
 from dht.core.wire import ENTRY_SIZE, RESULT_DTYPE, ResultArray, key_hashes
 from dht.edge import convert
-from dht.edge.pop_grpc import _parts
+from dht.edge.pop_grpc import partitions_field
 from dht.edge.status import grpc_status
 from dht.node.node import Node
 from dht.node.replication import MergeResult, PeerUnreachable
-from dht.pops import extension as pops_extension
 from dht.pops.extension import Digests, Pops, PopUnreachable, ShipResult
 from dht.tools.cluster import plan
 
@@ -176,7 +175,6 @@ class Network:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._t0_us = 0
         self._entered = False
-        self._saved_mono: Callable[[], int] | None = None
 
     async def __aenter__(self) -> Network:
         loop = asyncio.get_running_loop()
@@ -192,9 +190,6 @@ class Network:
             return plain_call_at(_us(when) / 1_000_000, *args, **kwargs)
 
         loop.call_at = call_at  # type: ignore[method-assign,assignment]
-        # Pops reads the process's monotonic clock (not the node's): point it at ours.
-        self._saved_mono = pops_extension._monotonic_ms
-        pops_extension._monotonic_ms = self.now_ms
         self._entered = True
         return self
 
@@ -214,9 +209,6 @@ class Network:
             for sim in list(self.by_id.values()):
                 await self.stop(sim.node_id, leave=False)
         finally:
-            if self._saved_mono is not None:
-                pops_extension._monotonic_ms = self._saved_mono
-                self._saved_mono = None
             if self._loop is not None and "call_at" in vars(self._loop):
                 del self._loop.call_at  # the loop's own method again
         if check:
@@ -355,12 +347,11 @@ class Network:
             if not sim.serving:
                 continue
             node = sim.node
-            repl = node.replicator
             if not (node.in_sync and node.accepting and sim.pops.startup.is_set()):
                 return False
-            if not all(h.up for h in repl.health.values()):
+            if not all(h.up for h in node.view.health.values()):
                 return False
-            if any(repl.hints.count(p) for p in repl.health):
+            if any(node.repair.hints.count(p) for p in node.view.health):
                 return False
         return True
 
@@ -711,11 +702,11 @@ def _through_wire(call: BatchCall) -> BatchCall:
 
 def _merge_note(res: MergeResult) -> str:
     """What a replica said to a write, beyond taking it."""
-    if res.fenced:
+    if res.fenced.size:
         return "fenced"
     if res.stale:
         return "stale"
-    return "superseded" if res.superseded else ""
+    return "superseded" if res.superseded.size else ""
 
 
 def _kept_note(kept: bytes) -> str:
@@ -780,7 +771,7 @@ class MemPeerTransport:
         from_node = self.node_id
 
         async def serve(n: Node) -> tuple[int, list[Any]]:
-            n.replicator.heard_from(from_node)
+            n.view.heard_from(from_node)
             n.gossip_in(convert.members_from_pb(sent))
             return n.table.epoch, convert.members_to_pb(n.membership.view())
 
@@ -808,22 +799,27 @@ class MemPeerTransport:
         entries: bytes,
         hinted: bool,
         issued_hlc: int = 0,
-        terms: bytes = b"",
+        terms: npt.NDArray[np.uint64] | None = None,
     ) -> MergeResult:
-        raw, wire_terms, from_node = bytes(entries), bytes(terms), self.node_id
+        raw, from_node = bytes(entries), self.node_id
+        wire_terms = None if terms is None else terms.copy()
 
         async def serve(n: Node) -> MergeResult:
             return n.internal_replicate(raw, issued_hlc, wire_terms, from_node)
 
-        kind = "Replicate" if terms else ("Replicate:hinted" if hinted else "Replicate:copies")
+        kind = (
+            "Replicate"
+            if terms is not None
+            else ("Replicate:hinted" if hinted else "Replicate:copies")
+        )
         res = await self._rpc(member, kind, self.rpc_timeout_s, serve, _merge_note)
         return MergeResult(
             res.applied,
             res.refused,
             res.stale,
-            bytes(res.fenced),
+            res.fenced.copy(),
             res.fenced_by,
-            bytes(res.superseded),
+            res.superseded.copy(),
         )
 
     async def promise(
@@ -831,20 +827,19 @@ class MemPeerTransport:
     ) -> npt.NDArray[np.uint64]:
         raw, from_node = _pack_parts(partitions), self.node_id
 
-        async def serve(n: Node) -> bytes:
-            n.replicator.heard_from(from_node)
-            return n.internal_promise(raw, term, from_node)
+        async def serve(n: Node) -> npt.NDArray[np.uint64]:
+            n.view.heard_from(from_node)
+            return n.internal_promise(n.partitions_arg(raw), term, from_node).copy()
 
-        answer = await self._rpc(member, "Promise", self.rpc_timeout_s, serve)
-        promised = np.frombuffer(answer, dtype=">u8").astype(np.uint64)
+        promised = await self._rpc(member, "Promise", self.rpc_timeout_s, serve)
         if len(promised) != len(partitions):
             raise PeerUnreachable(member.node_id, f"answered {len(promised)} promises")
         return promised
 
     async def undo(
-        self, member: Member, written: bytes, before: bytes, terms: bytes
+        self, member: Member, written: bytes, before: bytes, terms: npt.NDArray[np.uint64]
     ) -> npt.NDArray[np.intp]:
-        w, b, t = bytes(written), bytes(before), bytes(terms)
+        w, b, t = bytes(written), bytes(before), terms.copy()
 
         async def serve(n: Node) -> bytes:
             kept = n.internal_undo(w, b, t)
@@ -958,7 +953,7 @@ class MemPopTransport:
         async def serve(n: Node) -> tuple[bytes, bytes, bytes]:
             pops = self._pops(n)
             pops.peer_pop_name(from_pop)
-            d = pops.digests_for(_parts(raw, num_partitions), num_partitions, cutoff_ms)
+            d = pops.digests_for(partitions_field(raw, num_partitions), num_partitions, cutoff_ms)
             return (
                 _pack_parts(d.partitions),
                 d.digests.astype(">u8").tobytes(),
@@ -986,7 +981,7 @@ class MemPopTransport:
         def serve(n: Node) -> AsyncIterator[bytes]:
             pops = self._pops(n)
             pops.peer_pop_name(from_pop)
-            return pops.fetch_for(_parts(raw, num_partitions), num_partitions, cutoff_ms)
+            return pops.fetch_for(partitions_field(raw, num_partitions), num_partitions, cutoff_ms)
 
         # A bulk resync may stream for a while: bound each batch, not the stream.
         batches = self.net.stream(self.node_id, address, "PopFetch", self.timeout_s * 5, serve)

@@ -62,7 +62,7 @@ async def test_writes_need_quorums_in_both_tables_while_a_join_settles() -> None
             net.config("ams-4", "ams", JOINER_PORT, seeds=[nodes[1].address], replication_factor=2)
         )
         await net.until(lambda: len(p.node.table.members) == 4, what="P uses the new table")
-        assert p.node.replicator.prev is not None, "the previous table is still in force"
+        assert p.node.view.prev is not None, "the previous table is still in force"
         _, (p2, d2) = net.replicas(raw, via=p.node_id)
         assert (p2, d2) == (p, joiner)
 
@@ -86,7 +86,7 @@ async def test_writes_need_quorums_in_both_tables_while_a_join_settles() -> None
         assert joiner.node.undone_for_others == 1
 
         def settled() -> bool:
-            repl = p.node.replicator
+            repl = p.node.view
             return repl.now_ms() >= repl.joint_until_ms and repl.epochs_agree()
 
         # Q, cut off, is down for P, so its epoch is not waited for. (Under a one-way

@@ -40,9 +40,9 @@ async def test_faults_as_a_caller_sees_them() -> None:
         net.cut(a.node_id, b.node_id, both=False)
         assert await ping(net, a, b) == ("unreachable", probe_ms), "times out"
         assert net.trace[-1].outcome == "timeout:cut"
-        heard = a.node.replicator.health[b.node_id].last_ok_ms
+        heard = a.node.view.health[b.node_id].last_ok_ms
         assert await ping(net, b, a) == ("unreachable", probe_ms), "the answer is cut"
-        assert a.node.replicator.health[b.node_id].last_ok_ms > heard, "a ran b's call"
+        assert a.node.view.health[b.node_id].last_ok_ms > heard, "a ran b's call"
         net.heal()
 
         net.set_loss(a.node_id, c.node_id, 1.0, both=False)

@@ -52,7 +52,7 @@ async def test_conflicting_claims_during_a_cut_resolve_to_the_earliest() -> None
             ``owner``: read from the stores, without calls."""
             for sim in ams + fra:
                 node = sim.node
-                res = node.store.lookup(*_keys(raw), node._now_ms())
+                res = node.store.lookup(*_keys(raw), node.clock.wall_ms())
                 mine = res[_replicated(sim, raw)]
                 if set(mine["status"].tolist()) - {status}:
                     return False

@@ -9,6 +9,7 @@ import asyncio
 import numpy as np
 
 from dht.core.ops import BatchCall, Op
+from dht.core.placement import PartitionMap
 from dht.core.record import Status
 from dht.core.wire import KEY_DTYPE, ResultArray, key_hashes
 from dht.tools.bench.keys import synthetic_keys
@@ -97,7 +98,7 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
         assert held_by(z, raw)["status"][0] == Status.NOT_FOUND, "never reached"
         assert x.node.replicator.stats.undone_remote == 1
         assert y.node.undone_for_others == 1
-        assert x.node.replicator.hints.count(z.node_id) == 0, "no hint of a failed write"
+        assert x.node.repair.hints.count(z.node_id) == 0, "no hint of a failed write"
         outcomes = {(e.dst, e.kind, e.outcome) for e in net.trace if e.src == x.node_id}
         assert (z.node_id, "Replicate", "timeout:cut") in outcomes
         assert (y.node_id, "Undo", "ok") in outcomes
@@ -172,7 +173,7 @@ async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged(
         assert (await net.call(x.node_id, claim(raw_a, pop=1)))["status"][0] == Status.CREATED
         keys_b = np.frombuffer(raw_b, dtype=KEY_DTYPE)
         planted = z.node.store.claim(
-            keys_b, key_hashes(raw_b), pop=2, server=0, ttl_ms=60_000, now_ms=z.node._now_ms()
+            keys_b, key_hashes(raw_b), pop=2, server=0, ttl_ms=60_000, now_ms=z.node.clock.wall_ms()
         )[0]
         net.set_delay(x.node_id, y.node_id, 50)
         got = (await net.call(x.node_id, claim(raw_b, pop=1)))[0]
@@ -195,3 +196,56 @@ async def test_a_claim_that_loses_to_a_claim_on_one_replica_is_not_acknowledged(
             (z.node_id, "ReadCopies", "ok"),
             (y.node_id, "Undo", "ok"),
         ], steps
+
+
+async def test_a_new_primary_reads_a_quorum_until_it_holds_a_term() -> None:
+    """V coordinates a claim that V and B acknowledge; A, the third replica, misses it
+    (the link V -> A is cut). V dies and is declared dead, and in the new table A is the
+    partition's primary. A's own copy lacks the acknowledged claim and A never took the
+    partition over (it holds no term), so it must not answer the look-up from its copy
+    alone (NOT_FOUND for a live connection is a reset): it reads a quorum, and takes the
+    partition over in the background so that later reads are local again."""
+    async with Network(seed=5) as net:
+        nodes = await net.start_pop(3)
+        members = nodes[0].node.table.members
+        cfg = nodes[0].node.config
+        for i in range(500):
+            raw = synthetic_keys(1, seed=60, start=60_000_000 + i)
+            part, (v, b, a) = net.replicas(raw)
+            after = PartitionMap.build(
+                [m for m in members if m.node_id != v.node_id],
+                cfg.num_partitions,
+                2,
+                cfg.vnodes,
+            )
+            if after.members[int(after.replicas[part][0])].node_id == a.node_id:
+                break
+        else:
+            raise AssertionError("no key whose third replica becomes the primary")
+
+        net.cut(v.node_id, a.node_id, both=False)
+        acked = (await net.call(v.node_id, claim(raw, pop=1)))[0]
+        assert acked["status"] == Status.CREATED
+        assert held_by(b, raw)["status"][0] == Status.OK
+        assert held_by(a, raw)["status"][0] == Status.NOT_FOUND, "A missed the write"
+
+        await net.stop(v.node_id, leave=False)
+        await net.until(
+            lambda: (
+                [m.node_id for m in a.node.table.members] == [a.node_id, b.node_id]
+                or [m.node_id for m in a.node.table.members] == [b.node_id, a.node_id]
+            ),
+            what="V declared dead at A",
+        )
+        assert int(a.node.table.primaries[part]) == a.node.self_index
+        assert held_by(a, raw)["status"][0] == Status.NOT_FOUND, "not repaired yet"
+        assert a.node.terms.held[part] == 0, "A never took the partition over"
+
+        seen = (await net.call(a.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert seen["status"] == Status.OK and seen["owner_pop"] == 1, seen
+        assert seen["birth_hlc"] == acked["birth_hlc"]
+        reads = [e for e in net.trace if e.src == a.node_id and e.kind == "ReadCopies"]
+        assert any(e.dst == b.node_id for e in reads), "a quorum read, not A's copy alone"
+        await net.until(lambda: a.node.terms.held[part] > 0, what="A takes the partition over")
+        again = (await net.call(a.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert again["status"] == Status.OK and again["birth_hlc"] == acked["birth_hlc"]
