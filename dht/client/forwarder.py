@@ -195,7 +195,8 @@ class _Batcher:
             await self._wake.wait()
             if len(self._waiting) < self._max and self._window_s > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self._window_s)
+                    async with asyncio.timeout(self._window_s):
+                        await self._full.wait()
             self._full.clear()
             keys = list(self._waiting)[: self._max]
             futs = [self._waiting.pop(k) for k in keys]
@@ -531,7 +532,8 @@ class Forwarder:
         while not self._stop.is_set():
             delay = cfg.refresh_interval_s * random.uniform(0.9, 1.1)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
             if self._stop.is_set():
                 return
             try:

@@ -196,7 +196,8 @@ class GrpcPeerTransport:
         )
         try:
             while True:
-                batch = await asyncio.wait_for(call.read(), self._rpc_timeout_s * 5)
+                async with asyncio.timeout(self._rpc_timeout_s * 5):
+                    batch = await call.read()
                 if not isinstance(batch, pb.EntryBatch):  # grpc.aio.EOF
                     return
                 yield batch.entries

@@ -131,8 +131,10 @@ class _Stream:
         if self._call is None:
             self._call = t.stub(self._address).Ship()
         try:
-            await asyncio.wait_for(self._call.write(t.batch(seq, raw, sent_hlc)), t.timeout_s)
-            ack = await asyncio.wait_for(self._call.read(), t.timeout_s)
+            async with asyncio.timeout(t.timeout_s):
+                await self._call.write(t.batch(seq, raw, sent_hlc))
+            async with asyncio.timeout(t.timeout_s):
+                ack = await self._call.read()
         except _STREAM_ERRORS as e:
             raise PopUnreachable(f"{self._address}: {_describe(e)}") from None
         except TimeoutError:
@@ -229,7 +231,8 @@ class GrpcPopTransport:
         try:
             while True:
                 # A bulk resync may stream for a while: bound each batch, not the stream.
-                batch = await asyncio.wait_for(call.read(), self.timeout_s * 5)
+                async with asyncio.timeout(self.timeout_s * 5):
+                    batch = await call.read()
                 if not isinstance(batch, pb.ShipBatch):  # grpc.aio.EOF
                     return
                 yield batch.entries

@@ -213,7 +213,8 @@ class Liveness:
                     await self.repair.sync_with(member, push=True, partitions=theirs)
 
         try:
-            await asyncio.wait_for(handoff(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await handoff()
             log.info("left after handing off in %.2f s", time.perf_counter() - started)
         except (TimeoutError, PeerUnreachable) as e:
             log.warning(
@@ -315,10 +316,7 @@ class Liveness:
                 self._dead(),
             ):
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.tasks.stopping.wait(), timeout=self.config.probe_interval_s
-                )
+            await self.tasks.pause(self.config.probe_interval_s)
         if self.tasks.stopping.is_set():
             return
         self.state.part_ready[self.state.replicas] = True
@@ -359,10 +357,7 @@ class Liveness:
             ):
                 self.state.part_ready[acquired] = True
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.tasks.stopping.wait(), timeout=self.config.probe_interval_s
-                )
+            await self.tasks.pause(self.config.probe_interval_s)
         self.transfers -= int(acquired.size)
         log.info(
             "hand-off of %d partitions done in %.2f s", acquired.size, time.perf_counter() - started

@@ -1,7 +1,13 @@
 """Every background task of a node has an owner: this.
 
 A failing task is logged and recorded in ``failed`` (``/livez`` and ``/readyz`` show it);
-periodic loops are one coroutine each, with jitter, until the stop event.
+periodic loops are one coroutine each, with jitter, until the stop event. Stopping is
+bounded: a task that does not end after being cancelled is cancelled again and, past the
+bound, left behind with a logged reason rather than hanging the node's stop.
+
+Waits use ``asyncio.timeout``, never ``asyncio.wait_for``: on Python 3.11 ``wait_for``
+loses a cancellation that arrives as the awaited thing completes, and a loop that loses
+its cancellation never ends.
 """
 
 from __future__ import annotations
@@ -14,6 +20,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# How long stopping waits for cancelled tasks to end, in all (they normally end at once).
+CANCEL_BOUND_S = 5.0
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for ``event`` at most ``timeout_s``; True if it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()
 
 
 class Tasks:
@@ -54,16 +71,29 @@ class Tasks:
             if result is not None:
                 await result
             delay = interval_s * random.uniform(0.9, 1.1)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+            await self.pause(delay)
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if the node stops meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        await wait_event(self.stopping, seconds)
 
-    async def cancel_all(self, *extra: asyncio.Task[Any]) -> None:
-        tasks = list(self._tasks) + list(extra)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def cancel_all(
+        self, *extra: asyncio.Task[Any], bound_s: float = CANCEL_BOUND_S
+    ) -> list[str]:
+        """Cancel every owned task (and ``extra``) and wait for them to end, cancelling
+        again those that swallow a cancellation, for at most ``bound_s``. Returns the
+        names of the tasks still running then (logged; they are left behind)."""
+        pending = {t for t in (*self._tasks, *extra) if not t.done()}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound_s
+        while pending:
+            for t in pending:
+                t.cancel()
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(left, 0.5))
+        stuck = sorted(t.get_name() for t in pending)
+        if stuck:
+            log.error("tasks still running %.1f s after cancel: %s", bound_s, stuck)
+        return stuck

@@ -143,7 +143,8 @@ class PeerPop:
             while True:
                 if not len(queue) and not queue.overflowed:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wake.wait(), 1.0)
+                        async with asyncio.timeout(1.0):
+                            await self.wake.wait()
                     self.wake.clear()
                     continue
                 if len(queue.pending) < cfg.ship_batch_records:
