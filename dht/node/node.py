@@ -172,6 +172,7 @@ class Node:
                 failure_timeout_ms=failure_timeout_ms,
                 max_clock_offset_ms=cfg.max_clock_offset_ms,
             ),
+            self.state.part_ready,
         )
         self.liveness = Liveness(
             cfg,

@@ -121,6 +121,7 @@ class Replicator:
         repair: Repair,
         stats: Stats,
         config: ReplicationConfig,
+        ready: npt.NDArray[np.bool_],
     ) -> None:
         self.view = view
         self.terms = terms
@@ -130,16 +131,25 @@ class Replicator:
         self.hints = repair.hints
         self.stats = stats
         self.config = config
+        # Per partition: does this node hold the partition's data (refilled, or handed
+        # off)? Shared with the node, which flips it.
+        self.ready = ready
         self._now = view.now_ms
         self._background: set[asyncio.Future[Any]] = set()
 
     def _quorum_plan(
-        self, parts: npt.NDArray[np.uint16], need: Callable[[int, int, bool], int]
+        self,
+        parts: npt.NDArray[np.uint16],
+        need: Callable[[int, int, bool], int],
+        own_data: bool = False,
     ) -> tuple[list[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]], _Tally]:
         """Per other replica of ``parts`` in any of the tables in force: the positions it
         replicates and, per table, whether it counts there. Plus the tally to fill, where
         this node already counts wherever it is a replica, and each table needs
-        ``need(rf, W, ours)`` answers (a last row counts every holder, needing none)."""
+        ``need(rf, W, ours)`` answers (a last row counts every holder, needing none).
+        ``own_data``: this node counts only where it holds the partition's data (a quorum
+        read or a take-over counts copies seen; a partition still being refilled or handed
+        to this node has an incomplete copy here)."""
         tables = self.view.tables()
         n = len(parts)
         counts = np.zeros((len(tables) + 1, n), dtype=np.int32)
@@ -153,6 +163,8 @@ class Replicator:
             reps = table.replicas[parts]  # (n, rf)
             if me >= 0:
                 counts[t] = (reps == me).any(axis=1)
+                if own_data:
+                    counts[t] &= self.ready[parts]
             for m in np.unique(reps):
                 if m == me:
                     continue
@@ -391,7 +403,7 @@ class Replicator:
         # helps, and waiting for one would stop writes when a replica dies, so the
         # take-over needs only this node (and W = 1 promises no fencing).
         plan, tally = self._quorum_plan(
-            parts.astype(np.uint16), lambda rf, w, _: 1 if w == 1 else rf - w + 1
+            parts.astype(np.uint16), lambda rf, w, _: 1 if w == 1 else rf - w + 1, own_data=True
         )
         # Past the quorum, every replica that answers within the RPC timeout is pulled
         # from too: a write that was answered as failed but reached some replicas
@@ -412,8 +424,8 @@ class Replicator:
         self, keys: bytes, parts: npt.NDArray[np.uint16]
     ) -> npt.NDArray[np.bool_]:
         """Fetch the copies other replicas hold of ``keys`` and merge them into the local
-        store. True per key where a read quorum (this replica + R-1 others, in each
-        table in force) answered."""
+        store. True per key where a read quorum (this replica, if it holds the
+        partition's data, and others up to R, in each table in force) answered."""
         rows = np.frombuffer(keys, dtype=np.uint8).reshape(-1, 40)
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
@@ -421,7 +433,9 @@ class Replicator:
 
         # In our own table R as set for it (a PoP sized down may run R = 1, dht.core.sizing).
         plan, tally = self._quorum_plan(
-            parts, lambda rf, w, ours: self.view.read_quorum if ours else read_quorum(rf, w)
+            parts,
+            lambda rf, w, ours: self.view.read_quorum if ours else read_quorum(rf, w),
+            own_data=True,
         )
         if not tally.met():
             await self._until_quorum(plan, tally, one)

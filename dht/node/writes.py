@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from dht.core import metrics as m
 from dht.core.config import NodeConfig
-from dht.core.errors import DhtError, NotReady
+from dht.core.errors import NotReady
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import Member
 from dht.core.record import HybridClock, Status
@@ -48,6 +48,7 @@ from dht.node.peerview import PeerView
 from dht.node.replica import Replica, same_claim
 from dht.node.replication import Replicator, as_entries
 from dht.node.state import NodeState
+from dht.node.takeovers import TakeOvers
 from dht.node.terms import Terms
 from dht.node.transport import ForwardCall, PeerUnreachable
 from dht.node.validate import ValidatedBatch, validate
@@ -106,12 +107,10 @@ class Coordinator:
         self.forward = forward
         self.extension = extension
         self._check_pause = check_pause
-        self._spawn = spawn
         self.pop_id = config.pop_id
         self.writes: set[asyncio.Task[None]] = set()  # coordinated writes still running
         # Partitions being taken over now, each with the take-over's future.
-        self._acquiring: dict[int, asyncio.Future[None]] = {}
-        self._warming: set[int] = set()  # partitions taken over in the background now
+        self.takeovers = TakeOvers(view, terms, replicator, clock, spawn)
         self.rollbacks = 0  # own writes put back (missed their quorum)
 
     async def drain(self, timeout_s: float) -> None:
@@ -170,8 +169,12 @@ class Coordinator:
             or self.terms.held[p] == 0
             or self.inflight.holds(key)
         ):
-            if self.terms.held[p] == 0 and self.state.table.primaries[p] == self.state.self_index:
-                self._warm(np.array([p], dtype=np.uint16))
+            if (
+                self.terms.held[p] == 0
+                and self.state.table.primaries[p] == self.state.self_index
+                and self.takeovers.settled()
+            ):
+                self.takeovers.warm(np.array([p], dtype=np.uint16))
             return None
         return self.store.lookup_one(key, h, self._now_ms(), p)
 
@@ -193,8 +196,8 @@ class Coordinator:
             # a quorum, and take the partitions over in the background for the next reads.
             # (A write takes its partitions over before it applies anything anyway.)
             unheld = authoritative & (self.terms.held[b.parts] == 0) & (coord == me_index)
-            if unheld.any():
-                self._warm(b.parts[unheld])
+            if unheld.any() and self.takeovers.settled():
+                self.takeovers.warm(b.parts[unheld])
             authoritative &= self.terms.held[b.parts] > 0
         actions = np.full(len(b.parts), Route.MOVED, dtype=np.uint8)
         actions[me & authoritative] = Route.LOCAL
@@ -267,7 +270,7 @@ class Coordinator:
         mutating = b.call.op.mutating
         nothing = idx[:0]
         if mutating:
-            ok = await self._take_over(b.parts[idx])
+            ok = await self.takeovers.take_over(b.parts[idx])
             if not ok.all():
                 out["status"][idx[~ok]] = Status.UNAVAILABLE
                 op = b.call.op.value
@@ -322,61 +325,6 @@ class Coordinator:
         fenced = (held <= 1) & (self.terms.held[b.parts[widx]] == 0)
         retry: npt.NDArray[np.intp] = widx[~acked & (fenced | superseded)]
         return retry
-
-    async def _take_over(self, parts: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
-        """Per key of ``parts``: does this node hold a term for its partition (taking
-        the partitions over first where it does not, see dht.node.replication)? A partition
-        already being taken over by another call is waited for, not taken over twice;
-        unrelated take-overs do not wait for each other."""
-        repl = self.replicator
-        if bool((self.terms.held[parts] > 0).all()):
-            return np.ones(len(parts), dtype=bool)
-        need = np.unique(parts[self.terms.held[parts] == 0]).astype(np.intp)
-        waiting = {self._acquiring[p] for p in need.tolist() if p in self._acquiring}
-        mine = np.array([p for p in need.tolist() if p not in self._acquiring], dtype=np.intp)
-        if mine.size:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            for p in mine.tolist():
-                self._acquiring[p] = fut
-            try:
-                got = await repl.acquire(mine, self.terms.next_term(mine, self.clock.now()))
-                if not got.all():
-                    log.warning(
-                        "took over %d of %d partitions (no promise quorum for the rest)",
-                        int(got.sum()),
-                        mine.size,
-                    )
-            finally:
-                for p in mine.tolist():
-                    if self._acquiring.get(p) is fut:
-                        del self._acquiring[p]
-                fut.set_result(None)
-        if waiting:
-            await asyncio.wait(waiting)
-        return np.asarray(self.terms.held[parts] > 0, dtype=bool)
-
-    def _warm(self, parts: npt.NDArray[np.uint16]) -> None:
-        """Take ``parts`` over in the background (once at a time per partition), so that
-        later reads of them are answered locally. Best effort: a take-over that fails is
-        logged, and the next read tries again."""
-        todo = [
-            p
-            for p in np.unique(parts).tolist()
-            if p not in self._acquiring and p not in self._warming
-        ]
-        if not todo or self._spawn is None:
-            return
-        self._warming.update(todo)
-
-        async def run() -> None:
-            try:
-                await self._take_over(np.array(todo, dtype=np.uint16))
-            except DhtError as e:
-                log.info("background take-over of %d partitions failed: %r", len(todo), e)
-            finally:
-                self._warming.difference_update(todo)
-
-        self._spawn(f"take-over-{todo[0]}+{len(todo) - 1}", run())
 
     def _copies(self, b: ValidatedBatch, idx: npt.NDArray[np.intp]) -> ResultArray:
         if b.prefixes is not None:

@@ -464,7 +464,7 @@ async def test_an_undo_is_refused_by_a_replica_that_coordinated_since(
     assert y.node.internal_undo(*undo).tolist() == [], "a promise elsewhere does not stop it"
     assert y.node.store.copies(keys, hashes)["status"][0] == Status.NOT_FOUND
     undo = await claimed()
-    assert (await y.node.coordinator._take_over(np.array([part], dtype=np.uint16))).all()
+    assert (await y.node.coordinator.takeovers.take_over(np.array([part], dtype=np.uint16))).all()
     assert y.node.internal_undo(*undo).tolist() == [0], "kept: Y coordinated the partition since"
     assert y.node.store.copies(keys, hashes)["status"][0] == Status.OK
 
@@ -618,7 +618,7 @@ async def test_a_write_both_other_replicas_took_stands_after_a_take_over(
             ),
             what="both replicas took A",
         )
-        took = await y.node.coordinator._take_over(np.array([part], dtype=np.uint16))
+        took = await y.node.coordinator.takeovers.take_over(np.array([part], dtype=np.uint16))
         assert took.all() and x.node.terms.held[part] == 0, "Y took over; X's term ended"
         gate.set()
         a = decode_results((await claim_a).results)[0]

@@ -204,7 +204,8 @@ async def test_a_new_primary_reads_a_quorum_until_it_holds_a_term() -> None:
     partition's primary. A's own copy lacks the acknowledged claim and A never took the
     partition over (it holds no term), so it must not answer the look-up from its copy
     alone (NOT_FOUND for a live connection is a reset): it reads a quorum, and takes the
-    partition over in the background so that later reads are local again."""
+    partition over in the background (once the change has settled) so that later reads
+    are local again."""
     async with Network(seed=5) as net:
         nodes = await net.start_pop(3)
         members = nodes[0].node.table.members
@@ -246,6 +247,69 @@ async def test_a_new_primary_reads_a_quorum_until_it_holds_a_term() -> None:
         assert seen["birth_hlc"] == acked["birth_hlc"]
         reads = [e for e in net.trace if e.src == a.node_id and e.kind == "ReadCopies"]
         assert any(e.dst == b.node_id for e in reads), "a quorum read, not A's copy alone"
+        # Once the membership change has settled, a read takes the partition over in the
+        # background (not during the change: nodes may disagree on who is primary).
+        await net.until(
+            lambda: len(a.node.view.tables()) == 1 and a.node.view.epochs_agree(),
+            what="the change settles at A",
+        )
+        await net.call(a.node_id, BatchCall(Op.LOOKUP, raw))
         await net.until(lambda: a.node.terms.held[part] > 0, what="A takes the partition over")
         again = (await net.call(a.node_id, BatchCall(Op.LOOKUP, raw)))[0]
         assert again["status"] == Status.OK and again["birth_hlc"] == acked["birth_hlc"]
+
+
+async def test_a_replica_still_being_handed_a_partition_does_not_count_its_own_copy() -> None:
+    """V coordinates a claim that V and A acknowledge; B, the third replica, misses it.
+    V dies: in the new table D is the partition's primary, and D's hand-off of it cannot
+    finish (the link between D and A is cut, and B alone does not cover it). D's copy of the
+    partition is incomplete, so a quorum read at D must not count it: D answers
+    UNAVAILABLE (the caller tries another replica), never NOT_FOUND from its own empty
+    copy plus B's stale one."""
+    async with Network(seed=7) as net:
+        # No anti-entropy during the test: B stays without the claim.
+        nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
+        members = nodes[0].node.table.members
+        cfg = nodes[0].node.config
+        for i in range(2_000):
+            raw = synthetic_keys(1, seed=61, start=61_000_000 + i)
+            part, (v, a, b) = net.replicas(raw)
+            after = PartitionMap.build(
+                [m for m in members if m.node_id != v.node_id],
+                cfg.num_partitions,
+                3,
+                cfg.vnodes,
+            )
+            d_id = after.members[int(after.replicas[part][0])].node_id
+            if d_id not in (v.node_id, a.node_id, b.node_id):
+                break
+        else:
+            raise AssertionError("no key whose new primary is a new replica")
+        d = net.by_id[d_id]
+
+        net.cut(v.node_id, b.node_id, both=False)
+        acked = (await net.call(v.node_id, claim(raw, pop=1)))[0]
+        assert acked["status"] == Status.CREATED
+        assert held_by(a, raw)["status"][0] == Status.OK
+        assert held_by(b, raw)["status"][0] == Status.NOT_FOUND, "B missed the write"
+
+        net.cut(d.node_id, a.node_id)
+        await net.stop(v.node_id, leave=False)
+        await net.until(
+            lambda: (
+                v.node_id not in {m.node_id for m in d.node.table.members}
+                and len(d.node.view.tables()) == 1
+            ),
+            what="V declared dead at D and the change settled there",
+        )
+        assert int(d.node.table.primaries[part]) == d.node.self_index
+        assert not d.node.part_ready[part], "D's hand-off of the partition is not done"
+
+        seen = (await net.call(d.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert seen["status"] != Status.NOT_FOUND, "an acknowledged claim answered NOT_FOUND"
+        assert seen["status"] == Status.UNAVAILABLE, seen
+
+        net.heal()
+        await net.until(lambda: bool(d.node.part_ready[part]), what="D's hand-off ends")
+        found = (await net.call(d.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert found["status"] == Status.OK and found["birth_hlc"] == acked["birth_hlc"]
