@@ -49,12 +49,20 @@ class StoreLimits:
     ``max_records``: new embryonic claims are refused (REFUSED_FULL) at this many records.
     ``hard_max_records``: replicated records (and confirms that would create a record) are
     refused past this; the node then reports not-ready.
+    ``max_affinity_records``: new SetAffinity entries are refused (REFUSED_FULL) at this
+    many affinity records; ``hard_max_affinity_records``: affinity copies from replicas and
+    other PoPs are refused (counted) past this.
     ``embryonic_quota_per_prefix``: embryonic records per client prefix (/prefix_v4 of an
     IPv4 client, /prefix_v6 of an IPv6 client), so a SYN flood cannot fill the table.
     """
 
     max_records: int = 5_000_000
     hard_max_records: int = 6_000_000
+    # One record per client prefix (/32 by default) with a preferred PoP: ~300 bytes each
+    # in the dict layout, so 1M ~ 300 MB, the order of the flow table's 5M x 72 bytes.
+    # The hard ceiling leaves room for copies from replicas and PoPs past the soft one.
+    max_affinity_records: int = 1_000_000
+    hard_max_affinity_records: int = 1_200_000
     embryonic_quota_per_prefix: int = 1000
     prefix_v4: int = 32
     prefix_v6: int = 64
@@ -62,6 +70,10 @@ class StoreLimits:
     def __post_init__(self) -> None:
         if not 0 <= self.max_records <= self.hard_max_records:
             raise ConfigError("store limits: want 0 <= max_records <= hard_max_records")
+        if not 0 <= self.max_affinity_records <= self.hard_max_affinity_records:
+            raise ConfigError(
+                "store limits: want 0 <= max_affinity_records <= hard_max_affinity_records"
+            )
         if self.embryonic_quota_per_prefix < 0:
             raise ConfigError("store limits: embryonic_quota_per_prefix must be >= 0")
         if not (0 <= self.prefix_v4 <= 32 and 0 <= self.prefix_v6 <= 128):
@@ -94,6 +106,12 @@ class NodeConfig:
     # forwarders live), 0 = the gRPC port's number (clients find it without configuration),
     # N = that port. Refused together with TLS (it has none).
     udp_lookup_port: int = -1
+    # Datagrams the UDP listener answers through the full path (quorum read, forward) at
+    # once; beyond this they are dropped and counted (dht_requests_total{method=
+    # "UdpLookup",code="DROPPED"}), so a flood of keys the node cannot answer alone costs
+    # bounded memory. 1024 is ~100x what a forwarder has in flight at a cache miss rate
+    # of 100k/s answered in ~1 ms.
+    udp_max_inflight: int = 1024
     # The host other nodes and clients dial; defaults to ``host`` (set it when listening
     # on 0.0.0.0, e.g. the docker profile).
     advertise_host: str | None = None
@@ -227,6 +245,8 @@ def validate(cfg: NodeConfig) -> None:
         bad(f"udp_lookup_port {cfg.udp_lookup_port} outside -1..65535 (-1 off, 0 = gRPC port)")
     if cfg.udp_lookup_port >= 0 and cfg.tls is not None:
         bad("udp_lookup_port cannot be combined with TLS: the UDP listener is plaintext")
+    if cfg.udp_max_inflight < 1:
+        bad("udp_max_inflight must be >= 1")
     if cfg.replication_factor < 1:
         bad("replication_factor must be >= 1")
     if not 1 <= cfg.num_partitions <= 65535:

@@ -28,7 +28,9 @@ TLS; bind it only where forwarders live. An answer is never longer than the requ
 answers (results are 32 bytes per 40-byte key, error text is cut to fit), so the listener
 cannot amplify spoofed traffic; datagrams shorter than the 8-byte header are dropped (there
 is no request id to answer) and counted as ``dht_requests_total{method="UdpLookup",
-code="DROPPED"}``.
+code="DROPPED"}``. So are datagrams that need the full path while ``udp_max_inflight`` of
+them are already on it: a flood of keys this node cannot answer alone costs bounded memory
+and leaves the event loop to the rest of the node (the client resends).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class UdpLookupProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._count = node.metrics.requests
+        self._max_inflight = node.config.udp_max_inflight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -105,6 +108,9 @@ class UdpLookupProtocol(asyncio.DatagramProtocol):
             self._send(addr, 0, rid, b"".join(a for a in answers if a is not None), count)
             return
         # Some key is not this node's to answer alone: the full path, off the fast path.
+        if len(self._tasks) >= self._max_inflight:
+            self._count.labels(METHOD, "DROPPED").inc()
+            return
         task = asyncio.get_running_loop().create_task(
             self._full_path(addr, rid, data[HEADER.size :], count, len(data))
         )

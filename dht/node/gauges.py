@@ -42,9 +42,17 @@ def store_gauges(
     )
     yield m.counter(
         "dht_refusals",
-        "records refused, by reason (full/quota: new claims; hard: replicated copies)",
+        "records refused, by reason (full/quota: new claims; hard: replicated copies and "
+        "confirms at the hard ceiling; embryonic_copy: replicated embryonic copies there)",
         ["reason"],
         {(k,): v for k, v in store.refusals.items()},
+    )
+    yield m.counter(
+        "dht_affinity_refusals",
+        "affinity records refused, by reason (full: new SetAffinity prefixes past "
+        "max_affinity_records; hard: copies from replicas and PoPs past the hard ceiling)",
+        ["reason"],
+        {(k,): v for k, v in affinity.refusals.items()},
     )
     yield m.counter(
         "dht_clock_offset_rejections", "remote HLC stamps rejected", [], {(): clock.rejected}

@@ -156,8 +156,11 @@ class Liveness:
                 self.view.mark_failed(member, e, started)
                 return False
             self.view.mark_ok(member)
-            self.gossip_in(view)
-            self.view.saw_epoch(member.node_id, epoch)
+            try:
+                self.gossip_in(view)
+                self.view.saw_epoch(member.node_id, epoch)
+            except Exception as e:  # one peer's answer: skipped, the others still count
+                self.tasks.error("probe", e)
             return True
 
         answers = await asyncio.gather(*(direct(m) for m in peers))
@@ -299,23 +302,13 @@ class Liveness:
         started = time.perf_counter()
         took_part: set[str] = set()
         while not self.tasks.stopping.is_set():
-            await self._join()
-            await self.probe_step()
-            # Pull only once every peer that is up uses our table: writes acknowledged
-            # under another table (say, while the others had declared us dead) are then
-            # already on them.
-            if self.view.epochs_agree():
-                took_part |= await self.repair.anti_entropy_round(push=False)
-            mine = np.flatnonzero(self.state.replicas)
-            if covered(
-                self.state.table,
-                self.config.node_id,
-                mine,
-                took_part,
-                self._need(lost_data),
-                self._dead(),
-            ):
-                break
+            try:
+                done = await self._resync_round(took_part, lost_data)
+                self.tasks.succeeded("resync")
+                if done:
+                    break
+            except Exception as e:  # one bad round (a peer's answer, a copy): try again
+                self.tasks.error("resync", e)
             await self.tasks.pause(self.config.probe_interval_s)
         if self.tasks.stopping.is_set():
             return
@@ -328,6 +321,25 @@ class Liveness:
             "in sync after %.2f s (%d records)",
             time.perf_counter() - started,
             len(self.replica.store),
+        )
+
+    async def _resync_round(self, took_part: set[str], lost_data: bool) -> bool:
+        """One round of the resync loop; True once enough replicas took part."""
+        await self._join()
+        await self.probe_step()
+        # Pull only once every peer that is up uses our table: writes acknowledged
+        # under another table (say, while the others had declared us dead) are then
+        # already on them.
+        if self.view.epochs_agree():
+            took_part |= await self.repair.anti_entropy_round(push=False)
+        mine = np.flatnonzero(self.state.replicas)
+        return covered(
+            self.state.table,
+            self.config.node_id,
+            mine,
+            took_part,
+            self._need(lost_data),
+            self._dead(),
         )
 
     async def _handoff(self, acquired: npt.NDArray[np.intp], old: PartitionMap) -> None:
@@ -350,6 +362,9 @@ class Liveness:
                     await self.repair.sync_with(member, push=False, partitions=acquired)
                 except PeerUnreachable as e:
                     self.view.mark_failed(member, e)
+                    continue
+                except Exception as e:  # one peer's copies: skipped, the others go on
+                    self.tasks.error("handoff", e)
                     continue
                 took_part.add(member.node_id)
             if covered(

@@ -83,7 +83,8 @@ class Node:
         self.metrics = m.NodeMetrics()
         self.clock = HybridClock(config.max_clock_offset_ms, wall_ms)
         self.store = FlowStore(config.ttl, config.limits, self.clock)
-        self.affinity = AffinityStore()
+        lim = config.limits
+        self.affinity = AffinityStore(lim.max_affinity_records, lim.hard_max_affinity_records)
         self.state = NodeState(config.num_partitions, joined=not config.seeds)
         self.tasks = Tasks(config.node_id)
         self.inflight = InFlight()
@@ -213,11 +214,13 @@ class Node:
         live = self.liveness
         self.tasks.stopping.clear()
         live.tick()
-        self.tasks.spawn("purge", self.tasks.every(cfg.purge_interval_s, self.purge_step))
-        self.tasks.spawn("pause-detector", self.tasks.every(0.1, live.tick))
-        self.tasks.spawn("probe", self.tasks.every(cfg.probe_interval_s, live.probe_step))
+        every = self.tasks.every
+        self.tasks.spawn("purge", every(cfg.purge_interval_s, self.purge_step, "purge"))
+        self.tasks.spawn("pause-detector", every(0.1, live.tick, "pause-detector"))
+        self.tasks.spawn("probe", every(cfg.probe_interval_s, live.probe_step, "probe"))
         self.tasks.spawn(
-            "anti-entropy", self.tasks.every(cfg.anti_entropy_interval_s, live.anti_entropy_step)
+            "anti-entropy",
+            every(cfg.anti_entropy_interval_s, live.anti_entropy_step, "anti-entropy"),
         )
         live.start_resync()
 
@@ -249,8 +252,10 @@ class Node:
         """Start an owned background task; a failure is logged and shows in /readyz."""
         self.tasks.spawn(name, coro)
 
-    async def every(self, interval_s: float, step: Callable[[], Awaitable[None] | None]) -> None:
-        await self.tasks.every(interval_s, step)
+    async def every(
+        self, interval_s: float, step: Callable[[], Awaitable[None] | None], name: str | None = None
+    ) -> None:
+        await self.tasks.every(interval_s, step, name)
 
     # ------------------------------------------------------------------ state
 
@@ -302,7 +307,8 @@ class Node:
 
     @property
     def failed_loops(self) -> dict[str, str]:
-        return self.tasks.failed
+        """Loops that ended with an error, and loops whose every recent step failed."""
+        return {**self.tasks.failing, **self.tasks.failed}
 
     @property
     def peers_transport(self) -> PeerTransport:
@@ -326,7 +332,7 @@ class Node:
         return self.liveness.dropped
 
     def live(self) -> bool:
-        return not self.tasks.failed
+        return not self.failed_loops
 
     def readiness(self) -> tuple[bool, list[str]]:
         """(ready, reasons it is not). Ready = serving and holding all its partitions."""
@@ -340,8 +346,9 @@ class Node:
             reasons.append("leaving: handing its partitions off")
         if not state.in_sync:
             reasons.append("refilling its partitions from the other replicas")
-        if self.tasks.failed:
-            reasons.extend(f"background loop {k} failed: {v}" for k, v in self.tasks.failed.items())
+        failed = self.failed_loops
+        if failed:
+            reasons.extend(f"background loop {k} failed: {v}" for k, v in failed.items())
         if self.store.over_hard_limit:
             reasons.append("store is over its hard record ceiling")
         if self.extension is not None:
@@ -427,6 +434,12 @@ class Node:
         ready, _ = self.readiness()
         yield from store_gauges(
             self.store, self.affinity, self.clock, ready, self.state.in_sync, self.pauses
+        )
+        yield m.counter(
+            "dht_loop_errors",
+            "failed steps of background loops (each skipped; the loop went on), by loop",
+            ["loop"],
+            {(k,): v for k, v in self.tasks.errors.items()},
         )
         if self._coordinator is None or self.state.pmap is None:
             return

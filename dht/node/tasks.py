@@ -1,7 +1,12 @@
 """Every background task of a node has an owner: this.
 
 A failing task is logged and recorded in ``failed`` (``/livez`` and ``/readyz`` show it);
-periodic loops are one coroutine each, with jitter, until the stop event. Stopping is
+periodic loops are one coroutine each, with jitter, until the stop event. One step of a
+periodic loop that raises (one bad record, one peer's odd answer) does not end the loop:
+it is logged, counted per loop in ``errors`` (``dht_loop_errors_total{loop}``) and the
+loop goes on at its next interval; a loop whose last ``REPEATED_FAILURES`` steps all
+failed shows in ``/livez`` (``failing``) as a dead one would. Cancellation is never
+caught. Stopping is
 bounded: a task that does not end after being cancelled is cancelled again and, past the
 bound, left behind with a logged reason rather than hanging the node's stop.
 
@@ -23,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # How long stopping waits for cancelled tasks to end, in all (they normally end at once).
 CANCEL_BOUND_S = 5.0
+# Consecutive failed steps after which a loop counts as failing (/livez): one bad step is
+# an item skipped, a loop that fails every time does no work at all.
+REPEATED_FAILURES = 5
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
@@ -39,6 +47,9 @@ class Tasks:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
         self.failed: dict[str, str] = {}
+        self.errors: dict[str, int] = {}  # failed steps (items skipped) per loop
+        self.streak: dict[str, int] = {}  # consecutive failed steps per loop
+        self.last_error: dict[str, str] = {}
 
     def spawn(self, name: str, coro: Awaitable[object]) -> asyncio.Task[None]:
         """Start an owned background task; a failure is logged and recorded."""
@@ -64,12 +75,47 @@ class Tasks:
         """Start an owned task whose failure is its owner's business (not recorded)."""
         return self.own(asyncio.create_task(coro, name=f"{self._owner}:{name}"))
 
-    async def every(self, interval_s: float, step: Callable[[], Awaitable[None] | None]) -> None:
-        """Run ``step`` every ``interval_s`` (+-10% jitter) until stop."""
+    def error(self, loop: str, e: BaseException) -> None:
+        """Record one failed step or item of ``loop`` (logged with its traceback)."""
+        log.error("loop %s: a step failed and was skipped: %r", loop, e, exc_info=e)
+        self.errors[loop] = self.errors.get(loop, 0) + 1
+        self.streak[loop] = self.streak.get(loop, 0) + 1
+        self.last_error[loop] = repr(e)
+
+    def succeeded(self, loop: str) -> None:
+        """A step of ``loop`` went through: it is no longer failing."""
+        self.streak.pop(loop, None)
+
+    @property
+    def failing(self) -> dict[str, str]:
+        """Loops whose last REPEATED_FAILURES steps failed, with their last error."""
+        return {
+            k: f"{n} steps failed in a row, last: {self.last_error.get(k, '?')}"
+            for k, n in self.streak.items()
+            if n >= REPEATED_FAILURES
+        }
+
+    async def every(
+        self,
+        interval_s: float,
+        step: Callable[[], Awaitable[None] | None],
+        name: str | None = None,
+    ) -> None:
+        """Run ``step`` every ``interval_s`` (+-10% jitter) until stop. A step that raises
+        is recorded (:meth:`error`, under ``name``, default the step's name) and the loop
+        goes on."""
+        loop: str = name or str(getattr(step, "__name__", "loop"))
         while not self.stopping.is_set():
-            result = step()
-            if result is not None:
-                await result
+            try:
+                result = step()
+                if result is not None:
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.error(loop, e)
+            else:
+                self.succeeded(loop)
             delay = interval_s * random.uniform(0.9, 1.1)
             await self.pause(delay)
 

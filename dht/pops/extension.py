@@ -250,11 +250,10 @@ class Pops:
         for link in self.links.values():
             node.spawn(f"ship->{link.name}", link.ship_loop())
         node.spawn("pop-resync", self._startup_resync())
-        node.spawn(
-            "pop-anti-entropy", node.every(self.config.pop_anti_entropy_interval_s, self._ae_step)
-        )
+        interval = self.config.pop_anti_entropy_interval_s
+        node.spawn("pop-anti-entropy", node.every(interval, self._ae_step, "pop-anti-entropy"))
         if self.replicate_after_ms:
-            node.spawn("pop-delay-line", node.every(0.1, self._delay_step))
+            node.spawn("pop-delay-line", node.every(0.1, self._delay_step, "pop-delay-line"))
 
     async def close(self) -> None:
         await self.transport.close()
@@ -291,6 +290,8 @@ class Pops:
                 await link.sync_with(self._primaries())
             except PopUnreachable as e:
                 link.failed(e)
+            except Exception as e:  # one PoP's exchange: skipped, the other PoPs go on
+                self.loop_error("pop-anti-entropy", e)
 
     async def _startup_resync(self) -> None:
         """Exchange every partition this node replicates with every other PoP once; until
@@ -300,7 +301,10 @@ class Pops:
         while not all(link.synced for link in self.links.values()):
             for link in self.links.values():
                 if not link.synced:
-                    await link.resync("start-up")
+                    try:
+                        await link.resync("start-up")
+                    except Exception as e:  # tried again in a moment, as when unreachable
+                        self.loop_error("pop-resync", e)
             if not self.startup.is_set() and self.node.mono_ms() >= deadline:
                 log.warning(
                     "ready without a complete resync from %s after %.1f s (PoPs unreachable?)",
@@ -322,6 +326,9 @@ class Pops:
 
     def mono_ms(self) -> int:
         return self.node.mono_ms()
+
+    def loop_error(self, loop: str, e: BaseException) -> None:
+        self.node.tasks.error(loop, e)
 
     def hlc_now(self) -> int:
         return self.node.clock.now()

@@ -60,6 +60,11 @@ class Home(Protocol):
         """Apply records pulled from PoP ``from_pop`` (as if shipped)."""
         ...
 
+    def loop_error(self, loop: str, e: BaseException) -> None:
+        """One item of a loop failed (logged, counted in dht_loop_errors_total); the loop
+        skips it and goes on."""
+        ...
+
 
 @dataclass
 class LinkStats:
@@ -168,6 +173,13 @@ class PeerPop:
                         stream = None
                         failed = True
                         break
+                    except Exception as e:  # an odd answer: resent on a new stream
+                        self.home.loop_error(f"ship->{self.name}", e)
+                        self.failed(e)
+                        await stream.close()
+                        stream = None
+                        failed = True
+                        break
                     queue.acked()
                     self.ok()
                     self._count_shipped(batch.kinds, batch.queued_ms)
@@ -203,6 +215,9 @@ class PeerPop:
         except PopUnreachable as e:
             self.failed(e)
             complete = False
+        except Exception as e:  # tried again at the next resync, as when unreachable
+            self.home.loop_error(f"pop-resync->{self.name}", e)
+            complete = False
         if complete:
             self.stats.resyncs += 1
             self.synced = True
@@ -231,22 +246,45 @@ class PeerPop:
             except PopUnreachable as e:
                 log.info("PoP %s node %s: no digests: %s", self.name, address, e)
                 continue
+            except Exception as e:  # one node's odd answer: skipped, the next one asked
+                home.loop_error(f"pop-exchange->{self.name}", e)
+                continue
             self.ok()
-            covered = theirs.partitions
+            try:
+                covered = theirs.partitions
+                differ = covered[theirs.digests != ours[covered]]
+            except Exception as e:
+                home.loop_error(f"pop-exchange->{self.name}", e)
+                continue
             remaining = np.setdiff1d(remaining, covered)
-            differ = covered[theirs.digests != ours[covered]]
             if not differ.size:
                 continue
             stats.ae_partitions += int(differ.size)
-            async for raw in self.transport.fetch(address, differ, num, cutoff):
-                stats.pulled += len(raw) // ENTRY_SIZE
-                await home.receive(raw, self.pop_id, 0, num)
-            mine = entries[np.isin(parts, differ) & exchanged_set(entries, cutoff)]
-            for start in range(0, len(mine), EXCHANGE_BATCH):
-                chunk = mine[start : start + EXCHANGE_BATCH].tobytes()
-                res = await self.transport.push(address, chunk, home.hlc_now())
-                if not res.ok:
-                    raise PopUnreachable(f"{self.name}: push not acknowledged: {res.error}")
-                stats.pushed += len(chunk) // ENTRY_SIZE
+            await self._exchange(address, differ, entries, parts, cutoff)
         stats.ae_rounds += 1
         return not remaining.size
+
+    async def _exchange(
+        self,
+        address: str,
+        differ: npt.NDArray[np.intp],
+        entries: EntryArray,
+        parts: npt.NDArray[np.intp],
+        cutoff: int,
+    ) -> None:
+        """Pull the partitions that differ from one node of the peer PoP, then push ours.
+        A pulled batch that cannot be applied is logged, counted and skipped."""
+        home, stats, num = self.home, self.stats, self.home.num_partitions
+        async for raw in self.transport.fetch(address, differ, num, cutoff):
+            stats.pulled += len(raw) // ENTRY_SIZE
+            try:
+                await home.receive(raw, self.pop_id, 0, num)
+            except Exception as e:
+                home.loop_error(f"pop-exchange->{self.name}", e)
+        mine = entries[np.isin(parts, differ) & exchanged_set(entries, cutoff)]
+        for start in range(0, len(mine), EXCHANGE_BATCH):
+            chunk = mine[start : start + EXCHANGE_BATCH].tobytes()
+            res = await self.transport.push(address, chunk, home.hlc_now())
+            if not res.ok:
+                raise PopUnreachable(f"{self.name}: push not acknowledged: {res.error}")
+            stats.pushed += len(chunk) // ENTRY_SIZE

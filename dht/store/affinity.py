@@ -46,10 +46,18 @@ def merge_affinity(a: Affinity, b: Affinity) -> Affinity:
 
 
 class AffinityStore:
-    def __init__(self) -> None:
+    """The affinity records of one node. Bounded: a SetAffinity for a prefix not held yet
+    is refused per key (REFUSED_FULL) at ``max_records``; copies from replicas and other
+    PoPs of prefixes not held are refused past ``hard_max_records``. Both are counted in
+    ``refusals`` (``full``, ``hard``); records held are always updated."""
+
+    def __init__(self, max_records: int = 1_000_000, hard_max_records: int = 1_200_000) -> None:
         self._records: dict[bytes, Affinity] = {}
         self._scan: list[bytes] = []
+        self._max = max_records
+        self._hard_max = max(max_records, hard_max_records)
         self.expirations = 0
+        self.refusals: dict[str, int] = {"full": 0, "hard": 0}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -71,6 +79,10 @@ class AffinityStore:
         for i, prefix in enumerate(prefixes):
             key = prefix.tobytes()
             old = self._records.get(key)
+            if old is None and len(self._records) >= self._max:
+                out["status"][i] = Status.REFUSED_FULL
+                self.refusals["full"] += 1
+                continue
             rec = new if old is None else merge_affinity(old, new)
             self._records[key] = rec
             _put(out, i, rec)
@@ -111,7 +123,9 @@ class AffinityStore:
 
     def merge_entries(self, entries: EntryArray, now_ms: int, grace_ms: int) -> int:
         """Apply copies (kind-2 entries); dead copies (expired beyond the grace) are
-        skipped and dead stored ones replaced. Returns the copies that changed a record."""
+        skipped and dead stored ones replaced; copies of prefixes not held are refused
+        (counted in ``refusals["hard"]``) past the hard ceiling. Returns the copies that
+        changed a record."""
         applied = 0
         dead_before = now_ms - grace_ms
         for key, rec in zip(entries["key"]["caddr"], entries["rec"], strict=True):
@@ -121,6 +135,9 @@ class AffinityStore:
             prefix = key.tobytes()
             new = Affinity(int(rec["owner_pop"]), int(rec["birth_hlc"]), expiry)
             old = self._records.get(prefix)
+            if old is None and len(self._records) >= self._hard_max:
+                self.refusals["hard"] += 1
+                continue
             merged = (
                 new if old is None or old.expiry_ms <= dead_before else merge_affinity(old, new)
             )

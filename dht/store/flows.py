@@ -77,14 +77,15 @@ class FlowStore:
         self._purge_table = 0
         self._hard_refused = False
         self.expirations = 0
-        self.refusals: dict[str, int] = {"full": 0, "quota": 0, "hard": 0}
+        self.refusals: dict[str, int] = {"full": 0, "quota": 0, "hard": 0, "embryonic_copy": 0}
 
     def __len__(self) -> int:
         return self._tables[0].used + self._tables[1].used
 
     @property
     def over_hard_limit(self) -> bool:
-        """A replicated record was refused and the store is still at its hard ceiling."""
+        """A replicated record other than an embryonic one (or a confirm's new record) was
+        refused, and the store is still at its hard ceiling."""
         return self._hard_refused and len(self) >= self._limits.hard_max_records
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -355,8 +356,13 @@ class FlowStore:
             room=max(0, self._limits.hard_max_records - len(self)),
         )
         if stats.refused:
-            self.refusals["hard"] += stats.refused
-            self._hard_refused = True
+            # Embryonic copies refused at the ceiling are a claim flood the soft limit and
+            # the quota answer at the coordinators: counted, but the node stays ready.
+            # Refused established (or released) copies are state lost: not ready.
+            self.refusals["hard"] += stats.refused - stats.refused_embryonic
+            self.refusals["embryonic_copy"] += stats.refused_embryonic
+            if stats.refused > stats.refused_embryonic:
+                self._hard_refused = True
         return stats
 
     def merge_entries(

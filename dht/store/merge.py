@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dht.core import wire
-from dht.core.record import Record, merge
+from dht.core.record import Record, State, merge
 from dht.core.wire import EntryArray, KeyArray, ResultArray, U64Array
 from dht.store.table import (
     FIELD_TYPES,
@@ -34,11 +34,13 @@ from dht.store.table import (
 class MergeStats:
     """What one :meth:`FlowStore.merge_in` did. ``applied``: copies that changed the store
     (created a record or changed a stored one); ``refused``: copies of keys the store did
-    not hold, refused at the hard ceiling. Dead copies and copies that changed nothing
-    count in neither."""
+    not hold, refused at the hard ceiling; ``refused_embryonic``: how many of those were
+    embryonic (a claim flood: those refusals do not take the node out of /readyz). Dead
+    copies and copies that changed nothing count in neither."""
 
     applied: int = 0
     refused: int = 0
+    refused_embryonic: int = 0
 
 
 def merge_columns(a: Columns, b: Columns) -> Columns:
@@ -105,7 +107,7 @@ def merge_copies(
     admitted = np.zeros(len(keys), dtype=np.bool_)
     admitted[new_at[:room]] = True
 
-    applied = refused = 0
+    applied = refused = refused_embryonic = 0
     for t, sel, compact, h, first, later, found in plans:
         rows = found.copy()
         at = sel[first]
@@ -134,6 +136,9 @@ def merge_copies(
         absent = ~present
         take = absent & admitted[at]
         refused += int(np.count_nonzero(absent)) - int(np.count_nonzero(take))
+        refused_embryonic += int(
+            np.count_nonzero(absent & ~take & (inc["state"] == State.EMBRYONIC))
+        )
         if take.any():
             n = int(np.count_nonzero(take))
             t.reserve(n)
@@ -147,10 +152,11 @@ def merge_copies(
             rows[take] = new_rows
             applied += n
         if later.size:
-            a, r = _merge_repeats(t, sel, compact, first, later, rows, cols)
+            a, r, e = _merge_repeats(t, sel, compact, first, later, rows, cols)
             applied += a
             refused += r
-    return MergeStats(applied=applied, refused=refused)
+            refused_embryonic += e
+    return MergeStats(applied=applied, refused=refused, refused_embryonic=refused_embryonic)
 
 
 def _merge_repeats(
@@ -161,11 +167,11 @@ def _merge_repeats(
     later: npt.NDArray[np.intp],
     rows: I64Array,
     cols: Columns,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """merge_copies' second pass: the second and later copies of keys repeated in the
     batch, one by one in call order, after the first copies are in. None is dead and
     neither is what they merge with (a first copy's merge never is), so this is merge
-    alone. Returns (applied, refused)."""
+    alone. Returns (applied, refused, refused embryonic copies)."""
     row_of = dict(zip((k.tobytes() for k in compact[first]), rows.tolist(), strict=True))
     at = sel[later]
     incoming = [
@@ -177,11 +183,12 @@ def _merge_repeats(
     held = sorted({row_of[compact[j].tobytes()] for j in later.tolist()} - {-1})
     before = dict(zip(held, t.records(np.array(held, dtype=np.int64)), strict=True))
     current = dict(before)
-    applied = refused = 0
+    applied = refused = refused_embryonic = 0
     for j, rec in zip(later.tolist(), incoming, strict=True):
         row = row_of[compact[j].tobytes()]
         if row < 0:  # refused at the ceiling, which no later copy can lift
             refused += 1
+            refused_embryonic += rec.state == State.EMBRYONIC
             continue
         merged = merge(current[row], rec)
         if merged != current[row]:
@@ -197,7 +204,7 @@ def _merge_repeats(
             np.array([current[row].state for row in changed], dtype=np.uint8),
             t.prefixes(keys),
         )
-    return applied, refused
+    return applied, refused, refused_embryonic
 
 
 def entry_copies(

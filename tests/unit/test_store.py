@@ -393,7 +393,7 @@ def test_soft_limit_refuses_only_new_embryonic_claims() -> None:
     res = env.claim(C4, C6)
     assert statuses(res) == [Status.REFUSED_FULL] * 2
     assert not any(res[0].tolist()[1:])  # a refusal shows no record
-    assert env.store.refusals == {"full": 2, "quota": 0, "hard": 0}
+    assert env.store.refusals == {"full": 2, "quota": 0, "hard": 0, "embryonic_copy": 0}
     assert len(env.store) == 3
     assert statuses(env.claim(A4)) == [Status.ALREADY_OWNED]  # the owner's claim works
     assert statuses(env.refresh(B4)) == [Status.OK]
@@ -425,6 +425,24 @@ def test_merge_in_applies_up_to_the_hard_ceiling() -> None:
     env.now += 60_000 + GRACE
     assert env.store.purge_expired(env.now) == 3
     assert not env.store.over_hard_limit
+
+
+def test_embryonic_copies_refused_at_the_ceiling_keep_the_store_ready() -> None:
+    """A claim flood fills the replicas with embryos: refused past the hard ceiling and
+    counted, but not a reason for /readyz to say not ready (issue 13, item 7)."""
+    env = Env(StoreLimits(max_records=1, hard_max_records=2))
+    emb = Record(2, 0, State.EMBRYONIC, hlc_pack(T0, 0), 2, 1, T0 + 10_000)
+    got = env.merge([A4, B4, A6, B6, A6], [emb] * 5)
+    assert got == MergeStats(applied=2, refused=3, refused_embryonic=3)
+    assert len(env.store) == 2
+    assert not env.store.over_hard_limit
+    assert env.store.refusals["embryonic_copy"] == 3
+    assert env.store.refusals["hard"] == 0
+    # An established copy refused there is state lost: not ready.
+    est = Record(2, 0, State.ESTABLISHED, hlc_pack(T0, 1), 2, 1, T0 + 60_000)
+    assert env.merge([C4], [est]) == MergeStats(applied=0, refused=1)
+    assert env.store.over_hard_limit
+    assert env.store.refusals["hard"] == 1
 
 
 def test_quota_per_ipv4_prefix_freed_by_confirm_release_and_purge() -> None:
@@ -540,7 +558,9 @@ def test_merge_in_skips_dead_copies_and_replaces_dead_ones() -> None:
     full = Env(StoreLimits(max_records=1, hard_max_records=1))
     full.merge([A4], [recent])
     full.now = env.now
-    assert full.merge([A4, B4], [newer_claim] * 2) == MergeStats(applied=1, refused=1)
+    assert full.merge([A4, B4], [newer_claim] * 2) == MergeStats(
+        applied=1, refused=1, refused_embryonic=int(newer_claim.state == State.EMBRYONIC)
+    )
     assert full.get(A4) == newer_claim
 
 
@@ -587,18 +607,19 @@ def _merge_reference(
     stored: dict[bytes, Record], batch: list[tuple[bytes, Record]], now: int, hard: int
 ) -> MergeStats:
     """merge_in's contract, one copy at a time (also the model's)."""
-    applied = refused = 0
+    applied = refused = refused_embryonic = 0
     for raw, rec in batch:
         if rec.expiry_ms <= now - GRACE:
             continue
         old = stored.get(raw)
         if old is None and len(stored) >= hard:
             refused += 1
+            refused_embryonic += rec.state == State.EMBRYONIC
             continue
         new = rec if old is None or old.expiry_ms <= now - GRACE else merge(old, rec)
         applied += new != old
         stored[raw] = new
-    return MergeStats(applied=applied, refused=refused)
+    return MergeStats(applied=applied, refused=refused, refused_embryonic=refused_embryonic)
 
 
 def _random_record(rng: np.random.Generator, now: int) -> Record:

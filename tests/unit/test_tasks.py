@@ -54,3 +54,57 @@ async def test_wait_event_says_whether_the_event_came() -> None:
     assert not await wait_event(event, 0.01)
     event.set()
     assert await wait_event(event, 10.0)
+
+
+async def test_a_step_that_raises_is_counted_and_the_loop_goes_on() -> None:
+    tasks = Tasks("n")
+    calls = 0
+
+    def step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls in (1, 2):
+            raise ValueError(f"bad record {calls}")
+        if calls >= 4:
+            tasks.stopping.set()
+
+    tasks.spawn("purge", tasks.every(0.001, step, "purge"))
+    await asyncio.wait_for(tasks.stopping.wait(), 5)
+    await tasks.cancel_all()
+    assert calls == 4
+    assert tasks.errors == {"purge": 2}
+    assert tasks.last_error["purge"] == "ValueError('bad record 2')"
+    assert tasks.failed == {}
+    assert tasks.failing == {}  # the steps after went through
+
+
+async def test_a_loop_whose_every_step_fails_shows_as_failing() -> None:
+    tasks = Tasks("n")
+
+    async def step() -> None:
+        raise OverflowError("incarnation too large")
+
+    tasks.spawn("probe", tasks.every(0.001, step, "probe"))
+    for _ in range(500):
+        if tasks.failing:
+            break
+        await asyncio.sleep(0.01)
+    assert "probe" in tasks.failing
+    assert "OverflowError" in tasks.failing["probe"]
+    assert tasks.failed == {}  # still running: it recovers if the data does
+    await tasks.cancel_all()
+
+
+async def test_a_cancelled_step_ends_the_loop() -> None:
+    tasks = Tasks("n")
+    started = asyncio.Event()
+
+    async def step() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = tasks.start("loop", tasks.every(0.001, step, "loop"))
+    await started.wait()
+    assert await tasks.cancel_all(bound_s=2.0) == []
+    assert task.cancelled()
+    assert tasks.errors == {}
