@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +88,7 @@ KeyArray = npt.NDArray[np.void]
 ResultArray = npt.NDArray[np.void]
 EntryArray = npt.NDArray[np.void]
 U64Array = npt.NDArray[np.uint64]
+BoolArray = npt.NDArray[np.bool_]
 
 
 # --------------------------------------------------------------------------- text form
@@ -258,43 +259,61 @@ def check_batch_size(nbytes: int, record_size: int, max_keys: int, field: str) -
     return n
 
 
+def key_faults(arr: KeyArray, kind: int = KIND_FLOW) -> Iterator[tuple[str, BoolArray]]:
+    """The checks of a packed key, in order, lazily: (reason, the rows failing it). One
+    definition for the public API (:func:`decode_keys` raises on the first failing row)
+    and for every internal ingress (:mod:`dht.core.ingress` refuses failing rows one by
+    one). Reasons: ``kind``, ``protocol``, ``client_port``, ``service_port``,
+    ``family``, ``reserved``."""
+    yield "kind", arr["kind"] != kind
+    yield "protocol", (arr["proto"] != TCP) & (arr["proto"] != UDP)
+    yield "client_port", arr["cport"] == 0
+    yield "service_port", arr["sport"] == 0
+    yield "family", is_mapped_v4(arr["caddr"]) != is_mapped_v4(arr["saddr"])
+    yield "reserved", arr["reserved"] != 0
+
+
+def affinity_key_faults(arr: KeyArray) -> Iterator[tuple[str, BoolArray]]:
+    """The checks of a kind-2 (affinity) key as :func:`affinity_keys` makes it: the
+    prefix in ``caddr``, every other field zero. Reasons as :func:`key_faults`."""
+    yield "kind", arr["kind"] != KIND_AFFINITY
+    yield "protocol", arr["proto"] != 0
+    yield "client_port", arr["cport"] != 0
+    yield "service_port", (arr["sport"] != 0) | np.any(arr["saddr"] != 0, axis=1)
+    yield "reserved", arr["reserved"] != 0
+
+
+def _key_error(reason: str, i: int, arr: KeyArray, kind: int) -> InvalidArgument:
+    if reason == "kind":
+        return InvalidArgument(
+            f"keys[{i}].kind", f"unknown or unexpected key kind {int(arr['kind'][i])} (want {kind})"
+        )
+    if reason == "protocol":
+        return InvalidArgument(
+            f"keys[{i}].protocol", f"unknown protocol {int(arr['proto'][i])} (tcp=6, udp=17)"
+        )
+    if reason in ("client_port", "service_port"):
+        return InvalidArgument(f"keys[{i}].{reason}", "port 0 is not allowed")
+    if reason == "family":
+        return InvalidArgument(
+            f"keys[{i}]",
+            "mixed address families (client and service must both be IPv4-mapped or both IPv6)",
+        )
+    return InvalidArgument(f"keys[{i}].reserved", "must be zero")
+
+
 def decode_keys(raw: bytes, max_keys: int, kind: int = KIND_FLOW) -> KeyArray:
     """Validate a packed key field and view it as a KEY_DTYPE array (no copy).
 
-    Raises InvalidArgument naming the first bad key and field, or LimitExceeded."""
+    Raises InvalidArgument naming the first bad key and field (the first failing check
+    of :func:`key_faults`), or LimitExceeded."""
     check_batch_size(len(raw), KEY_SIZE, max_keys, "keys")
     arr = np.frombuffer(raw, dtype=KEY_DTYPE)
     if arr.size == 0:
         return arr
-    bad = arr["kind"] != kind
-    if bad.any():
-        i = _first(bad)
-        raise InvalidArgument(
-            f"keys[{i}].kind", f"unknown or unexpected key kind {int(arr['kind'][i])} (want {kind})"
-        )
-    bad = (arr["proto"] != TCP) & (arr["proto"] != UDP)
-    if bad.any():
-        i = _first(bad)
-        raise InvalidArgument(
-            f"keys[{i}].protocol", f"unknown protocol {int(arr['proto'][i])} (tcp=6, udp=17)"
-        )
-    for field in ("cport", "sport"):
-        bad = arr[field] == 0
+    for reason, bad in key_faults(arr, kind):
         if bad.any():
-            i = _first(bad)
-            name = "client_port" if field == "cport" else "service_port"
-            raise InvalidArgument(f"keys[{i}].{name}", "port 0 is not allowed")
-    bad = is_mapped_v4(arr["caddr"]) != is_mapped_v4(arr["saddr"])
-    if bad.any():
-        i = _first(bad)
-        raise InvalidArgument(
-            f"keys[{i}]",
-            "mixed address families (client and service must both be IPv4-mapped or both IPv6)",
-        )
-    bad = arr["reserved"] != 0
-    if bad.any():
-        i = _first(bad)
-        raise InvalidArgument(f"keys[{i}].reserved", "must be zero")
+            raise _key_error(reason, _first(bad), arr, kind)
     return arr
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client.core import Metric
 
 from dht.core import metrics as m
+from dht.core.ingress import REASONS
 from dht.core.placement import PartitionMap
 from dht.core.record import HybridClock
 from dht.node.peerview import PeerView
@@ -63,6 +64,21 @@ def store_gauges(
     )
     yield m.counter(
         "dht_pauses", "event-loop pauses detected (each starts a resync)", [], {(): pauses}
+    )
+
+
+def ingress_gauges(refused: Mapping[str, int]) -> Iterable[Metric]:
+    """Copies (and terms) from other nodes and PoPs refused by the ingress checks
+    (dht.core.ingress), by reason; every reason shows, at 0 until it happens."""
+    counts: dict[tuple[str, ...], float] = {
+        (r,): float(refused.get(r, 0)) for r in (*REASONS, "term")
+    }
+    yield m.counter(
+        "dht_ingress_refused",
+        "record copies from other nodes or PoPs refused by the ingress checks, and calls "
+        "refused for a term out of range (reason term), by reason",
+        ["reason"],
+        counts,
     )
 
 

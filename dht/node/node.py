@@ -32,13 +32,14 @@ from dht.core import metrics as m
 from dht.core.clock import MonoMs, monotonic_ms
 from dht.core.config import NodeConfig
 from dht.core.errors import NotReady
+from dht.core.ingress import Checked
 from dht.core.membership import Membership, MemberState, MemberStatus
 from dht.core.ops import BatchCall
 from dht.core.placement import PartitionMap
 from dht.core.record import HybridClock, hlc_pack
 from dht.core.wire import EntryArray, U64Array, check_batch_size
 from dht.node.extension import NodeExtension
-from dht.node.gauges import replication_gauges, store_gauges
+from dht.node.gauges import ingress_gauges, replication_gauges, store_gauges
 from dht.node.inflight import InFlight
 from dht.node.liveness import Liveness, table_of
 from dht.node.peerview import PeerView
@@ -420,6 +421,10 @@ class Node:
     def merge_entries(self, entries: EntryArray) -> MergeResult:
         return self.replica.merge_entries(entries)
 
+    def check_entries(self, entries: EntryArray) -> Checked:
+        """The ingress checks of copies from the network, counted (dht.core.ingress)."""
+        return self.replica.check(entries)
+
     def export_entries(
         self, partitions: npt.NDArray[np.intp], settled_only: bool = False
     ) -> EntryArray:
@@ -441,6 +446,7 @@ class Node:
             ["loop"],
             {(k,): v for k, v in self.tasks.errors.items()},
         )
+        yield from ingress_gauges(self.replica.ingress_refused)
         if self._coordinator is None or self.state.pmap is None:
             return
         yield from replication_gauges(

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from dht.core.clock import MonoMs
 from dht.core.config import NodeConfig
 from dht.core.errors import InvalidArgument
+from dht.core.ingress import Bounds, Checked, check_entries, term_bound
 from dht.core.placement import PartitionMap
 from dht.core.record import HybridClock, Status, hlc_physical_ms
 from dht.core.wire import (
@@ -104,11 +105,36 @@ class Replica:
         # here meanwhile: an undo leaves them standing (see undo).
         self._pinned: deque[tuple[int, U64Array]] = deque()
         self.undone_for_others = 0  # copies put back here at a coordinator's request
+        self._bounds = Bounds.of(config)
+        # Copies refused by the ingress checks (dht.core.ingress), by reason.
+        self.ingress_refused: dict[str, int] = {}
 
     # ------------------------------------------------------------------ local copies
 
+    def check(self, entries: EntryArray, *, records_optional: bool = False) -> Checked:
+        """The ingress checks (dht.core.ingress) of copies from the network; refusals
+        are counted by reason (``dht_ingress_refused_total``)."""
+        checked = check_entries(
+            entries, self._bounds, self.clock.wall_ms(), records_optional=records_optional
+        )
+        for reason, n in checked.refused.items():
+            self.ingress_refused[reason] = self.ingress_refused.get(reason, 0) + n
+        return checked
+
     def merge_entries(self, entries: EntryArray) -> MergeResult:
-        """Apply copies from other nodes (replication, hints, anti-entropy, refill)."""
+        """Apply copies from other nodes or PoPs (replication, hints, anti-entropy,
+        refill, hand-off, pulls, shipping): each checked on its own first; a refused
+        copy is counted in ``refused`` and never applied."""
+        if len(entries) == 0:
+            return MergeResult()
+        checked = self.check(entries)
+        if checked.all_ok:
+            return self._merge(entries)
+        merged = self._merge(entries[checked.ok])
+        return replace(merged, refused=merged.refused + checked.n_refused)
+
+    def _merge(self, entries: EntryArray) -> MergeResult:
+        """Apply copies already checked."""
         if len(entries) == 0:
             return MergeResult()
         now = self.clock.wall_ms()
@@ -232,9 +258,14 @@ class Replica:
     ) -> MergeResult:
         """Apply copies. A coordinator's write (``terms`` given) is refused whole when a
         higher term was promised for any of its partitions, or when it was issued longer
-        ago than the failure timeout (see dht.proto EntryBatch)."""
+        ago than the failure timeout (see dht.proto EntryBatch). Each copy is checked on
+        its own (dht.core.ingress): a refused one is counted in ``refused``, not applied,
+        and, in a coordinated write, reported ``superseded`` (not an acknowledgement).
+        Terms above :func:`~dht.core.ingress.term_bound` fail the call whole."""
         check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
         entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
+        if terms is not None and len(terms):
+            self.check_terms(terms)
         if issued_hlc:
             # Past the failure timeout others may have routed around the coordinator
             # and acknowledged a conflicting claim (a paused coordinator cannot know).
@@ -247,6 +278,25 @@ class Replica:
             raise InvalidArgument(
                 "terms", f"{8 * len(terms)} bytes for {len(entries)} entries (want 8 each)"
             )
+        checked = self.check(entries)
+        if not checked.all_ok:
+            # Refused copies take no part: no fencing, no promise, no undo window.
+            good = np.flatnonzero(checked.ok)
+            res = self._coordinated(entries[good], terms[good], from_node)
+            refused = np.flatnonzero(~checked.ok)
+            return replace(
+                res,
+                refused=res.refused + refused.size,
+                superseded=np.sort(np.concatenate([good[res.superseded], refused])),
+            )
+        return self._coordinated(entries, terms, from_node)
+
+    def _coordinated(
+        self, entries: EntryArray, terms: npt.NDArray[np.uint64], from_node: str
+    ) -> MergeResult:
+        """A coordinated write of checked copies: fenced by the promises made here."""
+        if not len(entries):
+            return MergeResult()
         hashes = key_hashes(entries["key"].tobytes())
         parts = self.state.table.partitions_of(hashes).astype(np.intp)
         if not self.is_member(from_node):
@@ -258,7 +308,7 @@ class Replica:
         fenced, by = self.terms.fence(parts, terms)
         if fenced.size:
             return MergeResult(fenced=fenced, fenced_by=by)
-        merged = self.merge_entries(entries)
+        merged = self._merge(entries)
         self._mark_undoable(hashes)
         lost = self._superseded(entries, hashes)
         if lost.size:
@@ -287,9 +337,12 @@ class Replica:
             raise InvalidArgument(
                 "terms", f"{8 * len(terms)} bytes for {len(written)} entries (want 8 each)"
             )
+        self.check_terms(terms)
         hashes = key_hashes(written["key"].tobytes())
         parts = self.state.table.partitions_of(hashes).astype(np.intp)
         ours = self.terms.undoable_by(parts, terms)
+        # Both sides checked (dht.core.ingress): a refused entry is left standing.
+        ours &= self.check(written).ok & self.check(before, records_optional=True).ok
         if self._prune(self._pinned):
             ours &= ~np.isin(hashes, np.concatenate([h for _, h in self._pinned]))
         undone = np.zeros(len(written), dtype=bool)
@@ -327,10 +380,20 @@ class Replica:
         self.check_partitions(parts)
         if term == 0:
             raise InvalidArgument("term", "must be set")
+        self.check_terms(np.array([term], dtype=np.uint64))
         if not self.is_member(from_node):
             promised: npt.NDArray[np.uint64] = self.terms.promised[parts].copy()
             return promised
         return self.terms.promise_in(parts, term)
+
+    def check_terms(self, terms: npt.NDArray[np.uint64]) -> None:
+        """Refuse (InvalidArgument) a call carrying a term no node's clock could have
+        made (dht.core.ingress.term_bound): it would fence every real coordinator, and
+        the next term above it would overflow."""
+        bound = term_bound(self.config.max_clock_offset_ms, self.clock.wall_ms())
+        if len(terms) and int(terms.max()) > bound:
+            self.ingress_refused["term"] = self.ingress_refused.get("term", 0) + 1
+            raise InvalidArgument("term", f"{int(terms.max())} is above the bound {bound}")
 
     def is_member(self, node_id: str) -> bool:
         """In this node's table, or (while a membership change settles) its previous."""

@@ -58,12 +58,10 @@ from dht.core.wire import (
     ENTRY_SIZE,
     FLAG_AFFINITY_FALLBACK,
     KEY_DTYPE,
-    KIND_AFFINITY,
     KIND_FLOW,
     EntryArray,
     ResultArray,
     check_batch_size,
-    decode_keys,
 )
 from dht.node.node import Node
 from dht.node.peerview import PeerView
@@ -83,31 +81,6 @@ from dht.pops.shipping import (
 from dht.pops.transport import Digests, PopTransport, PopUnreachable, ShipResult
 
 log = logging.getLogger(__name__)
-
-
-def validate_entries(raw: bytes) -> EntryArray:
-    """Records received from another PoP, checked field by field; raises InvalidArgument
-    naming the first bad one."""
-    check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
-    entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
-    kind = entries["key"]["kind"]
-    bad = (kind != KIND_FLOW) & (kind != KIND_AFFINITY)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise InvalidArgument(f"entries[{i}].kind", f"unknown key kind {int(kind[i])}")
-    flows = np.flatnonzero(kind == KIND_FLOW)
-    if flows.size:
-        decode_keys(entries["key"][flows].tobytes(), len(flows), KIND_FLOW)
-    rec = entries["rec"]
-    bad = (rec["owner_pop"] == 0) | (rec["expiry_ms"] == 0)
-    bad |= (kind == KIND_FLOW) & (
-        (rec["state"] < State.EMBRYONIC) | (rec["state"] > State.RELEASED)
-    )
-    bad |= (kind == KIND_FLOW) & (rec["generation"] == 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise InvalidArgument(f"entries[{i}].record", "owner, state, generation or expiry")
-    return entries
 
 
 class Pops:
@@ -364,26 +337,28 @@ class Pops:
     ) -> ShipResult:
         """Apply records shipped from PoP ``from_pop`` to this PoP's replicas of their
         partitions; ok once every accepted record is on the write quorum. Raises
-        InvalidArgument (naming the field) for a malformed batch; nothing is applied."""
+        InvalidArgument (naming the field) for a malformed batch (nothing is applied);
+        a bad record in a well-formed batch is refused on its own (dht.core.ingress),
+        counted, and the others applied."""
         name = self.peer_pop_name(from_pop)
         self._check_partitions(num_partitions)
-        entries = validate_entries(raw)
+        check_batch_size(len(raw), ENTRY_SIZE, 1_000_000, "entries")
+        entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
         clock = self.node.clock
-        wall = clock.wall_ms()
-        limit = wall + self.config.max_clock_offset_ms
+        limit = clock.wall_ms() + self.config.max_clock_offset_ms
         if sent_hlc and hlc_physical_ms(sent_hlc) <= limit:
             with contextlib.suppress(ClockOffsetError):  # our wall clock stepped back
                 clock.observe(sent_hlc)
-        ahead = (entries["key"]["kind"] == KIND_FLOW) & (birth_ms(entries["rec"]) > limit)
-        rejected = int(np.count_nonzero(ahead))
+        checked = self.node.check_entries(entries)
+        rejected = checked.n_refused
         if rejected:
-            # A PoP whose clock runs ahead would win every conflict: refuse its stamps.
-            clock.rejected += rejected
-            self.rejected += rejected
-            log.warning(
-                "rejected %d records from %s: birth stamps beyond the clock offset", rejected, name
-            )
-            entries = entries[~ahead]
+            # A PoP whose clock runs ahead would win every conflict: its stamps count as
+            # clock-offset rejections too.
+            ahead = checked.refused.get("birth_ahead", 0)
+            clock.rejected += ahead
+            self.rejected += ahead
+            log.warning("refused %d records from %s: %s", rejected, name, dict(checked.refused))
+            entries = entries[checked.ok]
         self.received[name] = self.received.get(name, 0) + len(entries)
         if not len(entries):
             return ShipResult(True, 0, rejected)

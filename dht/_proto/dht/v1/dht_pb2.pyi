@@ -1005,7 +1005,9 @@ class ShipAck(_message.Message):
     """True once every record is on the receiving PoP's write quorum; false = resend later."""
     applied: _builtins.int
     rejected: _builtins.int
-    """Records refused for a birth stamp beyond the maximum clock offset (not retried)."""
+    """Records refused by the receiving node's checks (a birth stamp beyond the maximum clock
+    offset, a bad key or record field: docs/protocol.md#what-is-validated-where); not retried.
+    """
     error: _builtins.str
     def __init__(
         self,

@@ -1,0 +1,265 @@
+"""Hostile callers of the internal services (issue 13, "Validate every ingress the same
+way"): forged, overflowing and poison values sent over real gRPC on loopback to real
+nodes are refused (INVALID_ARGUMENT for a malformed call, or the entry refused and
+counted in dht_ingress_refused_total), nothing is stored, and the node goes on
+answering Claim and Lookup with its loops alive.
+
+Each case failed before dht/core/ingress.py: the forged copies were applied (or the call
+died with UNKNOWN after storing the row), and a term of 2^64-1 made every later write
+answer INTERNAL."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from dht._proto.dht.v1 import dht_pb2 as pb
+from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+from dht.client import Client
+from dht.core.packing import pack_partitions
+from dht.core.record import State, Status, hlc_pack
+from dht.core.wire import ENTRY_DTYPE, KEY_DTYPE, key_hashes, parse_flow
+from dht.edge.server import NodeServer
+from dht.tools.bench import synthetic_keys
+
+from .conftest import MakePop, MakePops
+
+KEY = parse_flow("tcp/198.51.100.7:51000/192.0.2.1:443").to_bytes()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def forged(key: bytes = KEY, **rec: int) -> np.ndarray:
+    """One entry as a replica would send it, good unless ``rec`` spoils it."""
+    e = np.zeros(1, dtype=ENTRY_DTYPE)
+    e["key"] = np.frombuffer(key, dtype=KEY_DTYPE)
+    now = _now_ms()
+    values = {
+        "status": Status.OK,
+        "state": State.ESTABLISHED,
+        "owner_pop": 1,
+        "birth_pop": 1,
+        "generation": 1,
+        "birth_hlc": hlc_pack(now, 0),
+        "expiry_ms": now + 60_000,
+        **rec,
+    }
+    for f, v in values.items():
+        e["rec"][f] = v
+    return e
+
+
+def patched_key(offset: int, value: bytes) -> bytes:
+    return KEY[:offset] + value + KEY[offset + len(value) :]
+
+
+def held(srv: NodeServer, key: bytes = KEY) -> int:
+    """How many copies of ``key`` the node's store holds (0 or 1)."""
+    copies = srv.node.store.copies(np.frombuffer(key, dtype=KEY_DTYPE), key_hashes(key))
+    return int(np.count_nonzero(copies["status"] == Status.OK))
+
+
+def refused(srv: NodeServer, reason: str) -> int:
+    return srv.node.replica.ingress_refused.get(reason, 0)
+
+
+async def still_serves(nodes: list[NodeServer]) -> None:
+    """Claim and Lookup answer on every node; the node is live."""
+    raw = synthetic_keys(20, seed=31)
+    async with Client([nodes[0].grpc_address], timeout_s=10) as c:
+        claimed = np.frombuffer(await c.flow_packed("Claim", raw, pop="ams"), ENTRY_DTYPE["rec"])
+        assert (claimed["status"] == Status.CREATED).all()
+        found = np.frombuffer(await c.flow_packed("Lookup", raw), ENTRY_DTYPE["rec"])
+        assert (found["status"] == Status.OK).all()
+    assert all(s.node.live() for s in nodes)
+
+
+CASES = [
+    ("state 9", KEY, {"state": 9}, "state"),
+    ("protocol 99", patched_key(1, b"\x63"), {}, "key_protocol"),
+    ("client port 0", patched_key(18, b"\0\0"), {}, "key_client_port"),
+    ("reserved bytes", patched_key(38, b"\0\1"), {}, "key_reserved"),
+    ("owner PoP 77", KEY, {"owner_pop": 77}, "owner_pop"),
+    ("birth 1 ms after the epoch", KEY, {"birth_hlc": hlc_pack(1, 0)}, "birth_too_old"),
+    ("expiry 2^62", KEY, {"expiry_ms": 1 << 62}, "expiry_too_far"),
+    ("generation 10^9", KEY, {"generation": 10**9}, "generation"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "key", "rec", "reason"), CASES, ids=[c[0].replace(" ", "_") for c in CASES]
+)
+async def test_forged_replicate_entries_are_refused(
+    make_pop: MakePop, what: str, key: bytes, rec: dict[str, int], reason: str
+) -> None:
+    nodes = await make_pop(2)
+    target = nodes[1]
+    bad = forged(key, **rec)
+    good = forged(parse_flow("tcp/198.51.100.8:51000/192.0.2.1:443").to_bytes())
+    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+        internal = pb_grpc.NodeInternalStub(ch)
+        resp = await internal.Replicate(
+            pb.EntryBatch(
+                format_version=1,
+                entries=bad.tobytes() + good.tobytes(),
+                from_node="nobody",
+            ),
+            timeout=5,
+        )
+    # The good entry beside it is applied; the bad one refused on its own, counted.
+    assert resp.applied == 1 and resp.refused == 1, what
+    assert held(target, key) == 0, what
+    assert held(target, good["key"].tobytes()) == 1
+    assert refused(target, reason) == 1, target.node.replica.ingress_refused
+    await still_serves(nodes)
+
+
+async def test_a_coordinated_replicate_does_not_count_refused_entries(
+    make_pop: MakePop,
+) -> None:
+    """Under terms (a coordinator's write) a refused entry is no acknowledgement."""
+    nodes = await make_pop(2)
+    node = nodes[1].node
+    bad = forged(state=9)
+    term = node.terms.next_term(np.arange(node.table.num_partitions), node.clock.now())
+    res = node.internal_replicate(
+        bad.tobytes(), 0, np.array([term], dtype=np.uint64), nodes[0].node.config.node_id
+    )
+    assert res.superseded.tolist() == [0] and res.applied == 0
+    assert held(nodes[1]) == 0
+    # Nothing of the refused entry counted as a promise.
+    assert int(node.terms.promised.max()) < term
+
+
+async def test_an_undo_with_poison_before_changes_nothing(make_pop: MakePop) -> None:
+    nodes = await make_pop(2)
+    srv = nodes[1]
+    good = forged()
+    ack = srv.node.internal_replicate(good.tobytes(), 0, None, "")
+    assert ack.applied == 1
+    poison = forged(state=9, owner_pop=77)
+    async with grpc.aio.insecure_channel(srv.grpc_address) as ch:
+        internal = pb_grpc.NodeInternalStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await internal.Undo(
+                pb.UndoRequest(
+                    written=good.tobytes(),
+                    before=poison.tobytes(),
+                    terms=np.full(1, (1 << 64) - 1, dtype=">u8").tobytes(),
+                ),
+                timeout=5,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    copies = srv.node.store.copies(np.frombuffer(KEY, dtype=KEY_DTYPE), key_hashes(KEY))
+    assert int(copies["state"][0]) == State.ESTABLISHED
+    await still_serves(nodes)
+
+
+async def test_an_undo_whose_before_is_poison_is_left_standing(make_pop: MakePop) -> None:
+    nodes = await make_pop(2)
+    srv = nodes[1]
+    good = forged()
+    assert srv.node.internal_replicate(good.tobytes(), 0, None, "").applied == 1
+    poison = forged(state=9)
+    kept = srv.node.internal_undo(good.tobytes(), poison.tobytes(), np.zeros(1, np.uint64))
+    assert kept.tolist() == [0]
+    copies = srv.node.store.copies(np.frombuffer(KEY, dtype=KEY_DTYPE), key_hashes(KEY))
+    assert int(copies["state"][0]) == State.ESTABLISHED
+    assert refused(srv, "state") == 1
+    await still_serves(nodes)
+
+
+async def test_a_promise_of_term_2_to_the_64_is_invalid_argument(make_pop: MakePop) -> None:
+    nodes = await make_pop(2)
+    target = nodes[1]
+    member = nodes[0].node.config.node_id
+    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+        internal = pb_grpc.NodeInternalStub(ch)
+        parts = pack_partitions(np.arange(target.node.table.num_partitions))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await internal.Promise(
+                pb.PromiseRequest(from_node=member, partitions=parts, term=(1 << 64) - 1),
+                timeout=5,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith("term")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await internal.Replicate(
+                pb.EntryBatch(
+                    format_version=1,
+                    entries=forged().tobytes(),
+                    from_node=member,
+                    terms=np.full(1, (1 << 64) - 1, dtype=">u8").tobytes(),
+                ),
+                timeout=5,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert int(target.node.terms.promised.max()) < 1 << 63
+    assert held(target) == 0
+    assert refused(target, "term") == 2
+    await still_serves(nodes)
+
+
+async def test_poison_shipped_from_another_pop_is_refused(make_pops: MakePops) -> None:
+    """PopLink: a tombstone at generation 10^9, a birth 1 ms after the epoch with an
+    expiry of 2^62, an affinity record stamped in 2100; each refused and counted."""
+    pops = await make_pops()
+    ams = pops["ams"]
+    raw = KEY
+    async with Client([ams[0].grpc_address], timeout_s=10) as c:
+        res = np.frombuffer(await c.flow_packed("Confirm", raw, pop="ams"), ENTRY_DTYPE["rec"])
+    assert int(res["status"][0]) == Status.CREATED
+    mine = res[0]
+    tomb = forged(
+        state=State.RELEASED,
+        owner_pop=1,
+        birth_pop=1,
+        generation=10**9,
+        birth_hlc=int(mine["birth_hlc"]),
+    )
+    ancient = forged(
+        owner_pop=2, birth_pop=2, generation=int(mine["generation"]), birth_hlc=hlc_pack(1, 0)
+    )
+    ancient["rec"]["expiry_ms"] = 1 << 62
+    prefix = np.zeros(1, dtype=KEY_DTYPE)
+    prefix["kind"] = 2
+    prefix["caddr"][0, 10:] = (0xFF, 0xFF, 198, 51, 100, 7)
+    affinity = forged(
+        key=prefix.tobytes(),
+        state=0,
+        generation=0,
+        owner_pop=2,
+        birth_pop=2,
+        birth_hlc=hlc_pack(4_102_444_800_000, 0),  # 2100
+    )
+    target = ams[0]
+    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+        stub = pb_grpc.PopLinkStub(ch)
+        for entry, reason in (
+            (tomb, "generation"),
+            (ancient, "birth_too_old"),
+            (affinity, "birth_ahead"),
+        ):
+            ack = await stub.PopPush(
+                pb.ShipBatch(
+                    format_version=1, from_pop=2, num_partitions=4096, entries=entry.tobytes()
+                ),
+                timeout=5,
+            )
+            assert ack.rejected == 1 and ack.applied == 0, (reason, ack)
+            assert refused(target, reason) == 1, (reason, target.node.replica.ingress_refused)
+    async with Client([target.grpc_address], timeout_s=10) as c:
+        found = np.frombuffer(await c.flow_packed("Lookup", raw), ENTRY_DTYPE["rec"])
+    assert int(found["status"][0]) == Status.OK
+    assert int(found["owner_pop"][0]) == 1 and int(found["generation"][0]) == int(
+        mine["generation"]
+    )
+    for s in ams:  # the client's preferred PoP is still the one that confirmed
+        pref = s.node.affinity.get(prefix["caddr"], _now_ms())
+        assert int(pref["owner_pop"][0]) in (0, 1), pref
+    assert all(s.node.live() for s in ams)
