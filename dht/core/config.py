@@ -155,6 +155,15 @@ class NodeConfig:
     # these defaults (memberlist's LAN profile: 4-5 s), ~2-3 s with the test profile.
     indirect_probes: int = 2
     suspicion_timeout_s: float = 5.0
+    # DEAD and LEFT members are remembered this long (so an old rumour cannot bring them
+    # back), then forgotten (the view stays bounded). Far longer than a pause or a cut a
+    # node comes back from with its old incarnation: nodes forget at slightly different
+    # times, and one still holding the tombstone would make the returning member flap.
+    # 0 = 10 x suspicion_timeout_s.
+    member_forget_s: float = 600.0
+    # At most this many members (tombstones included) in a node's view; gossip naming
+    # more is ignored and counted (dht_gossip_refused_total{reason="full"}).
+    max_members: int = 1024
     # A graceful leave (SIGTERM) hands the node's partitions off for at most this long.
     leave_timeout_s: float = 30.0
     # Copies of partitions this node no longer replicates are dropped once the table has
@@ -277,7 +286,11 @@ def validate(cfg: NodeConfig) -> None:
         bad("forward_timeout_ms must exceed 2 * rpc_timeout_ms (a forward may read and write)")
     if cfg.failure_timeout_s * 1000 <= cfg.probe_timeout_ms:
         bad("failure_timeout_s must exceed probe_timeout_ms")
+    if cfg.member_forget_s < 0:
+        bad("member_forget_s must be >= 0 (0 = 10 x suspicion_timeout_s)")
     peer_ids = [p.node_id for p in cfg.peers]
+    if cfg.max_members < len(peer_ids) + 1:
+        bad(f"max_members ({cfg.max_members}) must hold this node and its {len(peer_ids)} peers")
     if cfg.node_id in peer_ids:
         bad(f"peers must not include this node ({cfg.node_id})")
     if len(set(peer_ids)) != len(peer_ids):

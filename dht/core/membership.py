@@ -13,7 +13,20 @@ while this node sees a majority of the active members alive (the minority side o
 keeps its table rather than shrink it to itself). A member
 that shuts down gracefully announces LEFT. DEAD and LEFT states are kept (as tombstones
 of membership) so an old rumour cannot bring a member back; a restart can, with its new
-incarnation.
+incarnation. Tombstones are forgotten ``forget_ms`` after the member went (a bounded view);
+by then every node has heard of the departure.
+
+Gossip is input from the network and checked as such (docs/protocol.md#membership):
+
+- a member is admitted only by an ALIVE state (its join); a SUSPECT, DEAD or LEFT rumour
+  about a node this view does not hold is ignored (a tombstone is never created by hearsay);
+- an incarnation above ``incarnation_bound`` (this node's start incarnation, i.e. its wall
+  clock in ms at start, plus the time since, plus ``INCARNATION_MARGIN_MS``; never above
+  ``MAX_INCARNATION``) is refused, so a forged rumour cannot drive the refutation past
+  what the uint64 wire field holds;
+- the view holds at most ``max_members`` states; a new member beyond it is ignored.
+
+Refused states are counted by reason in ``refused``.
 
 The partition table is built from the *active* members (ALIVE or SUSPECT): a suspect
 member keeps its partitions, so a slow node does not cause data movement; only a
@@ -28,6 +41,16 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from dht.core.placement import Member
+
+# Incarnations are wall-clock milliseconds at a start, plus one per refutation or leave.
+# A state more than this far above this node's own clock is refused (a day: far above any
+# clock skew a PoP can run with, far below anything that could overflow).
+INCARNATION_MARGIN_MS = 24 * 3600 * 1000
+# Hard cap whatever the clock says: 2^62 leaves 2^62 refutations before the wire's uint64.
+MAX_INCARNATION = (1 << 62) - 1
+# Defaults of the two bounds (dht.core.config.NodeConfig: max_members, member_forget_s).
+MAX_MEMBERS = 1024
+REFUSAL_REASONS = ("incarnation", "unknown", "full")
 
 
 class MemberStatus(IntEnum):
@@ -61,11 +84,29 @@ class MemberState:
 class Membership:
     """One node's view. Not thread-safe; time is an argument (monotonic ms)."""
 
-    def __init__(self, me: MemberState, suspicion_ms: int) -> None:
+    def __init__(
+        self,
+        me: MemberState,
+        suspicion_ms: int,
+        *,
+        now_ms: int = 0,
+        forget_ms: int = 0,
+        max_members: int = MAX_MEMBERS,
+    ) -> None:
+        """``now_ms``: the monotonic time at start (with ``me.incarnation``, the wall
+        clock then, it bounds incarnations); ``forget_ms``: how long DEAD and LEFT states
+        are kept (0 = 10 x ``suspicion_ms``); ``max_members``: the size of the view."""
         self.me = me.node_id
         self.suspicion_ms = suspicion_ms
+        self.forget_ms = forget_ms or 10 * suspicion_ms
+        self.max_members = max_members
+        self._start_inc = min(me.incarnation, MAX_INCARNATION)
+        self._start_ms = now_ms
         self.members: dict[str, MemberState] = {me.node_id: me}
         self.suspect_since: dict[str, int] = {}
+        self.gone_since: dict[str, int] = {}  # DEAD and LEFT members: since when
+        self.refused = dict.fromkeys(REFUSAL_REASONS, 0)  # gossiped states ignored
+        self.forgotten = 0
         self.suspicions = 0  # members this node started suspecting
         self.refutations = 0  # rumours about this node it refuted
         self.declared_dead = 0
@@ -83,24 +124,45 @@ class Membership:
     def view(self) -> list[MemberState]:
         return list(self.members.values())
 
+    def incarnation_bound(self, now_ms: int) -> int:
+        """The highest incarnation this view accepts at ``now_ms``."""
+        elapsed = max(0, now_ms - self._start_ms)
+        return min(MAX_INCARNATION, self._start_inc + elapsed + INCARNATION_MARGIN_MS)
+
     def apply(self, states: Iterable[MemberState], now_ms: int) -> bool:
         """Merge a gossiped view. Returns True if the set of active members changed."""
         before = self._active_ids()
+        bound = self.incarnation_bound(now_ms)
         for s in states:
+            if not 0 <= s.incarnation <= bound:
+                self.refused["incarnation"] += 1
+                continue
             if s.node_id == self.me:
-                self._about_me(s)
+                self._about_me(s, bound)
                 continue
             known = self.members.get(s.node_id)
-            if known is None or s.order() > known.order():
+            if known is None:
+                if s.status != MemberStatus.ALIVE:
+                    self.refused["unknown"] += 1  # hearsay about a node never admitted
+                    continue
+                if len(self.members) >= self.max_members:
+                    self.refused["full"] += 1
+                    continue
+                self._set(s, now_ms)
+            elif s.order() > known.order():
                 self._set(s, now_ms)
         return self._active_ids() != before
 
-    def _about_me(self, rumour: MemberState) -> None:
-        """Refute a rumour that this node is suspect or dead (SWIM's incarnation bump)."""
+    def _about_me(self, rumour: MemberState, bound: int) -> None:
+        """Refute a rumour that this node is suspect or dead (SWIM's incarnation bump);
+        the refutation stays within ``bound``, so every other node accepts it."""
         mine = self.self_state
         if mine.status == MemberStatus.LEFT:
             return
         if rumour.status != MemberStatus.ALIVE and rumour.incarnation >= mine.incarnation:
+            if rumour.incarnation >= bound:
+                self.refused["incarnation"] += 1
+                return
             self.members[self.me] = replace(
                 mine, incarnation=rumour.incarnation + 1, status=MemberStatus.ALIVE
             )
@@ -112,6 +174,10 @@ class Membership:
             self.suspect_since.setdefault(s.node_id, now_ms)
         else:
             self.suspect_since.pop(s.node_id, None)
+        if s.active:
+            self.gone_since.pop(s.node_id, None)
+        else:
+            self.gone_since.setdefault(s.node_id, now_ms)
 
     def suspect(self, node_id: str, now_ms: int) -> bool:
         """A probe (direct and indirect) failed. True if this starts a suspicion."""
@@ -129,7 +195,9 @@ class Membership:
         Only while this node sees a majority of the active members alive: a node cut off
         from most of its PoP (or whose peers are all paused) must not shrink the table to
         itself and go on acknowledging writes alone; it holds its view, and the quorums
-        of the unchanged table answer UNAVAILABLE instead."""
+        of the unchanged table answer UNAVAILABLE instead. DEAD and LEFT states older
+        than ``forget_ms`` are forgotten first (that changes no table)."""
+        self._forget(now_ms)
         active = [s for s in self.members.values() if s.active]
         alive = sum(s.status == MemberStatus.ALIVE for s in active)
         if 2 * alive <= len(active):
@@ -143,11 +211,19 @@ class Membership:
                 changed = True
         return changed
 
+    def _forget(self, now_ms: int) -> None:
+        for node_id, since in list(self.gone_since.items()):
+            if now_ms - since >= self.forget_ms and node_id != self.me:
+                del self.gone_since[node_id]
+                if node_id in self.members and not self.members[node_id].active:
+                    del self.members[node_id]
+                    self.forgotten += 1
+
     def leave(self) -> MemberState:
         """Announce a graceful leave (the next gossip carries it)."""
         mine = self.self_state
         self.members[self.me] = replace(
-            mine, incarnation=mine.incarnation + 1, status=MemberStatus.LEFT
+            mine, incarnation=min(mine.incarnation + 1, MAX_INCARNATION), status=MemberStatus.LEFT
         )
         return self.members[self.me]
 

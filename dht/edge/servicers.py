@@ -28,12 +28,10 @@ from dht.core.packing import (
     pack_terms,
     unpack_terms,
 )
-from dht.core.placement import Member
 from dht.core.wire import ENTRY_SIZE, FORMAT_VERSION
 from dht.edge import convert
 from dht.edge.status import grpc_status
 from dht.node.node import Node
-from dht.node.transport import PeerUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +141,9 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
         )
 
     async def PingReq(self, request: pb.PingReqRequest, context: Ctx) -> pb.PingReqResponse:
-        target = Member(request.target_node, request.target_address)
-        try:
-            _, view = await self.node.peers_transport.ping(target, self.node.membership.view())
-        except PeerUnreachable:
-            return pb.PingReqResponse(ok=False)
-        self.node.gossip_in(view)
-        return pb.PingReqResponse(ok=True)
+        # Only a member of this node's view, at its address (docs/protocol.md#membership).
+        ok = await self.node.liveness.ping_req(request.target_node, request.target_address)
+        return pb.PingReqResponse(ok=ok)
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
         async def work() -> pb.ReplicateResponse:
@@ -182,7 +176,9 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
     async def Undo(self, request: pb.UndoRequest, context: Ctx) -> pb.UndoResponse:
         async def work() -> pb.UndoResponse:
             terms = unpack_terms(request.terms)
-            kept = self.node.internal_undo(request.written, request.before, terms)
+            kept = self.node.internal_undo(
+                request.written, request.before, terms, request.from_node
+            )
             undone = len(request.written) // ENTRY_SIZE - len(kept)
             return pb.UndoResponse(undone=undone, kept=pack_positions(kept))
 

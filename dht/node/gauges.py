@@ -8,6 +8,7 @@ from prometheus_client.core import Metric
 
 from dht.core import metrics as m
 from dht.core.ingress import REASONS
+from dht.core.membership import Membership
 from dht.core.placement import PartitionMap
 from dht.core.record import HybridClock
 from dht.node.peerview import PeerView
@@ -184,4 +185,35 @@ def replication_gauges(
         "record copies streamed by anti-entropy, refill and hand-off",
         ["direction"],
         {("pulled",): s.bytes_pulled, ("pushed",): s.bytes_pushed},
+    )
+
+
+def membership_gauges(membership: Membership, ping_req_refused: int) -> Iterable[Metric]:
+    """Gossip this node ignored (docs/protocol.md#membership), and its view's size."""
+    refused: dict[tuple[str, ...], float] = {(k,): float(v) for k, v in membership.refused.items()}
+    refused[("ping_req_target",)] = float(ping_req_refused)
+    yield m.counter(
+        "dht_gossip_refused",
+        "gossiped member states ignored, by reason (incarnation: out of range; unknown: "
+        "a rumour about a node never admitted; full: past max_members), and indirect "
+        "probes refused (ping_req_target: not a member of this view at that address)",
+        ["reason"],
+        refused,
+    )
+    yield m.counter(
+        "dht_members_forgotten",
+        "DEAD and LEFT members forgotten after member_forget_s",
+        [],
+        {(): float(membership.forgotten)},
+    )
+
+
+def undo_gauges(refused: Mapping[str, int]) -> Iterable[Metric]:
+    """Undo entries this replica left standing because the caller may not undo them."""
+    yield m.counter(
+        "dht_undo_refused",
+        "undo entries refused and left standing, by reason (not_member: the caller is "
+        "not a member of the tables in force; term: above the term promised here)",
+        ["reason"],
+        {(k,): float(v) for k, v in refused.items()},
     )

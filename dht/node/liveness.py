@@ -70,6 +70,7 @@ class Liveness:
         self.epochs = 0
         self.transfers = 0  # partitions being handed to this node now
         self.dropped = 0  # copies dropped after their partitions moved away
+        self.ping_req_refused = 0  # indirect probes asked of a target not in our view
 
     # ------------------------------------------------------------------ the table
 
@@ -178,6 +179,21 @@ class Liveness:
         for member in self.view.pmap.members:
             if self.repair.hints.count(member.node_id) and self.view.is_up(member):
                 await self._deliver_hints(member)
+
+    async def ping_req(self, node_id: str, address: str) -> bool:
+        """Probe a member for a peer that could not reach it (SWIM's indirect probe).
+        Only a member of this view at that very address: any other target is answered
+        False without a call (a node dials no address a caller names)."""
+        s = self.membership.members.get(node_id)
+        if s is None or s.address != address or node_id == self.config.node_id:
+            self.ping_req_refused += 1
+            return False
+        try:
+            _, view = await self._transport.ping(s.member(), self.membership.view())
+        except PeerUnreachable:
+            return False
+        self.gossip_in(view)
+        return True
 
     async def _indirect(self, via: Member, target: Member) -> bool:
         try:
@@ -291,8 +307,14 @@ class Liveness:
         w = self.view.write_quorum
         return min(rf - 1, rf - w + 1 if lost_data else rf - w)
 
-    def _dead(self) -> set[str]:
-        return {s.node_id for s in self.membership.view() if not s.active}
+    def _dead(self, *tables: PartitionMap) -> set[str]:
+        """Members of the view, or of ``tables``, that are not active (a DEAD or LEFT
+        state, or one forgotten since: docs/protocol.md#membership)."""
+        active = {m.node_id for m in self.membership.active()}
+        ids = {s.node_id for s in self.membership.view()}
+        for t in tables:
+            ids |= {m.node_id for m in t.members}
+        return ids - active
 
     async def _resync_loop(self) -> None:
         """Pull every partition that differs from the peers until enough replicas of each
@@ -339,7 +361,7 @@ class Liveness:
             mine,
             took_part,
             self._need(lost_data),
-            self._dead(),
+            self._dead(self.state.table),
         )
 
     async def _handoff(self, acquired: npt.NDArray[np.intp], old: PartitionMap) -> None:
@@ -368,7 +390,7 @@ class Liveness:
                     continue
                 took_part.add(member.node_id)
             if covered(
-                old, self.config.node_id, acquired, took_part, self._need(True), self._dead()
+                old, self.config.node_id, acquired, took_part, self._need(True), self._dead(old)
             ):
                 self.state.part_ready[acquired] = True
                 break
@@ -377,6 +399,17 @@ class Liveness:
         log.info(
             "hand-off of %d partitions done in %.2f s", acquired.size, time.perf_counter() - started
         )
+
+
+def membership_of(config: NodeConfig, me: MemberState, now_ms: int) -> Membership:
+    """This node's membership view, with the configured bounds."""
+    return Membership(
+        me,
+        round(config.suspicion_timeout_s * 1000),
+        now_ms=now_ms,
+        forget_ms=round(config.member_forget_s * 1000),
+        max_members=config.max_members,
+    )
 
 
 def table_of(config: NodeConfig, membership: Membership) -> PartitionMap:

@@ -39,9 +39,15 @@ from dht.core.placement import PartitionMap
 from dht.core.record import HybridClock, hlc_pack
 from dht.core.wire import EntryArray, U64Array, check_batch_size
 from dht.node.extension import NodeExtension
-from dht.node.gauges import ingress_gauges, replication_gauges, store_gauges
+from dht.node.gauges import (
+    ingress_gauges,
+    membership_gauges,
+    replication_gauges,
+    store_gauges,
+    undo_gauges,
+)
 from dht.node.inflight import InFlight
-from dht.node.liveness import Liveness, table_of
+from dht.node.liveness import Liveness, membership_of, table_of
 from dht.node.peerview import PeerView
 from dht.node.repair import Repair
 from dht.node.replica import Replica
@@ -136,7 +142,7 @@ class Node:
             self.clock.wall_ms(),  # a restart outranks every rumour about the old process
             MemberStatus.ALIVE,
         )
-        self.membership = Membership(me, round(cfg.suspicion_timeout_s * 1000))
+        self.membership = membership_of(cfg, me, self._mono())
         for peer in cfg.peers:
             self.membership.add_seed(peer, self._mono())
         pmap = table_of(cfg, self.membership)
@@ -389,9 +395,9 @@ class Node:
         return self.replica.replicate(raw, issued_hlc, terms, from_node)
 
     def internal_undo(
-        self, raw_written: bytes, raw_before: bytes, terms: npt.NDArray[np.uint64]
+        self, raw_written: bytes, raw_before: bytes, terms: U64Array, from_node: str
     ) -> npt.NDArray[np.intp]:
-        return self.replica.undo(raw_written, raw_before, terms)
+        return self.replica.undo(raw_written, raw_before, terms, from_node)
 
     def internal_promise(
         self, parts: npt.NDArray[np.intp], term: int, from_node: str
@@ -447,6 +453,9 @@ class Node:
             {(k,): v for k, v in self.tasks.errors.items()},
         )
         yield from ingress_gauges(self.replica.ingress_refused)
+        if self.state.pmap is not None:
+            yield from membership_gauges(self.membership, self.liveness.ping_req_refused)
+        yield from undo_gauges(self.replica.undo_refused)
         if self._coordinator is None or self.state.pmap is None:
             return
         yield from replication_gauges(

@@ -105,6 +105,8 @@ class Replica:
         # here meanwhile: an undo leaves them standing (see undo).
         self._pinned: deque[tuple[int, U64Array]] = deque()
         self.undone_for_others = 0  # copies put back here at a coordinator's request
+        # Undo entries refused (left standing): caller not a member, term not promised.
+        self.undo_refused = {"not_member": 0, "term": 0}
         self._bounds = Bounds.of(config)
         # Copies refused by the ingress checks (dht.core.ingress), by reason.
         self.ingress_refused: dict[str, int] = {}
@@ -316,14 +318,18 @@ class Replica:
         return merged
 
     def undo(
-        self, raw_written: bytes, raw_before: bytes, terms: npt.NDArray[np.uint64]
+        self,
+        raw_written: bytes,
+        raw_before: bytes,
+        terms: npt.NDArray[np.uint64],
+        from_node: str,
     ) -> npt.NDArray[np.intp]:
         """Take back a coordinator's write that missed its quorum (see dht.proto
         UndoRequest): per entry, put ``before`` back where the copy held here is still
         the one written, unless a take-over or quorum read pulled that copy from here
         meanwhile, or this node took the partition over under a higher term since: the
-        puller, or this node as coordinator, may have decided claims on it. Returns the
-        positions of the entries left standing."""
+        puller, or this node as coordinator, may have decided claims on it. Only by its
+        writer (see _by_writer). Returns the positions of the entries left standing."""
         check_batch_size(len(raw_written), ENTRY_SIZE, 1_000_000, "written")
         written = np.frombuffer(raw_written, dtype=ENTRY_DTYPE)
         if len(raw_before) != len(raw_written):
@@ -343,6 +349,7 @@ class Replica:
         ours = self.terms.undoable_by(parts, terms)
         # Both sides checked (dht.core.ingress): a refused entry is left standing.
         ours &= self.check(written).ok & self.check(before, records_optional=True).ok
+        ours &= self._by_writer(parts, terms, from_node)
         if self._prune(self._pinned):
             ours &= ~np.isin(hashes, np.concatenate([h for _, h in self._pinned]))
         undone = np.zeros(len(written), dtype=bool)
@@ -353,6 +360,21 @@ class Replica:
         self.undone_for_others += int(np.count_nonzero(undone))
         kept: npt.NDArray[np.intp] = np.flatnonzero(~undone)
         return kept
+
+    def _by_writer(
+        self, parts: npt.NDArray[np.intp], terms: npt.NDArray[np.uint64], from_node: str
+    ) -> npt.NDArray[np.bool_]:
+        """Per entry of an undo: may ``from_node`` take it back? Only a member of the
+        tables in force (its coordinator was one), and only under a term this replica
+        promised for the partition: a write it applied under term T left a promise of at
+        least T here, so an undo above the promise undoes nothing written here. Refused
+        entries are left standing and counted in ``undo_refused``."""
+        if not self.is_member(from_node):
+            self.undo_refused["not_member"] += len(parts)
+            return np.zeros(len(parts), dtype=bool)
+        ok: npt.NDArray[np.bool_] = terms <= self.terms.promised[parts]
+        self.undo_refused["term"] += int(np.count_nonzero(~ok))
+        return ok
 
     def _superseded(self, entries: EntryArray, hashes: U64Array) -> npt.NDArray[np.intp]:
         """Positions of flow ``entries`` whose claim is not the one now held here: a

@@ -10,6 +10,7 @@ answer INTERNAL."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -166,7 +167,9 @@ async def test_an_undo_whose_before_is_poison_is_left_standing(make_pop: MakePop
     good = forged()
     assert srv.node.internal_replicate(good.tobytes(), 0, None, "").applied == 1
     poison = forged(state=9)
-    kept = srv.node.internal_undo(good.tobytes(), poison.tobytes(), np.zeros(1, np.uint64))
+    kept = srv.node.internal_undo(
+        good.tobytes(), poison.tobytes(), np.zeros(1, np.uint64), nodes[0].node.config.node_id
+    )
     assert kept.tolist() == [0]
     copies = srv.node.store.copies(np.frombuffer(KEY, dtype=KEY_DTYPE), key_hashes(KEY))
     assert int(copies["state"][0]) == State.ESTABLISHED
@@ -263,3 +266,155 @@ async def test_poison_shipped_from_another_pop_is_refused(make_pops: MakePops) -
         pref = s.node.affinity.get(prefix["caddr"], _now_ms())
         assert int(pref["owner_pop"][0]) in (0, 1), pref
     assert all(s.node.live() for s in ams)
+
+
+# ---------------------------------------------------------------------------- membership
+# (issue 13, "Membership only from members": without authentication, what gossip can do
+# is bounded. Each case failed before: the rumour was adopted, the refutation overflowed
+# the uint64 wire field and killed the probe loop, the view grew without bound, and
+# PingReq dialed whatever address it was given.)
+
+
+def member_pb(node_id: str, address: str, incarnation: int, status: int) -> pb.MemberState:
+    return pb.MemberState(node_id=node_id, address=address, incarnation=incarnation, status=status)  # type: ignore[arg-type]
+
+
+async def ping(srv: NodeServer, members: list[pb.MemberState]) -> pb.PingResponse:
+    async with grpc.aio.insecure_channel(
+        srv.grpc_address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as ch:
+        resp: pb.PingResponse = await pb_grpc.NodeInternalStub(ch).Ping(
+            pb.PingRequest(from_node="nobody", members=members), timeout=10
+        )
+        return resp
+
+
+def active_ids(srv: NodeServer) -> list[str]:
+    return [m.node_id for m in srv.node.membership.active()]
+
+
+async def test_a_left_rumour_at_2_to_the_64_is_refused_and_cannot_overflow(
+    make_pop: MakePop,
+) -> None:
+    """ "ams-2 LEFT, incarnation 2^64-1" sent to both nodes: neither adopts it, the
+    victim does not refute past what uint64 holds, and its probe loop lives."""
+    nodes = await make_pop(2)
+    victim = nodes[1].node
+    before = victim.membership.self_state.incarnation
+    rumour = member_pb(victim.config.node_id, nodes[1].grpc_address, (1 << 64) - 1, 4)
+    for srv in nodes:
+        await ping(srv, [rumour])
+    # Just under the bound a rumour is still refuted, within the bound.
+    bound = victim.membership.incarnation_bound(victim.mono_ms())
+    await ping(nodes[1], [member_pb(victim.config.node_id, "", bound, 3)])
+    await asyncio.sleep(1.0)  # several probe rounds
+    assert (
+        active_ids(nodes[0]) == active_ids(nodes[1]) == sorted(s.node.config.node_id for s in nodes)
+    )
+    assert before <= victim.membership.self_state.incarnation < 1 << 63
+    assert all(s.node.membership.refused["incarnation"] >= 1 for s in nodes)
+    await still_serves(nodes)
+
+
+async def test_gossip_cannot_grow_the_view_without_bound(make_pop: MakePop) -> None:
+    """100,000 fake LEFT members (rumours about nodes never admitted), five fakes at
+    incarnation 2^62, and more fake joins than the view holds: ignored and counted."""
+    nodes = await make_pop(2, max_members=8)
+    target = nodes[0]
+    ms = target.node.membership
+    left = [member_pb(f"f{i}", "10.255.0.1:1", 5, 4) for i in range(100_000)]
+    resp = await ping(target, left)
+    assert len(resp.members) == 2 and len(ms.members) == 2
+    assert ms.refused["unknown"] == 100_000
+    huge = [member_pb(f"g{i}", f"127.0.0.1:{i + 1}", 1 << 62, 1) for i in range(5)]
+    await ping(target, huge)
+    assert len(ms.members) == 2 and ms.refused["incarnation"] == 5
+    await still_serves(nodes)
+    # Joins are not authenticated yet (issue 13 item 2): a fake ALIVE state is admitted,
+    # but never past max_members.
+    joins = [member_pb(f"h{i}", f"127.0.0.1:{i + 1}", 1, 1) for i in range(20)]
+    await ping(target, joins)
+    assert len(ms.members) == 8 and ms.refused["full"] == 14
+    assert all(s.node.live() for s in nodes)
+
+
+async def test_ping_req_dials_only_members_of_the_view(make_pop: MakePop) -> None:
+    nodes = await make_pop(2)
+    dialed: list[int] = []
+
+    async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        dialed.append(1)
+        w.close()
+
+    bait = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = bait.sockets[0].getsockname()[1]
+    other = nodes[1].node.config.node_id
+    try:
+        async with grpc.aio.insecure_channel(nodes[0].grpc_address) as ch:
+            stub = pb_grpc.NodeInternalStub(ch)
+            for node_id in ("stranger", other):  # unknown node; a member at another address
+                resp = await stub.PingReq(
+                    pb.PingReqRequest(
+                        from_node="nobody",
+                        target_node=node_id,
+                        target_address=f"127.0.0.1:{port}",
+                    ),
+                    timeout=5,
+                )
+                assert not resp.ok
+            good = await stub.PingReq(
+                pb.PingReqRequest(
+                    from_node="nobody", target_node=other, target_address=nodes[1].grpc_address
+                ),
+                timeout=5,
+            )
+            assert good.ok
+    finally:
+        bait.close()
+        await bait.wait_closed()
+    assert dialed == []
+    assert nodes[0].node.liveness.ping_req_refused == 2
+
+
+# ---------------------------------------------------------------------------- undo
+# (issue 13, "Undo only by its writer": ReadCopies then Undo(written=copy) deleted the
+# record. The term is now bounded by what the replica promised and the caller must be a
+# member of the tables in force.)
+
+
+async def test_an_undo_only_by_a_member_under_a_promised_term(make_pop: MakePop) -> None:
+    nodes = await make_pop(2)
+    srv = nodes[1]
+    node = srv.node
+    good = forged()
+    assert node.internal_replicate(good.tobytes(), 0, None, "").applied == 1
+    part = int(node.table.partitions_of(key_hashes(KEY))[0])
+    promised = int(node.terms.promised[part])
+    before = good.copy()
+    before["rec"]["status"] = Status.NOT_FOUND
+    member = nodes[0].node.config.node_id
+
+    async def undo(from_node: str, term: int) -> pb.UndoResponse:
+        async with grpc.aio.insecure_channel(srv.grpc_address) as ch:
+            resp: pb.UndoResponse = await pb_grpc.NodeInternalStub(ch).Undo(
+                pb.UndoRequest(
+                    from_node=from_node,
+                    written=good.tobytes(),
+                    before=before.tobytes(),
+                    terms=np.full(1, term, dtype=">u8").tobytes(),
+                ),
+                timeout=5,
+            )
+            return resp
+
+    now_term = node.clock.now()  # within the term bound, above the promise
+    assert now_term > promised
+    for who, term in (("nobody", promised), ("", promised), (member, now_term)):
+        resp = await undo(who, term)
+        assert resp.undone == 0, (who, term)
+        assert held(srv) == 1, (who, term)
+    assert node.replica.undo_refused == {"not_member": 2, "term": 1}
+    # The writer, under the term promised here: undone.
+    assert (await undo(member, promised)).undone == 1
+    assert held(srv) == 0
+    await still_serves(nodes)

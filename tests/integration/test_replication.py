@@ -362,9 +362,9 @@ async def test_a_write_that_missed_its_quorum_is_taken_back_where_replicas_took_
 
     entry = np.zeros(1, dtype=ENTRY_DTYPE).tobytes()
     with pytest.raises(InvalidArgument, match="before"):
-        y.node.internal_undo(entry, b"", np.array([1], dtype=np.uint64))
+        y.node.internal_undo(entry, b"", np.array([1], dtype=np.uint64), "")
     with pytest.raises(InvalidArgument, match="terms"):
-        y.node.internal_undo(entry, entry, np.zeros(0, dtype=np.uint64))
+        y.node.internal_undo(entry, entry, np.zeros(0, dtype=np.uint64), "")
 
 
 async def test_anti_entropy_leaves_out_writes_still_open_to_an_undo(make_pop: MakePop) -> None:
@@ -461,11 +461,12 @@ async def test_an_undo_is_refused_by_a_replica_that_coordinated_since(
 
     undo = await claimed()
     y.node.internal_promise(parts, int(y.node.terms.promised[part]) + 1, x.config.node_id)
-    assert y.node.internal_undo(*undo).tolist() == [], "a promise elsewhere does not stop it"
+    writer = x.node.config.node_id
+    assert y.node.internal_undo(*undo, writer).tolist() == [], "a promise elsewhere: undone"
     assert y.node.store.copies(keys, hashes)["status"][0] == Status.NOT_FOUND
     undo = await claimed()
     assert (await y.node.coordinator.takeovers.take_over(np.array([part], dtype=np.uint16))).all()
-    assert y.node.internal_undo(*undo).tolist() == [0], "kept: Y coordinated the partition since"
+    assert y.node.internal_undo(*undo, writer).tolist() == [0], "kept: Y coordinated since"
     assert y.node.store.copies(keys, hashes)["status"][0] == Status.OK
 
 

@@ -782,13 +782,7 @@ class MemPeerTransport:
         target_node, target_address = target.node_id, target.address
 
         async def serve(n: Node) -> bool:
-            t = Member(target_node, target_address)
-            try:
-                _, view = await n.peers_transport.ping(t, n.membership.view())
-            except PeerUnreachable:
-                return False
-            n.gossip_in(view)
-            return True
+            return await n.liveness.ping_req(target_node, target_address)
 
         # The helper's own probe is bounded by the probe timeout; allow for it.
         return await self._rpc(via, "PingReq", 2 * self.probe_timeout_s, serve)
@@ -839,10 +833,10 @@ class MemPeerTransport:
     async def undo(
         self, member: Member, written: bytes, before: bytes, terms: npt.NDArray[np.uint64]
     ) -> npt.NDArray[np.intp]:
-        w, b, t = bytes(written), bytes(before), terms.copy()
+        w, b, t, from_node = bytes(written), bytes(before), terms.copy(), self.node_id
 
         async def serve(n: Node) -> bytes:
-            kept = n.internal_undo(w, b, t)
+            kept = n.internal_undo(w, b, t, from_node)
             assert len(w) // ENTRY_SIZE >= len(kept)  # the servicer's `undone`
             return kept.astype(">u4").tobytes()
 

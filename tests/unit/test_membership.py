@@ -7,7 +7,13 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht.core.membership import Membership, MemberState, MemberStatus
+from dht.core.membership import (
+    INCARNATION_MARGIN_MS,
+    MAX_INCARNATION,
+    Membership,
+    MemberState,
+    MemberStatus,
+)
 from dht.core.placement import Member
 
 
@@ -82,6 +88,9 @@ def test_leave_is_final_and_outranks_alive() -> None:
     st.randoms(),
 )
 def test_views_converge_whatever_the_order(rumours, rnd: random.Random) -> None:  # type: ignore[no-untyped-def]
+    """Gossip repeats every probe: after a further round of the same news, two views
+    agree whatever order it came in (a rumour about a node not yet admitted is ignored
+    until its ALIVE state arrives, so one round is not enough)."""
     states = [state(n, i, s) for n, i, s in rumours]
     one, two = view(), view()
     one.apply(states, 0)
@@ -89,6 +98,92 @@ def test_views_converge_whatever_the_order(rumours, rnd: random.Random) -> None:
     rnd.shuffle(shuffled)
     for s in shuffled:
         two.apply([s], 0)
+    one.apply(states, 0)
+    two.apply(states, 0)
     assert {k: v.order() for k, v in one.members.items()} == {
         k: v.order() for k, v in two.members.items()
     }
+
+
+# ---- gossip is input from the network (issue 13, "Membership only from members")
+
+
+def test_rumours_about_nodes_never_admitted_are_ignored() -> None:
+    ms = view()
+    for status in (MemberStatus.SUSPECT, MemberStatus.DEAD, MemberStatus.LEFT):
+        assert not ms.apply([state("x", 5, status)], 0)
+    assert "x" not in ms.members
+    assert ms.refused["unknown"] == 3
+    assert ms.apply([state("x", 5, MemberStatus.ALIVE)], 0)  # a join admits it
+    assert ms.apply([state("x", 5, MemberStatus.LEFT)], 0)  # now it is news
+    assert ms.members["x"].status == MemberStatus.LEFT
+
+
+def test_incarnations_above_the_bound_are_refused() -> None:
+    me = state("a", 1_000_000, MemberStatus.ALIVE)
+    ms = Membership(me, suspicion_ms=1_000, now_ms=500)
+    ms.add_seed(Member("b", "b:1"), now_ms=500)
+    bound = ms.incarnation_bound(500)
+    assert bound == 1_000_000 + INCARNATION_MARGIN_MS
+    assert ms.incarnation_bound(1_500) == bound + 1_000  # it moves with the clock
+    for inc in (bound + 1, 1 << 62, (1 << 64) - 1):
+        assert not ms.apply([state("b", inc, MemberStatus.LEFT)], 500)
+        assert not ms.apply([state("c", inc, MemberStatus.ALIVE)], 500)
+    assert ms.members["b"].status == MemberStatus.ALIVE and "c" not in ms.members
+    assert ms.refused["incarnation"] == 6
+    assert ms.apply([state("b", bound, MemberStatus.LEFT)], 500)  # at the bound: news
+
+
+def test_a_forged_rumour_cannot_push_the_refutation_past_the_bound() -> None:
+    """ "a LEFT at 2^64-1" is refused; at the bound it is not refuted either (the
+    refutation would be above what the others accept); below it, it is refuted within
+    the bound. The incarnation never leaves the uint64 range."""
+    ms = view()
+    bound = ms.incarnation_bound(0)
+    ms.apply([state("a", (1 << 64) - 1, MemberStatus.LEFT)], 0)
+    ms.apply([state("a", bound, MemberStatus.DEAD)], 0)
+    assert ms.self_state.incarnation == 100 and ms.self_state.status == MemberStatus.ALIVE
+    ms.apply([state("a", bound - 1, MemberStatus.DEAD)], 0)
+    assert ms.self_state.incarnation == bound and ms.self_state.status == MemberStatus.ALIVE
+    assert ms.refutations == 1 and ms.refused["incarnation"] == 2
+    # The others accept the refutation.
+    other = view(me="b", peers=("a",))
+    assert other.apply([ms.self_state], 0) is False
+    assert other.members["a"].incarnation == bound
+
+
+def test_the_hard_cap_holds_whatever_the_clock() -> None:
+    ms = Membership(state("a", MAX_INCARNATION, MemberStatus.ALIVE), suspicion_ms=1_000)
+    assert ms.incarnation_bound(10**12) == MAX_INCARNATION
+    ms.apply([state("a", MAX_INCARNATION, MemberStatus.DEAD)], 0)
+    assert ms.self_state.incarnation == MAX_INCARNATION
+    assert ms.leave().incarnation == MAX_INCARNATION < 1 << 64
+
+
+def test_dead_and_left_members_are_forgotten_after_a_bounded_time() -> None:
+    ms = view(peers=("b", "c", "d"))
+    assert ms.forget_ms == 10_000  # 10 x suspicion_ms by default
+    ms.apply([state("b", 1, MemberStatus.LEFT)], 1_000)
+    ms.suspect("c", now_ms=1_000)
+    assert ms.tick(2_000)  # c declared dead at 2_000
+    ms.tick(10_999)
+    assert set(ms.members) == {"a", "b", "c", "d"}
+    ms.tick(11_000)  # b went 10 s ago
+    assert set(ms.members) == {"a", "c", "d"} and ms.forgotten == 1
+    ms.tick(12_000)
+    assert set(ms.members) == {"a", "d"} and ms.forgotten == 2
+    # Forgotten: an old rumour about it is hearsay again, a restart (ALIVE) re-admits it.
+    ms.apply([state("b", 1, MemberStatus.LEFT)], 12_000)
+    assert "b" not in ms.members
+    ms.apply([state("b", 7, MemberStatus.ALIVE)], 12_000)
+    assert ms.members["b"].status == MemberStatus.ALIVE
+
+
+def test_the_view_is_bounded() -> None:
+    ms = Membership(state("a", 100, MemberStatus.ALIVE), suspicion_ms=1_000, max_members=3)
+    joins = [state(f"x{i}", 1, MemberStatus.ALIVE) for i in range(5)]
+    assert ms.apply(joins, 0)
+    assert set(ms.members) == {"a", "x0", "x1"}
+    assert ms.refused["full"] == 3
+    ms.apply([state("x1", 2, MemberStatus.ALIVE)], 0)  # a known member still updates
+    assert ms.members["x1"].incarnation == 2
