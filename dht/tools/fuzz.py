@@ -232,6 +232,29 @@ def ship_batch() -> S[pb.ShipBatch]:
     )
 
 
+def _undo_of(n: int) -> S[pb.UndoRequest]:
+    """An undo of ``n`` keys, as written and as before (same keys, other records), with
+    ``n`` terms: past the size and key checks, into the undo itself."""
+
+    rows = st.lists(result32(), min_size=n, max_size=n)
+    terms = st.lists(st.one_of(st.just(hlc_pack(NOW_MS, 0)), uint(64)), min_size=n, max_size=n).map(
+        lambda t: struct.pack(f">{n}Q", *t)
+    )
+    return st.builds(
+        lambda keys, w, b, from_node, t: pb.UndoRequest(
+            from_node=from_node,
+            written=b"".join(k + r for k, r in zip(keys, w, strict=True)),
+            before=b"".join(k + r for k, r in zip(keys, b, strict=True)),
+            terms=t,
+        ),
+        st.lists(valid_key(), min_size=n, max_size=n),
+        rows,
+        rows,
+        _text(),
+        terms,
+    )
+
+
 _parts = packed("H", st.one_of(st.integers(0, 4095), uint(16)))
 
 # method -> (path, shape, request strategy); shape: uu, us (stream out), ss (stream both)
@@ -285,12 +308,15 @@ METHODS: dict[str, tuple[str, str, S[Any]]] = {
     "Undo": (
         "/dht.v1.NodeInternal/Undo",
         "uu",
-        st.builds(
-            pb.UndoRequest,
-            from_node=_text(),
-            written=_entries(),
-            before=_entries(),
-            terms=packed("Q", uint(64)),
+        mostly(
+            st.integers(1, 4).flatmap(_undo_of),
+            st.builds(
+                pb.UndoRequest,
+                from_node=_text(),
+                written=_entries(),
+                before=_entries(),
+                terms=packed("Q", uint(64)),
+            ),
         ),
     ),
     "ReadCopies": (
