@@ -3,7 +3,7 @@ PY ?= python3
 PROTO_SRC := protos/dht/v1/dht.proto
 PROTO_OUT := dht/_proto
 
-.PHONY: help proto proto-check lint typecheck test test-unit test-sim test-integration test-system bench cluster compose-check demo
+.PHONY: help proto proto-check lint typecheck test test-unit test-sim test-integration test-system fuzz bench cluster compose-check demo
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -34,6 +34,9 @@ test-integration: ## real nodes over gRPC on loopback, in-process
 
 test-system: ## real processes and faults, one at a time
 	$(PY) -m pytest -p no:xdist tests/system
+
+fuzz: ## 100,000 fuzzed gRPC calls against a local node; counts crashes, INTERNAL, dead loops (FUZZ_ARGS=--seed N)
+	$(PY) scripts/fuzz.py --cases 100000 $(FUZZ_ARGS)
 
 bench: ## dht vs Redis side by side + growth plot (never part of the test suite; BENCH_ARGS=--quick for < 5 min)
 	$(PY) -m dht bench --json bench-results.json --plot docs/bench-growth.png $(BENCH_ARGS)

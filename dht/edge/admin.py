@@ -24,6 +24,7 @@ import hmac
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 from aiohttp import web
 
 from dht.core.config import NodeConfig
@@ -172,15 +173,32 @@ async def members(request: web.Request) -> web.Response:
     )
 
 
+def _partition_ids(wanted: str, num_partitions: int) -> npt.NDArray[np.intp]:
+    """``?partitions=1,2``: ids in 0..num_partitions-1, else InvalidArgument (400)."""
+    items = wanted.split(",")
+    if len(items) > num_partitions:
+        raise InvalidArgument("partitions", f"{len(items)} ids, more than {num_partitions}")
+    ids: set[int] = set()
+    for item in items:
+        text = item.strip()
+        # Partition ids have at most 5 digits: longer text is refused before int() parses it.
+        if not (text.isascii() and text.isdigit() and len(text) <= 5):
+            raise InvalidArgument(
+                "partitions", f"{item[:20]!r}: want comma-separated ids 0..{num_partitions - 1}"
+            )
+        p = int(text)
+        if p >= num_partitions:
+            raise InvalidArgument("partitions", f"{p} outside 0..{num_partitions - 1}")
+        ids.add(p)
+    return np.array(sorted(ids), dtype=np.intp)
+
+
 async def digests(request: web.Request) -> web.Response:
     node = request.app[NODE].node
     wanted = request.query.get("partitions")
     mine = np.flatnonzero(replica_mask(node.table, node.self_index))
     if wanted:
-        try:
-            parts = np.array(sorted({int(p) for p in wanted.split(",")}), dtype=np.intp)
-        except ValueError:
-            raise InvalidArgument("partitions", f"{wanted!r}: want comma-separated ids") from None
+        parts = _partition_ids(wanted, node.table.num_partitions)
         mine = np.intersect1d(mine, parts)
     sums, counts = node.partition_digests()
     return _json(

@@ -21,6 +21,7 @@ from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.core.config import NodeConfig
 from dht.edge.admin import AdminServer
 from dht.edge.channels import channel_credentials, open_channel, server_credentials
+from dht.edge.decode import add_checked
 from dht.edge.peer_grpc import GrpcPeerTransport
 from dht.edge.pop_grpc import SERVICE_NAME as POP_SERVICE_NAME
 from dht.edge.pop_grpc import GrpcPopTransport, PopLinkService
@@ -94,9 +95,12 @@ class NodeServer:
         server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
         )
-        pb_grpc.add_FlowTableServicer_to_server(FlowTableService(self.node), server)
-        pb_grpc.add_NodeInternalServicer_to_server(NodeInternalService(self.node), server)
-        pb_grpc.add_PopLinkServicer_to_server(PopLinkService(self.pops), server)
+        # Requests that do not decode are answered INVALID_ARGUMENT (dht.edge.decode).
+        add_checked(pb_grpc.add_FlowTableServicer_to_server, FlowTableService(self.node), server)
+        add_checked(
+            pb_grpc.add_NodeInternalServicer_to_server, NodeInternalService(self.node), server
+        )
+        add_checked(pb_grpc.add_PopLinkServicer_to_server, PopLinkService(self.pops), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (

@@ -86,7 +86,8 @@ def validate(config: NodeConfig, table: PartitionMap, call: BatchCall) -> Valida
         flows = decode_keys(call.payload, cfg.max_batch_keys, KIND_FLOW)
         raw = call.payload
         payload_rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, KEY_SIZE)
-    pop = acting_pop(config, call.pop)
+    # Lookup and GetAffinity act for no PoP: the .proto says their pop is ignored.
+    pop = config.pop_id if call.op in (Op.LOOKUP, Op.GET_AFFINITY) else acting_pop(config, call.pop)
     ttl_ms = ttl_ms_of(config, call.ttl_s)
     if call.op in (Op.CLAIM, Op.CONFIRM) and not 0 <= call.server <= 65535:
         raise InvalidArgument("server", f"{call.server} outside 0..65535")

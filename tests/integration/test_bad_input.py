@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 import grpc
 import pytest
 
@@ -124,3 +125,78 @@ async def test_empty_batch_is_fine(node: NodeServer) -> None:
         resp = await pb_grpc.FlowTableStub(ch).Lookup(pb.FlowBatchRequest(format_version=1))
     assert resp.results == b""
     assert resp.epoch == node.node.table.epoch
+
+
+# Bytes that do not parse as any message: field 1, length-delimited, 5 bytes promised, 2 sent.
+TRUNCATED = b"\x0a\x05ab"
+
+
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        ("/dht.v1.FlowTable/Claim", "unary_unary"),
+        ("/dht.v1.FlowTable/GetPartitionTable", "unary_unary"),
+        ("/dht.v1.NodeInternal/Replicate", "unary_unary"),
+        ("/dht.v1.NodeInternal/FetchPartitions", "unary_stream"),
+        ("/dht.v1.PopLink/PopPush", "unary_unary"),
+        ("/dht.v1.PopLink/PopFetch", "unary_stream"),
+        ("/dht.v1.PopLink/Ship", "stream_stream"),
+    ],
+)
+async def test_undecodable_request_is_invalid_argument(
+    node: NodeServer, method: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13: bytes that are not the method's message answered UNKNOWN with a traceback
+    in the log. Now: INVALID_ARGUMENT naming the message, nothing logged as an error."""
+    async with grpc.aio.insecure_channel(node.grpc_address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            if kind == "unary_unary":
+                await ch.unary_unary(method)(TRUNCATED)
+            elif kind == "unary_stream":
+                async for _ in ch.unary_stream(method)(TRUNCATED):
+                    pass
+            else:
+                call = ch.stream_stream(method)(iter([TRUNCATED]))
+                async for _ in call:
+                    pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "is not a valid" in (err.value.details() or "")
+        ok = await pb_grpc.FlowTableStub(ch).Claim(pb.FlowBatchRequest(format_version=1, keys=GOOD))
+        assert decode_results(ok.results)[0].status.name == "CREATED"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert node.node.live()
+
+
+@pytest.mark.parametrize("op", ["Lookup", "GetAffinity"])
+async def test_lookup_ignores_an_unknown_pop(node: NodeServer, op: str) -> None:
+    """Issue 13: the .proto says Lookup (and GetAffinity) ignore pop; an unknown id was
+    refused. Claim still refuses it (test_bad_flow_batches)."""
+    async with grpc.aio.insecure_channel(node.grpc_address) as ch:
+        stub = pb_grpc.FlowTableStub(ch)
+        if op == "Lookup":
+            resp = await stub.Lookup(pb.FlowBatchRequest(format_version=1, keys=GOOD, pop=99))
+            assert decode_results(resp.results)[0].status.name == "NOT_FOUND"
+        else:
+            aresp = await stub.GetAffinity(
+                pb.AffinityRequest(format_version=1, clients=b"\0" * 16, pop=42)
+            )
+            assert len(aresp.results) == 32
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["9" * 30, "7" * 5000, "-1", "65536", "1e3", "0x10", "", "1,,2", "٣"],
+)
+async def test_digests_with_bad_partitions_is_400(node: NodeServer, value: str) -> None:
+    """Issue 13: /digests?partitions=<huge> answered 500. Now 400 naming the parameter."""
+    async with aiohttp.ClientSession() as http:
+        url = f"http://{node.admin_address}/digests"
+        async with http.get(url, params={"partitions": value}) as r:
+            body = await r.json()
+        if value == "":
+            assert r.status == 200  # empty = all partitions, as before
+            return
+        assert r.status == 400, body
+        assert body["error"].startswith("partitions:")
+        async with http.get(url, params={"partitions": "0,1"}) as r:
+            assert r.status == 200

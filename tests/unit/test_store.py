@@ -881,7 +881,9 @@ class Model:
         stats = _merge_reference(
             self.recs, list(zip(batch, recs, strict=True)), now, MODEL_LIMITS.hard_max_records
         )
-        self.hard_refused |= stats.refused > 0
+        # Refused embryonic copies keep the store ready (FlowStore.merge_copies): only
+        # refused established or released copies count.
+        self.hard_refused |= stats.refused > stats.refused_embryonic
         return stats
 
     def counts(self) -> dict[tuple[str, str], int]:
