@@ -54,11 +54,6 @@ from dht.core.wire import (
 # Claims of one 5-tuple: each needs the previous record expired or released, so 2^24
 # (16.7 M) is decades of reuse of one key; the wire field is 32 bits.
 MAX_GENERATION = 1 << 24
-# The highest incarnation gossip may carry: a member refutes a rumour with the rumour's
-# incarnation + 1, which must still fit the uint64 wire field (an incarnation of 2^64 - 1
-# made the refutation unserialisable: the Ping answered UNKNOWN and loops failed). Real
-# incarnations start at the wall clock in ms (~2^41).
-MAX_INCARNATION = (1 << 63) - 1
 # The oldest birth a live flow record may carry: refreshes keep a connection's birth,
 # so this bounds the age of a connection (a year), not a TTL.
 MAX_FLOW_AGE_MS = 366 * 86_400_000

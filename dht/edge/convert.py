@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from dht._proto.dht.v1 import dht_pb2 as pb
-from dht.core.ingress import MAX_INCARNATION
 from dht.core.membership import MemberState, MemberStatus
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import Member, PartitionMap
@@ -129,8 +128,9 @@ def members_from_pb(states: Iterable[pb.MemberState]) -> list[MemberState]:
     return [
         MemberState(m.node_id, m.address, m.admin_address, m.incarnation, MemberStatus(m.status))
         for m in states
-        # Unknown statuses, no id, and incarnations no refutation could exceed are dropped.
-        if m.status in _STATUSES and m.node_id and m.incarnation <= MAX_INCARNATION
+        # Unknown statuses and states without an id are dropped; incarnations out of range
+        # are refused (and counted) by the membership's own bound (dht.core.membership).
+        if m.status in _STATUSES and m.node_id
     ]
 
 
