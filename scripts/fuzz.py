@@ -1,4 +1,4 @@
-"""Fuzz a local node with N generated cases and print the counts (issue 13).
+"""Fuzz a local node with N generated cases and print the counts (docs/operations.md#fuzzing).
 
     python scripts/fuzz.py --cases 100000 [--seed N]
 

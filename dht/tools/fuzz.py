@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every gRPC method of a real node (issue 13).
+"""Property-based fuzzing of every gRPC method of a real node (docs/operations.md#fuzzing).
 
 Hypothesis strategies make a request for each method of ``FlowTable``, ``NodeInternal``
 and ``PopLink`` (random bytes in bytes fields, near-valid key and entry records, boundary
@@ -10,7 +10,7 @@ state), sends each case over gRPC on loopback and checks after it:
 - the answer's status is one of :data:`ALLOWED` (never INTERNAL or UNKNOWN, never stuck);
 - the node still answers a Claim and a Lookup of a fresh key: CREATED, then OK. Gossip
   (``Ping``, ``PingReq``; :data:`GOSSIP`) goes to a node of its own, which only has to
-  answer the calls: membership is not authenticated yet (issue 13 item 5), so a fuzzed
+  answer the calls: membership is not authenticated yet (docs/protocol.md#swim-states), so a fuzzed
   Ping may add members that exist nowhere, and keys placed on them answer UNAVAILABLE
   (counted as ``degraded``, not as a failure);
 - ``node.live()``: no background loop died or keeps failing, and no loop step failed

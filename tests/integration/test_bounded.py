@@ -1,6 +1,6 @@
-"""Bounded resources against real nodes (issue 13, item 7): the UDP listener's full-path
-tasks are capped, the affinity store has a capacity, and an embryonic flood is refused
-without taking the PoP out of /readyz."""
+"""Bounded resources against real nodes (docs/operations.md#configuration): the UDP
+listener's full-path tasks are capped, the affinity store has a capacity, and an
+embryonic flood is refused without taking the PoP out of /readyz."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Property-based fuzzing of every FlowTable, NodeInternal and PopLink method against a
-real node over gRPC on loopback (issue 13). A fixed, derandomized count per method here;
+real node over gRPC on loopback (docs/operations.md#fuzzing). A fixed, derandomized
+count per method here;
 ``python scripts/fuzz.py --cases 100000`` runs many more (docs/operations.md).
 
 Each case is checked by :meth:`dht.tools.fuzz.FuzzTarget.case`: an allowed status (never

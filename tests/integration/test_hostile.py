@@ -1,12 +1,10 @@
-"""Hostile callers of the internal services (issue 13, "Validate every ingress the same
-way"): forged, overflowing and poison values sent over real gRPC on loopback to real
-nodes are refused (INVALID_ARGUMENT for a malformed call, or the entry refused and
-counted in dht_ingress_refused_total), nothing is stored, and the node goes on
-answering Claim and Lookup with its loops alive.
-
-Each case failed before dht/core/ingress.py: the forged copies were applied (or the call
-died with UNKNOWN after storing the row), and a term of 2^64-1 made every later write
-answer INTERNAL."""
+"""Hostile callers of the internal services (docs/protocol.md#what-is-validated-where,
+"Validate every ingress the same way"): forged, overflowing and poison values sent over
+real gRPC on loopback to real nodes are refused (INVALID_ARGUMENT for a malformed call,
+or the entry refused and counted in dht_ingress_refused_total), nothing is stored, and
+the node goes on answering Claim and Lookup with its loops alive. Each case failed before
+dht/core/ingress.py: the forged copies were applied (or the call died with UNKNOWN after
+storing the row), and a term of 2^64-1 made every later write answer INTERNAL."""
 
 from __future__ import annotations
 
@@ -269,10 +267,10 @@ async def test_poison_shipped_from_another_pop_is_refused(make_pops: MakePops) -
 
 
 # ---------------------------------------------------------------------------- membership
-# (issue 13, "Membership only from members": without authentication, what gossip can do
-# is bounded. Each case failed before: the rumour was adopted, the refutation overflowed
-# the uint64 wire field and killed the probe loop, the view grew without bound, and
-# PingReq dialed whatever address it was given.)
+# (docs/protocol.md#swim-states, "Membership only from members": without authentication,
+# what gossip can do is bounded. Each case failed before: the rumour was adopted, the
+# refutation overflowed the uint64 wire field and killed the probe loop, the view grew
+# without bound, and PingReq dialed whatever address it was given.)
 
 
 def member_pb(node_id: str, address: str, incarnation: int, status: int) -> pb.MemberState:
@@ -330,7 +328,7 @@ async def test_gossip_cannot_grow_the_view_without_bound(make_pop: MakePop) -> N
     await ping(target, huge)
     assert len(ms.members) == 2 and ms.refused["incarnation"] == 5
     await still_serves(nodes)
-    # Joins are not authenticated yet (issue 13 item 2): a fake ALIVE state is admitted,
+    # Joins are not authenticated yet (not yet: mutual TLS): a fake ALIVE state is admitted,
     # but never past max_members.
     joins = [member_pb(f"h{i}", f"127.0.0.1:{i + 1}", 1, 1) for i in range(20)]
     await ping(target, joins)
@@ -377,7 +375,7 @@ async def test_ping_req_dials_only_members_of_the_view(make_pop: MakePop) -> Non
 
 
 # ---------------------------------------------------------------------------- undo
-# (issue 13, "Undo only by its writer": ReadCopies then Undo(written=copy) deleted the
+# (docs/protocol.md#undo, "Undo only by its writer": ReadCopies then Undo(written=copy) deleted the
 # record. The term is now bounded by what the replica promised and the caller must be a
 # member of the tables in force.)
 

@@ -1,5 +1,6 @@
-"""The affinity store's capacity (issue 13, item 7): new prefixes refused per key past
-the soft limit, copies from replicas and PoPs refused past the hard ceiling, counted."""
+"""The affinity store's capacity (docs/operations.md#configuration): new prefixes refused
+per key past the soft limit, copies from replicas and PoPs refused past the hard ceiling,
+counted."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def test_views_converge_whatever_the_order(rumours, rnd: random.Random) -> None:
     }
 
 
-# ---- gossip is input from the network (issue 13, "Membership only from members")
+# ---- gossip is input from the network (docs/protocol.md#swim-states)
 
 
 def test_rumours_about_nodes_never_admitted_are_ignored() -> None:

@@ -429,7 +429,7 @@ def test_merge_in_applies_up_to_the_hard_ceiling() -> None:
 
 def test_embryonic_copies_refused_at_the_ceiling_keep_the_store_ready() -> None:
     """A claim flood fills the replicas with embryos: refused past the hard ceiling and
-    counted, but not a reason for /readyz to say not ready (issue 13, item 7)."""
+    counted, but not a reason for /readyz to say not ready (docs/protocol.md#capacity-and-quota)."""
     env = Env(StoreLimits(max_records=1, hard_max_records=2))
     emb = Record(2, 0, State.EMBRYONIC, hlc_pack(T0, 0), 2, 1, T0 + 10_000)
     got = env.merge([A4, B4, A6, B6, A6], [emb] * 5)
