@@ -102,7 +102,6 @@ class Node:
         self.terms = Terms(config.num_partitions, hlc_pack(self.clock.wall_ms(), 0))
         self._transport = transport
         self._forward = forward
-        self._mono = mono_ms
         self.mono_ms = mono_ms  # the monotonic clock the node's parts (and pops) use
         self.grpc_port = 0
         self.admin_port = 0
@@ -142,9 +141,9 @@ class Node:
             self.clock.wall_ms(),  # a restart outranks every rumour about the old process
             MemberStatus.ALIVE,
         )
-        self.membership = membership_of(cfg, me, self._mono())
+        self.membership = membership_of(cfg, me, self.mono_ms())
         for peer in cfg.peers:
-            self.membership.add_seed(peer, self._mono())
+            self.membership.add_seed(peer, self.mono_ms())
         pmap = table_of(cfg, self.membership)
         failure_timeout_ms = round(cfg.failure_timeout_s * 1000)
         self.view = PeerView(
@@ -154,7 +153,7 @@ class Node:
             write_quorum=cfg.write_quorum or 0,
             failure_timeout_ms=failure_timeout_ms,
             joint_ms=failure_timeout_ms + cfg.max_clock_offset_ms,
-            mono_ms=self._mono,
+            mono_ms=self.mono_ms,
             on_peer_up=lambda member: self.tasks.spawn(
                 f"hints->{member.node_id}", self.repair.deliver_hints(member)
             ),
@@ -192,7 +191,7 @@ class Node:
             self.replica,
             self._transport,
             self.tasks,
-            self._mono,
+            self.mono_ms,
             self.extension,
         )
         self._coordinator = Coordinator(
@@ -369,15 +368,11 @@ class Node:
 
         Raises InvalidArgument / LimitExceeded for malformed calls (nothing applied);
         per-key outcomes, including UNAVAILABLE, are statuses in the results."""
-        if not self.state.accepting:
-            raise NotReady("node is not accepting calls")
         return await self.coordinator.batch(call)
 
     def lookup_local(self, key: bytes) -> bytes | None:
         """A Lookup of one key answered from this node's copy alone (the UDP listener's
         fast path), or None: see Coordinator.lookup_local."""
-        if not self.state.accepting:
-            raise NotReady("node is not accepting calls")
         return self.coordinator.lookup_local(key)
 
     # ------------------------------------------------------------------ the NodeInternal calls

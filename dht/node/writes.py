@@ -107,7 +107,6 @@ class Coordinator:
         self.forward = forward
         self.extension = extension
         self._check_pause = check_pause
-        self.pop_id = config.pop_id
         self.writes: set[asyncio.Task[None]] = set()  # coordinated writes still running
         # Partitions being taken over now, each with the take-over's future.
         self.takeovers = TakeOvers(view, terms, replicator, clock, spawn)
