@@ -70,6 +70,7 @@ class WriteOutcome:
     holders: npt.NDArray[np.int32]  # replicas known to hold it, this one included
     took: list[Taken]  # per replica, the entries it took
     superseded: npt.NDArray[np.bool_]  # a replica holds another claim that wins
+    fenced: npt.NDArray[np.bool_]  # a replica refused the write as fenced (worth a retry)
 
 
 @dataclass
@@ -250,6 +251,7 @@ class Replicator:
         missed: list[tuple[Member, npt.NDArray[np.intp]]] = []
         took: list[Taken] = []
         lost_to: list[Taken] = []
+        fenced = np.zeros(len(entries), dtype=bool)
         final: list[npt.NDArray[np.bool_]] = []  # the answer, once decided
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | bool:
@@ -269,8 +271,10 @@ class Replicator:
             if res is not None:
                 self.view.mark_ok(member)
                 if res.fenced.size:
+                    # Refused whole, for every partition of the call.
                     self.stats.fenced_writes += 1
                     self.terms.fenced(res.fenced, res.fenced_by)
+                    fenced[idx] = True
                 if res.stale:
                     self.stats.stale_writes += 1
                 if res.stale or res.fenced.size:
@@ -328,7 +332,7 @@ class Replicator:
         failed = int(np.count_nonzero(~ok))
         if failed:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
-        return WriteOutcome(ok, tally.holders, took, superseded)
+        return WriteOutcome(ok, tally.holders, took, superseded, fenced)
 
     async def undo(
         self,

@@ -22,15 +22,23 @@ log = logging.getLogger(__name__)
 
 
 class Terms:
-    """Per partition: the highest term promised here (``promised``), the term this node
-    coordinates under (``held``, 0 = none: take it over first) and the highest term it
-    ever took the partition over with (``led``: it may have decided claims on the copies
-    it held meanwhile, see dht.node.replica)."""
+    """Per partition: the highest term promised here (``promised``), the highest term
+    heard of from others without promising it (``seen``: a replica that fenced a write or
+    refused a promise said so; the next take-over picks a term above it), the term this
+    node coordinates under (``held``, 0 = none: take it over first) and the highest term
+    it ever took the partition over with (``led``: it may have decided claims on the
+    copies it held meanwhile, see dht.node.replica).
+
+    ``seen`` is kept apart from ``promised`` because a write's coordinator reads its own
+    promise to learn whether another node took the partition over (and pulled this
+    node's copy) during the write: a replica that refused the write, say a restarted one
+    whose floor is above every earlier term, tells of no such take-over."""
 
     def __init__(self, num_partitions: int, floor: int) -> None:
         # The floor (set at start from the clock) fences every term handed out before
         # this process started: a restart forgets its promises.
         self.promised = np.full(num_partitions, floor, dtype=np.uint64)
+        self.seen = np.zeros(num_partitions, dtype=np.uint64)
         self.held = np.zeros(num_partitions, dtype=np.uint64)
         self.led = np.zeros(num_partitions, dtype=np.uint64)
 
@@ -41,7 +49,9 @@ class Terms:
 
     def next_term(self, parts: npt.NDArray[np.intp], now_hlc: int) -> int:
         """A term above every term this node has seen for ``parts``."""
-        top = int(self.promised[parts].max()) if parts.size else 0
+        if not parts.size:
+            return now_hlc
+        top = max(int(self.promised[parts].max()), int(self.seen[parts].max()))
         return max(now_hlc, top + 1)
 
     def proposing(self, parts: npt.NDArray[np.intp], term: int) -> None:
@@ -51,7 +61,7 @@ class Terms:
     def learn(self, parts: npt.NDArray[np.intp], theirs: npt.NDArray[np.uint64]) -> None:
         """A replica answered a take-over with its promises: learn the higher ones, so
         the next take-over picks a term above them."""
-        self.promised[parts] = np.maximum(self.promised[parts], theirs)
+        self.seen[parts] = np.maximum(self.seen[parts], theirs)
 
     def took_over(self, parts: npt.NDArray[np.intp], term: int) -> None:
         """A take-over of ``parts`` under ``term`` got its quorum of promises."""
@@ -59,15 +69,17 @@ class Terms:
         self.led[parts] = np.maximum(self.led[parts], np.uint64(term))
 
     def still_promised(self, parts: npt.NDArray[np.intp], term: int) -> npt.NDArray[np.bool_]:
-        """Per partition: not promised to a higher term than ``term`` meanwhile."""
-        same: npt.NDArray[np.bool_] = self.promised[parts] == np.uint64(term)
+        """Per partition: not promised to a higher term than ``term`` meanwhile, nor a
+        higher term heard of from a replica."""
+        t = np.uint64(term)
+        same: npt.NDArray[np.bool_] = (self.promised[parts] == t) & (self.seen[parts] <= t)
         return same
 
     def fenced(self, parts: npt.NDArray[np.intp], term: int) -> None:
         """A replica refused our write: it promised ``term`` for these partitions."""
         parts = parts[parts < len(self.held)]
         self.held[parts] = 0
-        self.promised[parts] = np.maximum(self.promised[parts], np.uint64(term))
+        self.seen[parts] = np.maximum(self.seen[parts], np.uint64(term))
         log.info("fenced out of %d partitions by term %d", parts.size, term)
 
     # ---- the replica side

@@ -297,7 +297,7 @@ class Coordinator:
         widx = idx[written]
         entries = as_entries(b.keys40[widx].tobytes(), res[written])
         outcome = await repl.write(entries, b.parts[widx], b.call.op.value, issued, terms[written])
-        acked, held, took = outcome.acked, outcome.holders, outcome.took
+        acked, took = outcome.acked, outcome.took
         # Our own copy lost to another claim merged in meanwhile (a quorum read of an
         # unrelated call pulled in a claim this one did not see): the write is already
         # beaten, as if a replica had reported it superseded.
@@ -319,10 +319,12 @@ class Coordinator:
                 await repl.undo(took, ~acked, entries, was, terms[written])
         if lock is not None:
             self.inflight.settled(lock)
-        # Retried: writes refused as fenced and undone, and claims that lost to another
-        # claim a replica held (pulled in here meanwhile, so the retry answers with it).
-        fenced = (held <= 1) & (self.terms.held[b.parts[widx]] == 0)
-        retry: npt.NDArray[np.intp] = widx[~acked & (fenced | superseded)]
+        # Retried: writes a replica refused as fenced (a replica refuses a call whole, so
+        # also the keys of partitions whose term still holds here) or whose term ended
+        # here meanwhile, and claims that lost to another claim a replica held (pulled in
+        # here meanwhile, so the retry answers with it). Each was undone above.
+        ended = self.terms.held[b.parts[widx]] != terms[written]
+        retry: npt.NDArray[np.intp] = widx[~acked & (outcome.fenced | ended | superseded)]
         return retry
 
     def _copies(self, b: ValidatedBatch, idx: npt.NDArray[np.intp]) -> ResultArray:

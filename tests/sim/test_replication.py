@@ -313,3 +313,67 @@ async def test_a_replica_still_being_handed_a_partition_does_not_count_its_own_c
         await net.until(lambda: bool(d.node.part_ready[part]), what="D's hand-off ends")
         found = (await net.call(d.node_id, BatchCall(Op.LOOKUP, raw)))[0]
         assert found["status"] == Status.OK and found["birth_hlc"] == acked["birth_hlc"]
+
+
+async def test_a_write_one_replica_refuses_by_its_floor_is_acknowledged_by_the_others() -> None:
+    """X holds a term for the partition; Z was restarted, so its floor (above every term
+    handed out before it started) refuses X's write as fenced. Nobody took the partition
+    over: X and Y hold the write, W = 2 of 3, so it is acknowledged. (X once took Z's
+    refusal for a promise of its own, decided another node had taken the partition over
+    and pulled its copy, and answered UNAVAILABLE with the claim on two replicas.) X's
+    next write takes the partition over again, above the term Z told of."""
+    async with Network(seed=7) as net:
+        await net.start_pop(3)
+        keys = same_partition(net, 2, seed=71)
+        part, (x, y, z) = net.replicas(keys[0])
+
+        first = (await net.call(x.node_id, claim(keys[0], pop=1)))[0]
+        assert first["status"] == Status.CREATED
+        term = int(x.node.terms.held[part])
+        assert term > 0
+        floor = term + 1_000  # what a restart of Z does to its promises
+        z.node.terms.promised[part] = floor
+
+        second = (await net.call(x.node_id, claim(keys[1], pop=1)))[0]
+        assert second["status"] == Status.CREATED, second
+        refused = [
+            e
+            for e in net.trace
+            if e.src == x.node_id and e.dst == z.node_id and e.kind == "Replicate"
+        ]
+        assert refused[-1].outcome == "ok:fenced"
+        assert held_by(y, keys[1])["status"][0] == Status.OK
+        assert x.node.terms.promised[part] == term, "a refusal is not a promise"
+        assert x.node.terms.held[part] == 0, "but it ends X's term"
+
+        third = (await net.call(x.node_id, claim(keys[1], pop=2)))[0]
+        assert third["status"] == Status.OWNED_ELSEWHERE and third["owner_pop"] == 1
+        assert int(x.node.terms.held[part]) > floor, "taken over above Z's floor"
+
+
+async def test_keys_of_a_call_refused_whole_as_fenced_are_retried_too() -> None:
+    """X coordinates a claim of two keys of two partitions, P (X holds its term) and Q
+    (Y and Z promised a higher term for Q since). Each replica refuses a coordinated
+    call whole when any of its partitions is fenced, so the key of P misses its quorum
+    too though X's term for P still holds. X retries both (after taking Q over again),
+    not only the key of Q: both claims are acknowledged."""
+    async with Network(seed=8) as net:
+        await net.start_pop(3)
+        pool = synthetic_keys(400, seed=81, start=81_000_000)
+        keys = [pool[i * 40 : (i + 1) * 40] for i in range(400)]
+        p, (x, y, z) = net.replicas(keys[0])
+        ps = [k for k in keys if net.replicas(k)[0] == p]
+        q = next(pt for k in keys if (pt := net.replicas(k)[0]) != p and net.replicas(k)[1][0] is x)
+        qs = [k for k in keys if net.replicas(k)[0] == q]
+
+        for raw in (ps[0], qs[0]):  # X takes P and Q over
+            assert (await net.call(x.node_id, claim(raw, pop=1)))[0]["status"] == Status.CREATED
+        assert x.node.terms.held[p] > 0 and x.node.terms.held[q] > 0
+        higher = int(x.node.terms.held[[p, q]].max()) + 1_000
+        for r in (y, z):
+            r.node.terms.promised[q] = higher  # another coordinator took Q over
+
+        res = await net.call(x.node_id, claim(ps[1] + qs[1], pop=1))
+        assert list(res["status"]) == [Status.CREATED, Status.CREATED], res
+        assert x.node.replicator.stats.fenced_writes >= 1
+        assert int(x.node.terms.held[q]) > higher, "Q taken over again, above the promise"
