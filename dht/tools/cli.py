@@ -6,6 +6,7 @@
     dht demo     start a local cluster, do real work with it, print what happened
     dht simulate anycast traffic with route flaps against a local multi-PoP cluster
     dht bench    benchmark batch lookups against a local cluster
+    dht certs    make the cluster's CA and certificates (mutual TLS)
 
 Exit status: 0 success, 1 runtime failure (unreachable node, ...), 2 bad input.
 """
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_simulate_parser(sub)
     add_bench_parser(sub)
+    from dht.tools import certs
+
+    certs.add_parser(sub)
     return parser
 
 
@@ -376,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "certs":
+        from dht.tools.certs import run_certs
+
+        return run_certs(args)
     runners = {"node": run_node, "cluster": run_cluster, "ctl": run_ctl}
     from dht.tools.bench import run_bench
     from dht.tools.demo import run_demo

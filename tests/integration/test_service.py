@@ -17,11 +17,12 @@ from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.client import Client
 from dht.core.config import TlsConfig
 from dht.core.errors import Unavailable
+from dht.core.identity import Identity, Role
 from dht.core.placement import PartitionMap
 from dht.core.record import Status
 from dht.core.wire import FlowKey, parse_flow
+from dht.tools.certs import init_ca, issue
 
-from .certs import make_certs
 from .conftest import MakePop
 
 
@@ -148,11 +149,14 @@ async def test_capacity_and_quota_refuse_only_new_claims(make_pop: MakePop) -> N
 
 
 async def test_mutual_tls(make_pop: MakePop, tmp_path: Path) -> None:
-    certs = make_certs(tmp_path, ["node", "forwarder"])
+    # One node certificate for the three nodes: the nodes do not check identities yet.
+    init_ca(tmp_path)
+    node_cert, node_key = issue(tmp_path, Identity(Role.NODE, "dht.local", "ams", "ams"))
+    fw_cert, fw_key = issue(tmp_path, Identity(Role.FORWARDER, "dht.local", "ams", "fw"))
     ca = str(tmp_path / "ca.pem")
-    node_tls = {"cert_file": certs["node"][0], "key_file": certs["node"][1], "ca_file": ca}
+    node_tls = {"cert_file": str(node_cert), "key_file": str(node_key), "ca_file": ca}
     nodes = await make_pop(3, tls=node_tls)
-    tls = TlsConfig(certs["forwarder"][0], certs["forwarder"][1], ca)
+    tls = TlsConfig(str(fw_cert), str(fw_key), ca)
     keys = [parse_flow(f"tcp/198.51.100.{i}:1000/192.0.2.1:443") for i in range(1, 100)]
     async with Client([nodes[0].grpc_address], tls=tls) as c:
         assert {r.status for r in await c.claim(keys, pop="ams")} == {Status.CREATED}
