@@ -2,11 +2,12 @@
 
     python scripts/fuzz.py --cases 100000 [--seed N]
 
-Starts one node of the test profile on loopback, sends N cases drawn from the same
-hypothesis strategies as tests/integration/test_fuzz.py (every FlowTable, NodeInternal and
-PopLink method), checks the node after each (dht/tools/fuzz.py) and prints: cases,
-crashes, INTERNAL/UNKNOWN answers, other bad statuses, dead loops, state changes by
-refused calls. Exits 1 if any of those is not zero.
+Starts two nodes of the test profile on loopback (one for gossip), sends N cases drawn from
+the same hypothesis strategies as tests/integration/test_fuzz.py (every FlowTable,
+NodeInternal and PopLink method, each to the plane that serves it: FlowTable on the public
+port, the others on the peer port), checks the node after each (dht/tools/fuzz.py) and
+prints: cases, crashes, INTERNAL/UNKNOWN answers, other bad statuses, dead loops, state
+changes by refused calls. Exits 1 if any of those is not zero.
 """
 
 from __future__ import annotations

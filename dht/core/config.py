@@ -8,7 +8,8 @@ Example file (all keys optional except ``node_id`` and ``pop``)::
     node_id = "ams-1"
     pop = "ams"
     host = "127.0.0.1"
-    grpc_port = 7101
+    grpc_port = 7101     # the public plane (forwarders)
+    peer_port = 9101     # the peer plane (other nodes, other PoPs)
     admin_port = 8101
     replication_factor = 3
     [pops]               # PoP name -> small integer id used on the wire
@@ -18,10 +19,11 @@ Example file (all keys optional except ``node_id`` and ``pop``)::
     node_id = "ams-2"
     address = "127.0.0.1:7102"
     admin_address = "127.0.0.1:8102"
-    [pop_peers]          # gRPC addresses of the other PoPs' nodes (cross-PoP shipping)
-    fra = ["127.0.0.1:7201", "127.0.0.1:7202"]
+    peer_address = "127.0.0.1:9102"
+    [pop_peers]          # peer-plane addresses of the other PoPs' nodes (shipping)
+    fra = ["127.0.0.1:9201", "127.0.0.1:9202"]
     [pop_via]            # dial this address instead of that one (a proxy in the path)
-    "127.0.0.1:7201" = "127.0.0.1:9201"
+    "127.0.0.1:9201" = "127.0.0.1:9901"
     [ttl]
     embryonic_s = 10
 """
@@ -29,6 +31,7 @@ Example file (all keys optional except ``node_id`` and ``pop``)::
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,7 +101,10 @@ class NodeConfig:
     pops: Mapping[str, int] = field(default_factory=dict)
     # Where to listen; port 0 = pick a free port (tests, `dht cluster`).
     host: str = "127.0.0.1"
+    # The public plane: FlowTable, health, reflection (docs/security.md#planes).
     grpc_port: int = 0
+    # The peer plane: NodeInternal, PopLink and forwards between nodes, for nodes only.
+    peer_port: int = 0
     # -1 disables the admin endpoint.
     admin_port: int = 0
     # UDP lookup listener (dht.edge.udp): one datagram per cache miss instead of a gRPC
@@ -117,7 +123,7 @@ class NodeConfig:
     advertise_host: str | None = None
     # Nodes of this PoP known in advance (assumed alive until they say otherwise).
     peers: tuple[Member, ...] = ()
-    # gRPC addresses of running nodes to join through (their ids are learned).
+    # Peer-plane addresses of running nodes to join through (their ids are learned).
     seeds: tuple[str, ...] = ()
     # 4096 partitions: fine-grained enough that a node's share is within a few percent
     # of the mean with 256 vnodes, small enough that the table is 24 KiB at rf 3.
@@ -180,7 +186,7 @@ class NodeConfig:
     # Graceful stop: in-flight calls get this long before they are cancelled.
     shutdown_grace_s: float = 5.0
     # ---- several PoPs (dht.pops.extension, docs/protocol.md#shipping-between-pops)
-    # The other PoPs' nodes: PoP name -> gRPC addresses. Empty = a PoP on its own.
+    # The other PoPs' nodes: PoP name -> peer-plane addresses. Empty = a PoP on its own.
     pop_peers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Dial the value instead of the key (a proxy, a NAT): per-peer address overrides.
     pop_via: Mapping[str, str] = field(default_factory=dict)
@@ -207,7 +213,12 @@ class NodeConfig:
     affinity_on_confirm: bool = True
     # A flow lookup that finds nothing returns the client's preferred PoP, flagged.
     affinity_fallback: bool = True
+    # Mutual TLS on every plane (docs/security.md): callers are who their certificates
+    # say, and may do what their role allows.
     tls: TlsConfig | None = None
+    # Serve plaintext on a non-loopback address anyway (refused otherwise: without TLS
+    # anyone who reaches a port can change ownership).
+    insecure: bool = False
     # Required (as "Authorization: Bearer TOKEN") by mutating admin calls; None disables
     # them.
     admin_token: str | None = None
@@ -247,11 +258,20 @@ def validate(cfg: NodeConfig) -> None:
     for name, i in cfg.pops.items():
         if not 1 <= i <= 65535:
             bad(f"pop id for {name!r} is {i}: want 1..65535")
+    if cfg.peer_port < 0 or cfg.peer_port > 65535:
+        bad(f"peer_port {cfg.peer_port} outside 0..65535")
     for name, port in (("grpc_port", cfg.grpc_port), ("admin_port", cfg.admin_port)):
         if not -1 <= port <= 65535:
             bad(f"{name} {port} outside 0..65535 (-1 disables admin)")
     if not -1 <= cfg.udp_lookup_port <= 65535:
         bad(f"udp_lookup_port {cfg.udp_lookup_port} outside -1..65535 (-1 off, 0 = gRPC port)")
+    if cfg.tls is None and not cfg.insecure and not is_loopback(cfg.host):
+        bad(
+            f"refusing to serve plaintext on {cfg.host} (not a loopback address): configure "
+            "tls (dht certs, docs/security.md) or pass --insecure"
+        )
+    if cfg.tls is not None and not cfg.tls.ca_file:
+        bad("tls needs ca_file: every caller presents a certificate of the cluster's CA")
     if cfg.udp_lookup_port >= 0 and cfg.tls is not None:
         bad("udp_lookup_port cannot be combined with TLS: the UDP listener is plaintext")
     if cfg.udp_max_inflight < 1:
@@ -317,7 +337,7 @@ def validate(cfg: NodeConfig) -> None:
 def _profile_defaults(profile: str) -> dict[str, Any]:
     if profile == "docker":
         # Listen on every interface of the container; peers dial the service name.
-        return {"host": "0.0.0.0", "grpc_port": 7000, "admin_port": 8000}
+        return {"host": "0.0.0.0", "grpc_port": 7000, "admin_port": 8000, "peer_port": 9000}
     if profile == "test":
         # Short purge interval so expiry is observable quickly; generous forward timeout
         # as slack for stalls of a few hundred ms on 2-core CI machines.
@@ -412,6 +432,16 @@ def parse_pop_peers(spec: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def is_loopback(host: str) -> bool:
+    """``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_pop_via(spec: Any) -> dict[str, str]:
     """Address overrides: a table {"addr" = "via"} or "ADDR=VIA" strings."""
     if isinstance(spec, Mapping):
@@ -426,22 +456,27 @@ def parse_pop_via(spec: Any) -> dict[str, str]:
 
 
 def parse_peer(spec: Any) -> Member:
-    """A peer as a table {node_id, address, admin_address} or "id=host:port[,admin]"."""
+    """A peer as a table {node_id, address, admin_address, peer_address} or
+    "id=host:port[,admin_host:port[,peer_host:port]]"."""
     if isinstance(spec, Member):
         return spec
     if isinstance(spec, Mapping):
         try:
             return Member(
-                str(spec["node_id"]), str(spec["address"]), str(spec.get("admin_address", ""))
+                str(spec["node_id"]),
+                str(spec["address"]),
+                str(spec.get("admin_address", "")),
+                str(spec.get("peer_address", "")),
             )
         except KeyError as e:
             raise ConfigError(f"peer {dict(spec)} lacks {e}") from None
     text = str(spec)
     node_id, sep, rest = text.partition("=")
-    if not sep or not node_id or not rest:
-        raise ConfigError(f"peer {text!r}: want ID=HOST:PORT[,ADMIN_HOST:PORT]")
-    address, _, admin = rest.partition(",")
-    return Member(node_id, address, admin)
+    parts = rest.split(",")
+    if not sep or not node_id or not rest or len(parts) > 3:
+        raise ConfigError(f"peer {text!r}: want ID=HOST:PORT[,ADMIN_HOST:PORT[,PEER_HOST:PORT]]")
+    address, admin, peer = [*parts, "", ""][:3]
+    return Member(node_id, address, admin, peer)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

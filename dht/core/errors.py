@@ -38,7 +38,11 @@ class NotReady(Unavailable):
 
 
 class PermissionDenied(DhtError):
-    """A mutating admin call without the right token."""
+    """A caller whose identity (certificate, admin token) does not allow the call."""
+
+
+class Unauthenticated(DhtError):
+    """A caller with no identity where one is required (docs/security.md#roles)."""
 
 
 class ConfigError(DhtError):

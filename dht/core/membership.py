@@ -69,13 +69,14 @@ class MemberState:
     admin_address: str
     incarnation: int
     status: MemberStatus
+    peer_address: str = ""  # the peer plane (dht.core.placement.Member)
 
     @property
     def active(self) -> bool:
         return self.status in (MemberStatus.ALIVE, MemberStatus.SUSPECT)
 
     def member(self) -> Member:
-        return Member(self.node_id, self.address, self.admin_address)
+        return Member(self.node_id, self.address, self.admin_address, self.peer_address)
 
     def order(self) -> tuple[int, int]:
         return (self.incarnation, self.status)
@@ -232,7 +233,12 @@ class Membership:
         if member.node_id not in self.members:
             self._set(
                 MemberState(
-                    member.node_id, member.address, member.admin_address, 0, MemberStatus.ALIVE
+                    member.node_id,
+                    member.address,
+                    member.admin_address,
+                    0,
+                    MemberStatus.ALIVE,
+                    member.peer_address,
                 ),
                 now_ms,
             )
@@ -243,5 +249,7 @@ class Membership:
             out[s.status.name.lower()] += 1
         return out
 
-    def _active_ids(self) -> frozenset[tuple[str, str]]:
-        return frozenset((s.node_id, s.address) for s in self.members.values() if s.active)
+    def _active_ids(self) -> frozenset[tuple[str, str, str]]:
+        return frozenset(
+            (s.node_id, s.address, s.peer_address) for s in self.members.values() if s.active
+        )

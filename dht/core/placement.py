@@ -41,8 +41,16 @@ class Member:
     """A node of one PoP's node set, as placement and clients see it."""
 
     node_id: str
-    address: str
+    address: str  # the public plane: FlowTable for forwarders
     admin_address: str = ""
+    # The peer plane (node-to-node and PoP-to-PoP services, docs/security.md#planes);
+    # empty: the same as ``address`` (the in-memory network of the simulator).
+    peer_address: str = ""
+
+    @property
+    def peer(self) -> str:
+        """Where node-to-node calls go."""
+        return self.peer_address or self.address
 
 
 def _ring_hash(key: str) -> int:
@@ -92,7 +100,7 @@ def membership_epoch(
     node set gives the same epoch on every node, a different one (almost surely) another;
     so does a different placement scheme (``PLACEMENT_VERSION``).
     Kept below 2**63 so it survives signed 64-bit consumers."""
-    desc = "|".join(sorted(f"{m.node_id}@{m.address}" for m in members))
+    desc = "|".join(sorted(f"{m.node_id}@{m.address}@{m.peer_address}" for m in members))
     spec = f"{PLACEMENT_VERSION}/{num_partitions}/{replication_factor}/{desc}"
     return xxhash.xxh3_64_intdigest(spec.encode()) >> 1
 

@@ -14,13 +14,16 @@ TCPSite.
                                   partitions this node replicates (anti-entropy compares
                                   these; equal digests = identical copies)
 
-Mutating calls need ``Authorization: Bearer <admin_token>``; with no token configured
-they are disabled (403).
+With TLS configured the endpoint is HTTPS with the node's certificate; a client
+certificate of the cluster's CA is asked for but not required (probes and scrapers read
+without one). Mutating calls need an operator's certificate (docs/security.md#roles) or
+``Authorization: Bearer <admin_token>``; with neither configured they are disabled (403).
 """
 
 from __future__ import annotations
 
 import hmac
+import ssl
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +32,7 @@ from aiohttp import web
 
 from dht.core.config import NodeConfig
 from dht.core.errors import DhtError, InvalidArgument, PermissionDenied
+from dht.core.identity import Role, parse_identity_uri
 from dht.core.ops import BatchCall, Op
 from dht.core.peers import replica_mask
 from dht.core.wire import decode_results, parse_address, parse_flow, result_to_dict
@@ -67,10 +71,31 @@ def _pop_names(srv: AdminHost) -> dict[int, str]:
     return {i: n for n, i in srv.config.pops.items()}
 
 
+def _operator(request: web.Request) -> bool:
+    """The caller presented an operator's certificate (the TLS handshake checked it
+    against the cluster's CA)."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    if not cert:
+        return False
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    if len(uris) != 1:
+        return False
+    try:
+        who = parse_identity_uri(uris[0])
+    except ValueError:
+        return False
+    return who.role is Role.OPERATOR
+
+
 def _require_token(srv: AdminHost, request: web.Request) -> None:
+    if srv.config.tls is not None and _operator(request):
+        return
     token = srv.config.admin_token
     if token is None:
-        raise PermissionDenied("mutating admin calls are disabled: no admin_token configured")
+        raise PermissionDenied(
+            "mutating admin calls need an operator certificate (docs/security.md#roles) "
+            "or the admin token; no admin_token is configured"
+        )
     given = request.headers.get("Authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         raise PermissionDenied("missing or wrong admin token (Authorization: Bearer TOKEN)")
@@ -232,7 +257,7 @@ class AdminServer:
         """Listen; returns the bound port (``port`` 0 picks a free one)."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl())
         await site.start()
         # TCPSite does not expose the bound port (port 0 = a free one); its server does.
         sockets = getattr(site._server, "sockets", None)
@@ -240,6 +265,15 @@ class AdminServer:
             raise OSError(f"admin endpoint did not bind {host}:{port}")
         bound: int = sockets[0].getsockname()[1]
         return bound
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        tls = self.app[NODE].config.tls
+        if tls is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file)
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -119,6 +119,7 @@ def members_to_pb(states: list[MemberState]) -> list[pb.MemberState]:
             admin_address=m.admin_address,
             incarnation=m.incarnation,
             status=int(m.status),  # type: ignore[arg-type]
+            peer_address=m.peer_address,
         )
         for m in states
     ]
@@ -126,7 +127,14 @@ def members_to_pb(states: list[MemberState]) -> list[pb.MemberState]:
 
 def members_from_pb(states: Iterable[pb.MemberState]) -> list[MemberState]:
     return [
-        MemberState(m.node_id, m.address, m.admin_address, m.incarnation, MemberStatus(m.status))
+        MemberState(
+            m.node_id,
+            m.address,
+            m.admin_address,
+            m.incarnation,
+            MemberStatus(m.status),
+            m.peer_address,
+        )
         for m in states
         # Unknown statuses and states without an id are dropped; incarnations out of range
         # are refused (and counted) by the membership's own bound (dht.core.membership).

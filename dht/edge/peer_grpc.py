@@ -64,11 +64,11 @@ class GrpcPeerTransport:
     def _stubs(
         self, member: Member
     ) -> tuple[pb_grpc.FlowTableAsyncStub, pb_grpc.NodeInternalAsyncStub]:
-        entry = self._channels.get(member.address)
+        entry = self._channels.get(member.peer)
         if entry is None:
-            channel = open_channel(member.address, self._creds)
+            channel = open_channel(member.peer, self._creds)
             entry = (channel, pb_grpc.FlowTableStub(channel), pb_grpc.NodeInternalStub(channel))
-            self._channels[member.address] = entry
+            self._channels[member.peer] = entry
         return entry[1], entry[2]
 
     async def forward(self, member: Member, call: BatchCall) -> bytes:
@@ -99,7 +99,7 @@ class GrpcPeerTransport:
 
     async def ping_req(self, via: Member, target: Member) -> bool:
         req = pb.PingReqRequest(
-            from_node=self._node_id, target_node=target.node_id, target_address=target.address
+            from_node=self._node_id, target_node=target.node_id, target_address=target.peer
         )
         try:
             # The helper's own probe is bounded by the probe timeout; allow for it.
@@ -208,7 +208,7 @@ class GrpcPeerTransport:
             raise PeerUnreachable(member.node_id, "FetchPartitions stalled") from None
 
     def reset(self, member: Member) -> None:
-        entry = self._channels.pop(member.address, None)
+        entry = self._channels.pop(member.peer, None)
         if entry is not None:
             # Closing is async; calls still on the old channel finish or fail on their own.
             task = asyncio.get_running_loop().create_task(entry[0].close(grace=1.0))

@@ -24,6 +24,7 @@ from dht.core.packing import (
     unpack_partitions,
 )
 from dht.core.wire import FORMAT_VERSION, check_batch_size
+from dht.edge.authz import Authorizer
 from dht.edge.status import grpc_status
 from dht.pops.extension import Pops
 from dht.pops.transport import Digests, PopUnreachable, ShipResult
@@ -54,10 +55,12 @@ def _check_version(version: int) -> None:
 class PopLinkService(pb_grpc.PopLinkServicer):
     """Calls from other PoPs' nodes."""
 
-    def __init__(self, pops: Pops) -> None:
+    def __init__(self, pops: Pops, authz: Authorizer) -> None:
         self.pops = pops
+        self.authz = authz
 
-    async def _receive(self, b: pb.ShipBatch) -> pb.ShipAck:
+    async def _receive(self, b: pb.ShipBatch, context: Ctx) -> pb.ShipAck:
+        self.authz.node_of_pop(context, b.from_pop)
         _check_version(b.format_version)
         res = await self.pops.receive(b.entries, b.from_pop, b.sent_hlc, b.num_partitions)
         return pb.ShipAck(
@@ -69,20 +72,21 @@ class PopLinkService(pb_grpc.PopLinkServicer):
     ) -> AsyncIterator[pb.ShipAck]:
         async for batch in request_iterator:
             try:
-                ack = await self._receive(batch)
+                ack = await self._receive(batch, context)
             except DhtError as e:
                 await context.abort(grpc_status(e), str(e))
             yield ack
 
     async def PopPush(self, request: pb.ShipBatch, context: Ctx) -> pb.ShipAck:
         try:
-            return await self._receive(request)
+            return await self._receive(request, context)
         except DhtError as e:
             await context.abort(grpc_status(e), str(e))
             raise  # unreachable: abort raises
 
     async def PopDigests(self, request: pb.PopDigestRequest, context: Ctx) -> pb.PopDigestResponse:
         try:
+            self.authz.node_of_pop(context, request.from_pop)
             self.pops.peer_pop_name(request.from_pop)
             d = self.pops.digests_for(
                 partitions_field(request.partitions, request.num_partitions),
@@ -102,6 +106,7 @@ class PopLinkService(pb_grpc.PopLinkServicer):
         self, request: pb.PopFetchRequest, context: Ctx
     ) -> AsyncIterator[pb.ShipBatch]:
         try:
+            self.authz.node_of_pop(context, request.from_pop)
             self.pops.peer_pop_name(request.from_pop)
             parts = partitions_field(request.partitions, request.num_partitions)
             chunks = self.pops.fetch_for(parts, request.num_partitions, request.cutoff_ms)

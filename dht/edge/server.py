@@ -1,6 +1,8 @@
-"""The I/O shell of a node: the gRPC server (FlowTable, NodeInternal, PopLink,
-grpc.health.v1, reflection), the peer transport for replication and one-hop forwarding,
-the admin endpoint, the UDP lookup listener, and the lifecycle around them.
+"""The I/O shell of a node: two gRPC servers, one per plane (docs/security.md#planes) -
+the public one (FlowTable, grpc.health.v1, reflection) for forwarders, the peer one
+(NodeInternal, PopLink, FlowTable for forwards, health, reflection) for other nodes - the
+peer transport for replication and one-hop forwarding, the admin endpoint, the UDP lookup
+listener, and the lifecycle around them.
 
 The servicers are in :mod:`dht.edge.servicers` and :mod:`dht.edge.pop_grpc`, the peer
 transport in :mod:`dht.edge.peer_grpc`. Errors are mapped to gRPC status in one place,
@@ -9,6 +11,7 @@ transport in :mod:`dht.edge.peer_grpc`. Errors are mapped to gRPC status in one 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from types import TracebackType
@@ -19,9 +22,13 @@ from grpc_reflection.v1alpha import reflection
 
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.core.config import NodeConfig
+from dht.core.errors import ConfigError
+from dht.core.identity import Role
 from dht.edge.admin import AdminServer
+from dht.edge.authz import Authorizer
 from dht.edge.channels import channel_credentials, open_channel, server_credentials
 from dht.edge.decode import add_checked
+from dht.edge.identity import identity_of_pem
 from dht.edge.peer_grpc import GrpcPeerTransport
 from dht.edge.pop_grpc import SERVICE_NAME as POP_SERVICE_NAME
 from dht.edge.pop_grpc import GrpcPopTransport, PopLinkService
@@ -45,6 +52,8 @@ class NodeServer:
     def __init__(self, config: NodeConfig, wall_ms: Callable[[], int] | None = None) -> None:
         self.config = config
         self._server: grpc.aio.Server | None = None
+        self._peer_server: grpc.aio.Server | None = None
+        self.authz = Authorizer(config, _cluster_of(config))
         self._health = health.aio.HealthServicer()
         self._admin: AdminServer | None = None
         self._udp: UdpLookupProtocol | None = None
@@ -79,6 +88,10 @@ class NodeServer:
         return f"{self.config.advertised}:{self.node.grpc_port}"
 
     @property
+    def peer_address(self) -> str:
+        return f"{self.config.advertised}:{self.node.peer_port}"
+
+    @property
     def udp_lookup_port(self) -> int:
         """The UDP lookup listener's port, -1 when it is off."""
         if self._udp is None or self._udp.transport is None:
@@ -90,18 +103,50 @@ class NodeServer:
     def admin_address(self) -> str:
         return f"{self.config.advertised}:{self.node.admin_port}"
 
+    def _bind(self, server: grpc.aio.Server, port: int, what: str) -> int:
+        cfg = self.config
+        bind = f"{cfg.host}:{port}"
+        if cfg.tls:
+            bound = server.add_secure_port(bind, server_credentials(cfg.tls))
+        else:
+            bound = server.add_insecure_port(bind)
+        if bound == 0:
+            raise OSError(f"cannot bind the {what} gRPC port to {bind}")
+        return bound
+
     async def start(self) -> None:
         cfg = self.config
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
-        )
-        # Requests that do not decode are answered INVALID_ARGUMENT (dht.edge.decode).
-        add_checked(pb_grpc.add_FlowTableServicer_to_server, FlowTableService(self.node), server)
+        options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+        # The public plane. Requests that do not decode are answered INVALID_ARGUMENT
+        # (dht.edge.decode).
+        server = grpc.aio.server(options=options)
         add_checked(
-            pb_grpc.add_NodeInternalServicer_to_server, NodeInternalService(self.node), server
+            pb_grpc.add_FlowTableServicer_to_server,
+            FlowTableService(self.node, self.authz),
+            server,
         )
-        add_checked(pb_grpc.add_PopLinkServicer_to_server, PopLinkService(self.pops), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = self._bind(server, cfg.grpc_port, "public")
+        self._server = server
+        # The peer plane: other nodes of this PoP, and other PoPs' nodes.
+        peer = grpc.aio.server(options=options)
+        add_checked(
+            pb_grpc.add_FlowTableServicer_to_server,
+            FlowTableService(self.node, self.authz, peer_plane=True),
+            peer,
+        )
+        add_checked(
+            pb_grpc.add_NodeInternalServicer_to_server,
+            NodeInternalService(self.node, self.authz),
+            peer,
+        )
+        add_checked(
+            pb_grpc.add_PopLinkServicer_to_server, PopLinkService(self.pops, self.authz), peer
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, peer)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
@@ -110,23 +155,18 @@ class NodeServer:
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),
-            server,
+            peer,
         )
-        bind = f"{cfg.host}:{cfg.grpc_port}"
-        if cfg.tls:
-            port = server.add_secure_port(bind, server_credentials(cfg.tls))
-        else:
-            port = server.add_insecure_port(bind)
-        if port == 0:
-            raise OSError(f"cannot bind gRPC to {bind}")
-        self._server = server
+        peer_port = self._bind(peer, cfg.peer_port, "peer")
+        self._peer_server = peer
         admin_port = -1
         if cfg.admin_port >= 0:
             self._admin = AdminServer(self)
             admin_port = await self._admin.start(cfg.host, cfg.admin_port)
-        self.node.init_membership(port, admin_port)
+        self.node.init_membership(port, admin_port, peer_port)
         if cfg.udp_lookup_port >= 0:
             self._udp = await start_listener(self.node, cfg.host, cfg.udp_lookup_port or port)
+        await peer.start()
         await server.start()
         self.node.start_loops()
         self.pops.start()
@@ -151,9 +191,11 @@ class NodeServer:
             await self.node.leave(self.config.leave_timeout_s)
         self.node.accepting = False
         await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            # In-flight calls get the grace period, then are cancelled.
-            await self._server.stop(self.config.shutdown_grace_s)
+        # In-flight calls get the grace period, then are cancelled.
+        grace = self.config.shutdown_grace_s
+        await asyncio.gather(
+            *(s.stop(grace) for s in (self._server, self._peer_server) if s is not None)
+        )
         if self._udp is not None:
             await self._udp.stop(self.config.shutdown_grace_s)
         await self.node.stop_loops()
@@ -174,3 +216,23 @@ class NodeServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _cluster_of(config: NodeConfig) -> str | None:
+    """The trust domain this node's certificate names (None: TLS off). The certificate
+    must name this very node: a node started with another node's certificate would be
+    refused by every peer, so it is refused here first, with the reason."""
+    if config.tls is None:
+        return None
+    with open(config.tls.cert_file, "rb") as f:
+        me = identity_of_pem(f.read())
+    if me is None:
+        raise ConfigError(
+            f"{config.tls.cert_file} names no dht identity (make one with `dht certs node`)"
+        )
+    if me.role is not Role.NODE or me.pop != config.pop or me.name != config.node_id:
+        raise ConfigError(
+            f"{config.tls.cert_file} is the certificate of {me.role} {me.pop}/{me.name}, "
+            f"not of node {config.pop}/{config.node_id}"
+        )
+    return me.cluster

@@ -30,6 +30,7 @@ from dht.core.packing import (
 )
 from dht.core.wire import ENTRY_SIZE, FORMAT_VERSION
 from dht.edge import convert
+from dht.edge.authz import Authorizer
 from dht.edge.status import grpc_status
 from dht.node.node import Node
 
@@ -42,15 +43,33 @@ INTERNAL_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NodeInternal"].full_name
 
 
 class FlowTableService(pb_grpc.FlowTableServicer):
-    """Translates protobuf calls to :meth:`Node.batch` and errors to gRPC status."""
+    """Translates protobuf calls to :meth:`Node.batch` and errors to gRPC status. Served
+    on both planes: to forwarders and operators on the public one, and to the nodes of
+    this PoP (forwards) on the peer one (``peer_plane``), each checked as its plane
+    says (dht.edge.authz)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, authz: Authorizer, peer_plane: bool = False) -> None:
         self.node = node
+        self.authz = authz
+        self.peer_plane = peer_plane
 
-    async def _run(self, method: str, context: Ctx, work: Callable[[], Awaitable[bytes]]) -> bytes:
+    def _check(self, context: Ctx, op: Op, pop: int) -> None:
+        if self.peer_plane:
+            self.authz.node_of_my_pop(context)
+        else:
+            self.authz.public(context, op, pop)
+
+    async def _run(
+        self,
+        method: str,
+        context: Ctx,
+        work: Callable[[], Awaitable[bytes]],
+        check: Callable[[], None] = lambda: None,
+    ) -> bytes:
         started = time.perf_counter()
         code = "OK"
         try:
+            check()
             return await work()
         except DhtError as e:
             status = grpc_status(e)
@@ -72,13 +91,19 @@ class FlowTableService(pb_grpc.FlowTableServicer):
 
     async def _flow(self, op: Op, req: pb.FlowBatchRequest, context: Ctx) -> pb.FlowBatchResponse:
         results = await self._run(
-            op.value, context, lambda: self.node.batch(convert.flow_call(op, req))
+            op.value,
+            context,
+            lambda: self.node.batch(convert.flow_call(op, req)),
+            lambda: self._check(context, op, req.pop),
         )
         return pb.FlowBatchResponse(format_version=1, results=results, epoch=self.node.table.epoch)
 
     async def _affinity(self, op: Op, req: pb.AffinityRequest, context: Ctx) -> pb.AffinityResponse:
         results = await self._run(
-            op.value, context, lambda: self.node.batch(convert.affinity_call(op, req))
+            op.value,
+            context,
+            lambda: self.node.batch(convert.affinity_call(op, req)),
+            lambda: self._check(context, op, req.pop),
         )
         return pb.AffinityResponse(format_version=1, results=results, epoch=self.node.table.epoch)
 
@@ -106,6 +131,10 @@ class FlowTableService(pb_grpc.FlowTableServicer):
     async def GetPartitionTable(
         self, request: pb.PartitionTableRequest, context: Ctx
     ) -> pb.PartitionTable:
+        try:
+            self._check(context, Op.LOOKUP, 0)
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
         cfg = self.node.config
         return convert.table_to_pb(
             self.node.table,
@@ -118,32 +147,45 @@ class FlowTableService(pb_grpc.FlowTableServicer):
 
 
 class NodeInternalService(pb_grpc.NodeInternalServicer):
-    """Node-to-node calls: probes, replication, quorum reads, anti-entropy."""
+    """Node-to-node calls: probes, replication, quorum reads, anti-entropy. Only from
+    the nodes of this PoP, each the node it says it is (dht.edge.authz)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, authz: Authorizer) -> None:
         self.node = node
+        self.authz = authz
 
-    async def _guard(self, context: Ctx, work: Callable[[], Awaitable[Any]]) -> Any:
+    async def _guard(
+        self, context: Ctx, work: Callable[[], Awaitable[Any]], from_node: str | None = None
+    ) -> Any:
         try:
+            self.authz.node_of_my_pop(context, from_node)
             return await work()
         except DhtError as e:
             await context.abort(grpc_status(e), str(e))
 
     async def Ping(self, request: pb.PingRequest, context: Ctx) -> pb.PingResponse:
-        n = self.node
-        n.view.heard_from(request.from_node)
-        n.gossip_in(convert.members_from_pb(request.members))
-        return pb.PingResponse(
-            node_id=n.config.node_id,
-            epoch=n.table.epoch,
-            in_sync=n.in_sync,
-            members=convert.members_to_pb(n.membership.view()),
-        )
+        async def work() -> pb.PingResponse:
+            n = self.node
+            n.view.heard_from(request.from_node)
+            n.gossip_in(convert.members_from_pb(request.members))
+            return pb.PingResponse(
+                node_id=n.config.node_id,
+                epoch=n.table.epoch,
+                in_sync=n.in_sync,
+                members=convert.members_to_pb(n.membership.view()),
+            )
+
+        result: pb.PingResponse = await self._guard(context, work, request.from_node)
+        return result
 
     async def PingReq(self, request: pb.PingReqRequest, context: Ctx) -> pb.PingReqResponse:
         # Only a member of this node's view, at its address (docs/protocol.md#membership).
-        ok = await self.node.liveness.ping_req(request.target_node, request.target_address)
-        return pb.PingReqResponse(ok=ok)
+        async def work() -> pb.PingReqResponse:
+            ok = await self.node.liveness.ping_req(request.target_node, request.target_address)
+            return pb.PingReqResponse(ok=ok)
+
+        result: pb.PingReqResponse = await self._guard(context, work, request.from_node)
+        return result
 
     async def Replicate(self, request: pb.EntryBatch, context: Ctx) -> pb.ReplicateResponse:
         async def work() -> pb.ReplicateResponse:
@@ -160,7 +202,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
                 superseded=pack_positions(res.superseded),
             )
 
-        result: pb.ReplicateResponse = await self._guard(context, work)
+        result: pb.ReplicateResponse = await self._guard(context, work, request.from_node)
         return result
 
     async def Promise(self, request: pb.PromiseRequest, context: Ctx) -> pb.PromiseResponse:
@@ -170,7 +212,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
             promised = self.node.internal_promise(parts, request.term, request.from_node)
             return pb.PromiseResponse(promised=pack_terms(promised))
 
-        result: pb.PromiseResponse = await self._guard(context, work)
+        result: pb.PromiseResponse = await self._guard(context, work, request.from_node)
         return result
 
     async def Undo(self, request: pb.UndoRequest, context: Ctx) -> pb.UndoResponse:
@@ -182,7 +224,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
             undone = len(request.written) // ENTRY_SIZE - len(kept)
             return pb.UndoResponse(undone=undone, kept=pack_positions(kept))
 
-        result: pb.UndoResponse = await self._guard(context, work)
+        result: pb.UndoResponse = await self._guard(context, work, request.from_node)
         return result
 
     async def ReadCopies(self, request: pb.CopiesRequest, context: Ctx) -> pb.CopiesResponse:
@@ -210,6 +252,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
         self, request: pb.FetchRequest, context: Ctx
     ) -> AsyncIterator[pb.EntryBatch]:
         try:
+            self.authz.node_of_my_pop(context)
             parts = self.node.partitions_arg(request.partitions)
         except DhtError as e:
             await context.abort(grpc_status(e), str(e))

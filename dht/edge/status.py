@@ -13,6 +13,7 @@ from dht.core.errors import (
     InvalidArgument,
     LimitExceeded,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -26,12 +27,16 @@ def grpc_status(err: DhtError) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(err, PermissionDenied):
         return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(err, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
     return grpc.StatusCode.INTERNAL
 
 
 def http_status(err: DhtError) -> int:
     if isinstance(err, InvalidArgument):
         return 400
+    if isinstance(err, Unauthenticated):
+        return 401
     if isinstance(err, PermissionDenied):
         return 403
     if isinstance(err, LimitExceeded):
@@ -50,6 +55,8 @@ def from_grpc(code: grpc.StatusCode, details: str) -> DhtError:
         return LimitExceeded(details)
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(details)
     # CANCELLED: the node stopped serving mid-call (a graceful stop): try another node.
     if code in (
         grpc.StatusCode.UNAVAILABLE,

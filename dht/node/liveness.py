@@ -185,7 +185,7 @@ class Liveness:
         Only a member of this view at that very address: any other target is answered
         False without a call (a node dials no address a caller names)."""
         s = self.membership.members.get(node_id)
-        if s is None or s.address != address or node_id == self.config.node_id:
+        if s is None or s.member().peer != address or node_id == self.config.node_id:
             self.ping_req_refused += 1
             return False
         try:

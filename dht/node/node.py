@@ -127,12 +127,14 @@ class Node:
         if extension is not None:
             self.extension = extension(self)
 
-    def init_membership(self, grpc_port: int, admin_port: int) -> None:
+    def init_membership(self, grpc_port: int, admin_port: int, peer_port: int = 0) -> None:
         """This node, alive at a fresh incarnation, plus its configured peers (assumed
         alive until they say otherwise); further members arrive by gossip and --seeds.
-        Builds the parts that need a table."""
+        Builds the parts that need a table. ``peer_port``: the peer plane's port (0: the
+        peer plane is served on ``grpc_port``, as in the simulator)."""
         cfg = self.config
         self.grpc_port, self.admin_port = grpc_port, admin_port
+        self.peer_port = peer_port or grpc_port
         admin = f"{cfg.advertised}:{admin_port}" if admin_port > 0 else ""
         me = MemberState(
             cfg.node_id,
@@ -140,6 +142,7 @@ class Node:
             admin,
             self.clock.wall_ms(),  # a restart outranks every rumour about the old process
             MemberStatus.ALIVE,
+            f"{cfg.advertised}:{peer_port}" if peer_port else "",
         )
         self.membership = membership_of(cfg, me, self.mono_ms())
         for peer in cfg.peers:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dht.core.config import TlsConfig
 from dht.core.identity import (
     SCHEME,
     Identity,
@@ -60,6 +61,35 @@ def default_dir() -> Path:
         return Path(os.environ["DHT_CERTS_DIR"])
     config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(config) / "dht" / "certs"
+
+
+def add_certs_flags(p: Any, what: str) -> None:
+    """``--certs-dir`` for the tools that start or call a local cluster."""
+    p.add_argument(
+        "--certs-dir",
+        help=f"{what} (default: $DHT_CERTS_DIR, else ~/.config/dht/certs)",
+    )
+
+
+def certs_dir(args: argparse.Namespace) -> Path:
+    return Path(args.certs_dir) if args.certs_dir else default_dir()
+
+
+def client_tls(directory: Path | str, role: Role, pop: str = "") -> TlsConfig | None:
+    """The TLS settings of the client certificate ``ensure_cluster_certs`` made for
+    ``role`` (the operator, or the forwarder of ``pop``) in ``directory``: how ``dht ctl``,
+    ``dht simulate`` and ``dht bench`` find a local cluster's credentials. None when the
+    directory holds no such certificate."""
+    directory = Path(directory)
+    ca = directory / CA_CERT
+    if not ca.exists():
+        return None
+    cluster = ca_cluster(directory)
+    name = OPERATOR_NAME if role is Role.OPERATOR else FORWARDER_NAME
+    cert, key = cert_paths(directory, Identity(role, cluster, pop, name))
+    if not (cert.exists() and key.exists()):
+        return None
+    return TlsConfig(str(cert), str(key), str(ca))
 
 
 def cert_paths(directory: Path | str, identity: Identity) -> tuple[Path, Path]:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dht.core.errors import ConfigError, DhtError, InvalidArgument, LimitExceeded, PermissionDenied
+from dht.tools.certs import add_certs_flags, certs_dir
 
 log = logging.getLogger("dht")
 
@@ -63,7 +64,7 @@ def add_node_parser(sub: Any) -> None:
         help="run one node",
         description="Run one DHT node. Flags override the --config file, which overrides "
         "the --profile defaults. With --announce the node prints one JSON line "
-        '{"node_id","grpc","admin","pid"} on stdout once it is ready (serving, and its '
+        '{"node_id","grpc","peer","admin","pid"} on stdout once it is ready (serving, and its '
         "partitions refilled from the other replicas).",
     )
     p.add_argument("--config", help="TOML configuration file (see dht/config.py for keys)")
@@ -73,19 +74,24 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--pops", type=_comma_pairs, help="PoP names to wire ids, e.g. ams=1,fra=2")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--advertise-host", help="address peers and clients dial (default --host)")
-    p.add_argument("--grpc-port", type=int, help="gRPC port (0 = pick a free one)")
+    p.add_argument(
+        "--grpc-port", type=int, help="public gRPC port, for forwarders (0 = pick a free one)"
+    )
+    p.add_argument(
+        "--peer-port", type=int, help="peer-plane gRPC port, for other nodes (0 = a free one)"
+    )
     p.add_argument("--admin-port", type=int, help="HTTP admin port (0 = free one, -1 = off)")
     p.add_argument(
         "--peers",
         nargs="+",
-        metavar="ID=HOST:PORT[,ADMIN]",
+        metavar="ID=HOST:PORT[,ADMIN[,PEER]]",
         help="nodes of this PoP known in advance (more are learned by gossip)",
     )
     p.add_argument(
         "--seeds",
         nargs="+",
         metavar="HOST:PORT",
-        help="gRPC addresses of running nodes of this PoP to join through",
+        help="peer-plane addresses of running nodes of this PoP to join through",
     )
     p.add_argument(
         "--udp-lookup-port",
@@ -96,7 +102,7 @@ def add_node_parser(sub: Any) -> None:
         "--pop-peers",
         nargs="+",
         metavar="POP=HOST:PORT[,HOST:PORT...]",
-        help="the other PoPs' nodes (gRPC addresses): writes are shipped to them",
+        help="the other PoPs' nodes (peer-plane addresses): writes are shipped to them",
     )
     p.add_argument(
         "--pop-via",
@@ -114,7 +120,13 @@ def add_node_parser(sub: Any) -> None:
     p.add_argument("--max-records", type=int, help="soft limit: new claims refused beyond it")
     p.add_argument("--tls-cert", help="PEM certificate (enables TLS)")
     p.add_argument("--tls-key", help="PEM private key")
-    p.add_argument("--tls-ca", help="PEM CA: require and verify client certificates (mTLS)")
+    p.add_argument("--tls-ca", help="PEM CA: verify every caller's certificate (mutual TLS)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext on a non-loopback address (no TLS: anyone who reaches a port "
+        "can change ownership; docs/security.md)",
+    )
     p.add_argument("--admin-token-file", help="file holding the token for mutating admin calls")
     p.add_argument("--announce", action="store_true", help="print a JSON line once ready")
     p.add_argument("--log-level", default="info")
@@ -138,6 +150,7 @@ def node_config(args: argparse.Namespace) -> Any:
         "host": args.host,
         "advertise_host": args.advertise_host,
         "grpc_port": args.grpc_port,
+        "peer_port": args.peer_port,
         "admin_port": args.admin_port,
         "udp_lookup_port": args.udp_lookup_port,
         "peers": args.peers,
@@ -147,6 +160,7 @@ def node_config(args: argparse.Namespace) -> Any:
         "pop_peers": args.pop_peers,
         "pop_via": args.pop_via,
         "replicate_after_s": args.replicate_after_s,
+        "insecure": args.insecure or None,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.max_records is not None:
@@ -188,6 +202,7 @@ async def run_node(args: argparse.Namespace) -> int:
         info = {
             "node_id": cfg.node_id,
             "grpc": srv.grpc_address,
+            "peer": srv.peer_address,
             "admin": srv.admin_address,
             "pid": os.getpid(),
         }
@@ -219,9 +234,16 @@ def add_cluster_parser(sub: Any) -> None:
     p.add_argument(
         "--base-port",
         type=int,
-        help="first port; node i gets gRPC base+2i and admin base+2i+1 (default: free ports)",
+        help="first port; node i gets gRPC base+3i, admin base+3i+1, peer base+3i+2 "
+        "(default: free ports)",
     )
     p.add_argument("--endpoints-file", help="write the endpoints JSON here once all are ready")
+    add_certs_flags(p, "where the cluster makes (or reuses) its CA and certificates")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS: plaintext on every port (loopback only; docs/security.md)",
+    )
     p.add_argument("node_args", nargs=argparse.REMAINDER, help="after --: extra `dht node` flags")
 
 
@@ -229,17 +251,24 @@ async def run_cluster(args: argparse.Namespace) -> int:
     from dht.tools.cluster import LocalCluster, plan
 
     extra = [a for a in args.node_args if a != "--"]
-    cluster = LocalCluster(plan(args.pops, args.nodes_per_pop, args.host, args.base_port), extra)
+    certs = None if args.insecure else certs_dir(args)
+    cluster = LocalCluster(
+        plan(args.pops, args.nodes_per_pop, args.host, args.base_port), extra, tls_dir=certs
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await cluster.start()
+    scheme = "http" if certs is None else "https"
     try:
+        if certs is not None:
+            print(f"mutual TLS: certificates in {certs} (dht ctl finds them there)", flush=True)
         for n in cluster.nodes:
             s = n.spec
             print(
-                f"{s.pop:5} {s.node_id:10} grpc {s.grpc:21} admin http://{s.admin}  pid {n.pid}",
+                f"{s.pop:5} {s.node_id:10} grpc {s.grpc:21} peer {s.peer:21} "
+                f"admin {scheme}://{s.admin}  pid {n.pid}",
                 flush=True,
             )
         if args.endpoints_file:
@@ -266,9 +295,13 @@ def add_ctl_parser(sub: Any) -> None:
     )
     p.add_argument("--target", required=True, help="HOST:PORT of any node of the PoP")
     p.add_argument("--timeout", type=float, default=5.0, help="per-call timeout, seconds")
-    p.add_argument("--tls-cert")
+    p.add_argument(
+        "--tls-cert", help="PEM client certificate (default: the operator's in --certs-dir)"
+    )
     p.add_argument("--tls-key")
     p.add_argument("--tls-ca")
+    add_certs_flags(p, "where to find a local cluster's operator certificate")
+    p.add_argument("--insecure", action="store_true", help="plaintext (a cluster without TLS)")
     ops = p.add_subparsers(dest="op", required=True)
     for op in ("claim", "confirm", "lookup", "refresh", "release"):
         o = ops.add_parser(
@@ -308,12 +341,29 @@ def _read_flows(items: Sequence[str]) -> list[str]:
     return out
 
 
+def client_tls(args: argparse.Namespace, pop: str = "") -> Any:
+    """A tool's TLS settings: ``--tls-*`` flags; else, unless ``--insecure``, the
+    operator's certificate (the forwarder's of ``pop``) in the certificate directory a
+    local cluster made; else none (plaintext)."""
+    from dht.core.config import TlsConfig
+    from dht.core.identity import Role
+    from dht.tools import certs
+
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.insecure:
+        return None
+    role = Role.FORWARDER if pop else Role.OPERATOR
+    return certs.client_tls(certs_dir(args), role, pop)
+
+
 async def run_ctl(args: argparse.Namespace) -> int:
     from dht.client import Client
-    from dht.core.config import TlsConfig
     from dht.core.wire import parse_address, parse_flow, result_to_dict
 
-    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    tls = client_tls(args)
     if args.op == "affinity":
         addrs = [parse_address(a, "client") for a in args.clients]
     else:

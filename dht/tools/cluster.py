@@ -4,8 +4,12 @@ Used by ``dht cluster``, ``dht demo`` and the system tests. Library code: it rai
 never exits; signals belong to the CLI.
 
 Each node process is started with ``--announce``: once ready, it prints one JSON line
-(``{"node_id", "grpc", "admin", "pid"}``) on stdout, and that line, not a sleep, is what
-the cluster waits for.
+(``{"node_id", "grpc", "peer", "admin", "pid"}``) on stdout, and that line, not a sleep,
+is what the cluster waits for.
+
+With ``tls_dir`` the cluster runs with mutual TLS (docs/security.md): it makes (or reuses)
+a CA and a certificate per node, per PoP's forwarder and for an operator there
+(dht.tools.certs), and every node serves and calls with its own.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dht.core.errors import ConfigError, DhtError
+
+# The trust domain of the certificates a local cluster makes (docs/security.md).
+CLUSTER = "dht.local"
 
 POP_NAMES = ("ams", "fra", "lon", "nyc", "sfo", "sin", "syd", "tyo", "gru", "jnb")
 
@@ -52,10 +59,15 @@ class NodeSpec:
     host: str
     grpc_port: int
     admin_port: int
+    peer_port: int
 
     @property
     def grpc(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def peer(self) -> str:
+        return f"{self.host}:{self.peer_port}"
 
     @property
     def admin(self) -> str:
@@ -78,6 +90,7 @@ class NodeProcess:
             "pop": s.pop,
             "node_id": s.node_id,
             "grpc": s.grpc,
+            "peer": s.peer,
             "admin": s.admin,
             "pid": self.pid,
         }
@@ -90,16 +103,17 @@ def plan(
         raise ConfigError("--pops and --nodes-per-pop must be >= 1")
     total = pops * nodes_per_pop
     if base_port is None:
-        ports = free_ports(host, 2 * total)
+        ports = free_ports(host, 3 * total)
     else:
-        if not 1 <= base_port <= 65535 - 2 * total:
-            raise ConfigError(f"--base-port {base_port} leaves no room for {2 * total} ports")
-        ports = list(range(base_port, base_port + 2 * total))
+        if not 1 <= base_port <= 65535 - 3 * total:
+            raise ConfigError(f"--base-port {base_port} leaves no room for {3 * total} ports")
+        ports = list(range(base_port, base_port + 3 * total))
     specs = []
     for p, pop in enumerate(pop_names(pops)):
         for n in range(nodes_per_pop):
             i = p * nodes_per_pop + n
-            specs.append(NodeSpec(pop, f"{pop}-{n + 1}", host, ports[2 * i], ports[2 * i + 1]))
+            grpc_port, admin_port, peer_port = ports[3 * i : 3 * i + 3]
+            specs.append(NodeSpec(pop, f"{pop}-{n + 1}", host, grpc_port, admin_port, peer_port))
     return specs
 
 
@@ -111,7 +125,9 @@ def node_args(spec: NodeSpec, specs: Sequence[NodeSpec], extra: Sequence[str] = 
         f"{name}={i + 1}" for i, name in enumerate(sorted(pops, key=pop_names_order))
     )
     peers = [
-        f"{s.node_id}={s.grpc},{s.admin}" for s in specs if s.pop == spec.pop and s is not spec
+        f"{s.node_id}={s.grpc},{s.admin},{s.peer}"
+        for s in specs
+        if s.pop == spec.pop and s is not spec
     ]
     args = [
         "node",
@@ -125,6 +141,8 @@ def node_args(spec: NodeSpec, specs: Sequence[NodeSpec], extra: Sequence[str] = 
         spec.host,
         "--grpc-port",
         str(spec.grpc_port),
+        "--peer-port",
+        str(spec.peer_port),
         "--admin-port",
         str(spec.admin_port),
     ]
@@ -133,7 +151,7 @@ def node_args(spec: NodeSpec, specs: Sequence[NodeSpec], extra: Sequence[str] = 
     others: dict[str, list[str]] = {}
     for s in specs:
         if s.pop != spec.pop:
-            others.setdefault(s.pop, []).append(s.grpc)
+            others.setdefault(s.pop, []).append(s.peer)
     if others:
         args += ["--pop-peers", *(f"{pop}={','.join(a)}" for pop, a in others.items())]
     return [*args, *extra]
@@ -152,15 +170,41 @@ class LocalCluster:
         extra_args: Sequence[str] = (),
         start_timeout_s: float = 30.0,
         pop_args: Mapping[str, Sequence[str]] | None = None,
+        tls_dir: str | Path | None = None,
     ) -> None:
         self.specs = list(specs)
+        self.tls_dir = Path(tls_dir) if tls_dir is not None else None
         self.extra_args = list(extra_args)
         # Extra `dht node` flags for the nodes of one PoP (say, its --pop-via proxies).
         self.pop_args = {k: list(v) for k, v in (pop_args or {}).items()}
         self.start_timeout_s = start_timeout_s
         self.nodes: list[NodeProcess] = []
 
+    def _certs(self) -> None:
+        if self.tls_dir is None:
+            return
+        from dht.tools.certs import ensure_cluster_certs
+
+        ensure_cluster_certs(
+            self.tls_dir,
+            CLUSTER,
+            [(s.pop, s.node_id) for s in self.specs],
+            sorted({s.pop for s in self.specs}, key=pop_names_order),
+        )
+
+    def tls_args(self, spec: NodeSpec) -> list[str]:
+        """The ``dht node`` flags of a node's certificate (none without ``tls_dir``)."""
+        if self.tls_dir is None:
+            return []
+        from dht.core.identity import Identity, Role
+        from dht.tools.certs import cert_paths
+
+        cert, key = cert_paths(self.tls_dir, Identity(Role.NODE, CLUSTER, spec.pop, spec.node_id))
+        ca = self.tls_dir / "ca.pem"
+        return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+
     async def start(self) -> None:
+        self._certs()
         try:
             for spec in self.specs:
                 self.nodes.append(await self.spawn(spec))
@@ -170,7 +214,12 @@ class LocalCluster:
             raise
 
     async def spawn(self, spec: NodeSpec) -> NodeProcess:
-        extra = [*self.extra_args, *self.pop_args.get(spec.pop, ()), "--announce"]
+        extra = [
+            *self.extra_args,
+            *self.pop_args.get(spec.pop, ()),
+            *self.tls_args(spec),
+            "--announce",
+        ]
         args = node_args(spec, self.specs, extra)
         return await self._exec(spec, args)
 
@@ -204,12 +253,16 @@ class LocalCluster:
 
     async def add_node(self, pop: str | None = None) -> NodeProcess:
         """Start one more node in ``pop`` (default: the first PoP) that joins the running
-        ones through ``--seeds`` (their gRPC addresses) rather than a static peer list."""
+        ones through ``--seeds`` (their peer-plane addresses) rather than a static peer
+        list."""
         pop = pop or self.specs[0].pop
         same = [s for s in self.specs if s.pop == pop]
         host = same[0].host
-        grpc_port, admin_port = free_ports(host, 2)
-        spec = NodeSpec(pop, f"{pop}-{len(same) + 1}", host, grpc_port, admin_port)
+        grpc_port, admin_port, peer_port = free_ports(host, 3)
+        spec = NodeSpec(pop, f"{pop}-{len(same) + 1}", host, grpc_port, admin_port, peer_port)
+        self.specs.append(spec)
+        self._certs()
+        self.specs.pop()
         pop_ids = ",".join(
             f"{name}={i + 1}"
             for i, name in enumerate(sorted({s.pop for s in self.specs}, key=pop_names_order))
@@ -217,8 +270,8 @@ class LocalCluster:
         args = [
             "node", "--node-id", spec.node_id, "--pop", pop, "--pops", pop_ids,
             "--host", host, "--grpc-port", str(grpc_port), "--admin-port", str(admin_port),
-            "--seeds", *(s.grpc for s in same),
-            *self.extra_args, "--announce",
+            "--peer-port", str(peer_port), "--seeds", *(s.peer for s in same),
+            *self.extra_args, *self.tls_args(spec), "--announce",
         ]  # fmt: skip
         node = await self._exec(spec, args)
         self.specs.append(spec)

@@ -5,14 +5,14 @@ and ``PopLink`` (random bytes in bytes fields, near-valid key and entry records,
 integers 0, 1, 2^31, 2^32-1, 2^63, 2^64-1, random lengths), and sometimes bytes that are
 no message at all. :class:`FuzzTarget` runs one node of the test profile in a background
 thread's event loop (its wall clock frozen, so nothing expires between two looks at its
-state), sends each case over gRPC on loopback and checks after it:
+state), sends each case over gRPC on loopback to the method's plane (FlowTable: public
+port, NodeInternal and PopLink: peer port; docs/security.md#planes), and checks after it:
 
 - the answer's status is one of :data:`ALLOWED` (never INTERNAL or UNKNOWN, never stuck);
 - the node still answers a Claim and a Lookup of a fresh key: CREATED, then OK. Gossip
   (``Ping``, ``PingReq``; :data:`GOSSIP`) goes to a node of its own, which only has to
-  answer the calls: membership is not authenticated yet (docs/protocol.md#swim-states), so a fuzzed
-  Ping may add members that exist nowhere, and keys placed on them answer UNAVAILABLE
-  (counted as ``degraded``, not as a failure);
+  answer the calls: without TLS nothing authenticates a fuzzed Ping, which may add members
+  that exist nowhere; keys placed on them answer UNAVAILABLE (``degraded``, no failure);
 - ``node.live()``: no background loop died or keeps failing, and no loop step failed
   (an item skipped) while the case ran;
 - a refused call (any status but OK) changed nothing: records, affinity, promised terms.
@@ -57,9 +57,9 @@ ALLOWED = frozenset(
     }
 )
 CALL_TIMEOUT_S = 15.0
-# Methods that change the membership view without authentication (see above).
-GOSSIP = frozenset({"Ping", "PingReq"})
+GOSSIP = frozenset({"Ping", "PingReq"})  # change the membership view (see above)
 S = st.SearchStrategy
+PUBLIC = "/dht.v1.FlowTable/"  # the public plane's methods; the rest are on the peer plane
 
 # ------------------------------------------------------------------ strategies
 
@@ -183,6 +183,7 @@ def member() -> S[pb.MemberState]:
         address=_address(),
         admin_address=_address(),
         incarnation=uint(64),
+        peer_address=_address(),
         status=st.one_of(st.integers(0, 4), uint(31)),
     )
 
@@ -417,7 +418,7 @@ class Counts:
 
 class FuzzTarget:
     """One node of the test profile in a background thread's event loop, and a blocking
-    gRPC channel to it. ``case(method, request)`` returns the problems it saw."""
+    gRPC channel per plane. ``case(method, request)`` returns the problems it saw."""
 
     def __init__(self, strict: bool = True, counts: Counts | None = None) -> None:
         self.strict = strict
@@ -437,6 +438,7 @@ class FuzzTarget:
         self._call(self.server.start(), 30)
         self._call(self._ready(), 30)
         self.channel = grpc.insecure_channel(self.server.grpc_address)
+        self.peer_channel = grpc.insecure_channel(self.server.peer_address)
         self._fresh = 0
         self.counts = counts or Counts()
 
@@ -453,6 +455,7 @@ class FuzzTarget:
 
     def close(self) -> None:
         self.channel.close()
+        self.peer_channel.close()
         try:
             self._call(self.server.stop(leave=False), 60)
         finally:
@@ -473,8 +476,8 @@ class FuzzTarget:
         return h.digest()
 
     def _method(self, path: str, shape: str) -> Any:
-        """A raw-bytes callable (no serializers: the case's bytes go out as they are)."""
-        ch = self.channel
+        """A raw-bytes callable on the method's plane (the case's bytes go out as they are)."""
+        ch = self.channel if path.startswith(PUBLIC) else self.peer_channel
         if shape == "uu":
             return ch.unary_unary(path)
         return ch.unary_stream(path) if shape == "us" else ch.stream_stream(path)

@@ -39,6 +39,8 @@ from dht.client.cache import CacheLimits
 from dht.client.decision import Action, Packet
 from dht.client.forwarder import Forwarder, ForwarderConfig, Outcome
 from dht.core.errors import ConfigError
+from dht.core.identity import Role
+from dht.tools.certs import add_certs_flags, certs_dir, client_tls
 from dht.tools.traffic import Flow, Traffic, TrafficConfig
 
 SHIPPED_KINDS = ("established", "refresh", "tombstone", "affinity")
@@ -129,9 +131,16 @@ class Simulation:
     """One run over given endpoints (a cluster started elsewhere)."""
 
     def __init__(
-        self, settings: SimSettings, endpoints: Sequence[Endpoint], traffic: Traffic
+        self,
+        settings: SimSettings,
+        endpoints: Sequence[Endpoint],
+        traffic: Traffic,
+        certs: Path | None = None,
     ) -> None:
+        """``certs``: the cluster's certificate directory (dht.tools.certs); each PoP's
+        forwarder then calls with that PoP's forwarder certificate. None: plaintext."""
         self.s = settings
+        self.certs = certs
         self.endpoints = list(endpoints)
         self.traffic = traffic
         self.tally = Tally()
@@ -162,11 +171,16 @@ class Simulation:
         by_pop: dict[str, list[str]] = {}
         for e in self.endpoints:
             by_pop.setdefault(e.pop, []).append(e.grpc)
-        before = await shipped_records([e.admin for e in self.endpoints if e.admin])
+        before = await shipped_records([e.admin for e in self.endpoints if e.admin], self.certs)
         cfg = self.s.forwarder_config()
         try:
             for pop, targets in by_pop.items():
-                fw = Forwarder(Client(targets), pop, cfg, owns_client=True)
+                tls = None
+                if self.certs is not None:
+                    tls = client_tls(self.certs, Role.FORWARDER, pop)
+                    if tls is None:
+                        raise ConfigError(f"no forwarder certificate for {pop} in {self.certs}")
+                fw = Forwarder(Client(targets, tls=tls), pop, cfg, owns_client=True)
                 await fw.start()
                 self.forwarders.append(fw)
             # Traffic PoP i = the cluster's i-th PoP in wire-id order.
@@ -196,7 +210,7 @@ class Simulation:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             for fw in self.forwarders:
                 await fw.close()
-        after = await shipped_records([e.admin for e in self.endpoints if e.admin])
+        after = await shipped_records([e.admin for e in self.endpoints if e.admin], self.certs)
         shipped = {k: int(after.get(k, 0) - before.get(k, 0)) for k in SHIPPED_KINDS}
         return self.report(wall, shipped)
 
@@ -357,16 +371,22 @@ class Simulation:
         }
 
 
-async def shipped_records(admins: Sequence[str]) -> dict[str, float]:
-    """Records acknowledged by peer PoPs, by kind, summed over the nodes' /metrics."""
+async def shipped_records(admins: Sequence[str], certs: Path | None) -> dict[str, float]:
+    """Records acknowledged by peer PoPs, by kind, summed over the nodes' /metrics
+    (over HTTPS, verified against the cluster's CA, when ``certs`` is given)."""
+    import ssl
+
     import aiohttp
 
     total: dict[str, float] = {}
     timeout = aiohttp.ClientTimeout(total=5)
+    scheme, ctx = "http", None
+    if certs is not None:
+        scheme, ctx = "https", ssl.create_default_context(cafile=str(certs / "ca.pem"))
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for admin in admins:
             try:
-                async with http.get(f"http://{admin}/metrics") as resp:
+                async with http.get(f"{scheme}://{admin}/metrics", ssl=ctx or True) as resp:
                     text = await resp.text()
             except (aiohttp.ClientError, TimeoutError):
                 continue
@@ -472,6 +492,10 @@ def add_simulate_parser(sub: Any) -> None:
     )
     p.add_argument("--no-affinity", action="store_true", help="forwarders ignore affinity")
     p.add_argument("--endpoints", help="use a running cluster (`dht cluster --endpoints-file`)")
+    add_certs_flags(p, "the cluster's certificates (made there when the simulation starts one)")
+    p.add_argument(
+        "--insecure", action="store_true", help="no TLS (a cluster without it; docs/security.md)"
+    )
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="PNG of broken connections over time, both ways")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -534,7 +558,10 @@ async def run_simulate(args: argparse.Namespace) -> int:
             f"using the cluster in {args.endpoints} ({len(endpoints)} nodes); its nodes keep "
             "their own replicate_after_s (the time scale applies to the forwarders only)"
         )
-        report = await Simulation(s, endpoints, traffic).run(not args.quiet)
+        certs = None if args.insecure else certs_dir(args)
+        if certs is not None and not (certs / "ca.pem").exists():
+            certs = None  # a cluster without TLS (`dht cluster --insecure`)
+        report = await Simulation(s, endpoints, traffic, certs).run(not args.quiet)
     else:
         # Errors only: the nodes' warnings (a PoP smaller than the replication factor
         # runs with fewer copies, by design here) would interleave with the report.
@@ -544,7 +571,8 @@ async def run_simulate(args: argparse.Namespace) -> int:
             "--replicate-after-s",
             f"{s.real(s.replicate_after_s):g}",
         ]
-        cluster = LocalCluster(plan(args.pops, args.nodes_per_pop), extra)
+        certs = None if args.insecure else certs_dir(args)
+        cluster = LocalCluster(plan(args.pops, args.nodes_per_pop), extra, tls_dir=certs)
         t0 = time.monotonic()
         async with cluster:
             say(
@@ -552,7 +580,7 @@ async def run_simulate(args: argparse.Namespace) -> int:
                 f"{args.nodes_per_pop}) in {time.monotonic() - t0:.1f} s"
             )
             endpoints = [Endpoint(n.spec.pop, n.spec.grpc, n.spec.admin) for n in cluster.nodes]
-            report = await Simulation(s, endpoints, traffic).run(not args.quiet)
+            report = await Simulation(s, endpoints, traffic, certs).run(not args.quiet)
     if sys.stderr.isatty() and not args.quiet:
         print(file=sys.stderr)
     print(format_report(report), flush=True)

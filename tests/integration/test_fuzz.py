@@ -26,8 +26,9 @@ EXAMPLES_PER_METHOD = 30
 
 @pytest.fixture(scope="module")
 def targets() -> Iterator[dict[bool, FuzzTarget]]:
-    """Two nodes for the module: one for gossip methods (membership is not authenticated
-    yet, so a fuzzed Ping may add members that exist nowhere), one for the rest."""
+    """Two nodes for the module: one for gossip methods (the fuzz nodes run without TLS,
+    so nothing authenticates a fuzzed Ping, which may add members that exist nowhere), one
+    for the rest."""
     made = {True: FuzzTarget(), False: FuzzTarget(strict=False)}
     yield made
     for t in made.values():

@@ -100,7 +100,7 @@ async def test_forged_replicate_entries_are_refused(
     target = nodes[1]
     bad = forged(key, **rec)
     good = forged(parse_flow("tcp/198.51.100.8:51000/192.0.2.1:443").to_bytes())
-    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+    async with grpc.aio.insecure_channel(target.peer_address) as ch:
         internal = pb_grpc.NodeInternalStub(ch)
         resp = await internal.Replicate(
             pb.EntryBatch(
@@ -142,7 +142,7 @@ async def test_an_undo_with_poison_before_changes_nothing(make_pop: MakePop) -> 
     ack = srv.node.internal_replicate(good.tobytes(), 0, None, "")
     assert ack.applied == 1
     poison = forged(state=9, owner_pop=77)
-    async with grpc.aio.insecure_channel(srv.grpc_address) as ch:
+    async with grpc.aio.insecure_channel(srv.peer_address) as ch:
         internal = pb_grpc.NodeInternalStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await internal.Undo(
@@ -179,7 +179,7 @@ async def test_a_promise_of_term_2_to_the_64_is_invalid_argument(make_pop: MakeP
     nodes = await make_pop(2)
     target = nodes[1]
     member = nodes[0].node.config.node_id
-    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+    async with grpc.aio.insecure_channel(target.peer_address) as ch:
         internal = pb_grpc.NodeInternalStub(ch)
         parts = pack_partitions(np.arange(target.node.table.num_partitions))
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -239,7 +239,7 @@ async def test_poison_shipped_from_another_pop_is_refused(make_pops: MakePops) -
         birth_hlc=hlc_pack(4_102_444_800_000, 0),  # 2100
     )
     target = ams[0]
-    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+    async with grpc.aio.insecure_channel(target.peer_address) as ch:
         stub = pb_grpc.PopLinkStub(ch)
         for entry, reason in (
             (tomb, "generation"),
@@ -279,7 +279,7 @@ def member_pb(node_id: str, address: str, incarnation: int, status: int) -> pb.M
 
 async def ping(srv: NodeServer, members: list[pb.MemberState]) -> pb.PingResponse:
     async with grpc.aio.insecure_channel(
-        srv.grpc_address, options=[("grpc.max_send_message_length", 64 << 20)]
+        srv.peer_address, options=[("grpc.max_send_message_length", 64 << 20)]
     ) as ch:
         resp: pb.PingResponse = await pb_grpc.NodeInternalStub(ch).Ping(
             pb.PingRequest(from_node="nobody", members=members), timeout=10
@@ -348,7 +348,7 @@ async def test_ping_req_dials_only_members_of_the_view(make_pop: MakePop) -> Non
     port = bait.sockets[0].getsockname()[1]
     other = nodes[1].node.config.node_id
     try:
-        async with grpc.aio.insecure_channel(nodes[0].grpc_address) as ch:
+        async with grpc.aio.insecure_channel(nodes[0].peer_address) as ch:
             stub = pb_grpc.NodeInternalStub(ch)
             for node_id in ("stranger", other):  # unknown node; a member at another address
                 resp = await stub.PingReq(
@@ -362,7 +362,7 @@ async def test_ping_req_dials_only_members_of_the_view(make_pop: MakePop) -> Non
                 assert not resp.ok
             good = await stub.PingReq(
                 pb.PingReqRequest(
-                    from_node="nobody", target_node=other, target_address=nodes[1].grpc_address
+                    from_node="nobody", target_node=other, target_address=nodes[1].peer_address
                 ),
                 timeout=5,
             )
@@ -393,7 +393,7 @@ async def test_an_undo_only_by_a_member_under_a_promised_term(make_pop: MakePop)
     member = nodes[0].node.config.node_id
 
     async def undo(from_node: str, term: int) -> pb.UndoResponse:
-        async with grpc.aio.insecure_channel(srv.grpc_address) as ch:
+        async with grpc.aio.insecure_channel(srv.peer_address) as ch:
             resp: pb.UndoResponse = await pb_grpc.NodeInternalStub(ch).Undo(
                 pb.UndoRequest(
                     from_node=from_node,

@@ -33,7 +33,7 @@ async def test_join_hand_off_and_garbage(make_pop: MakePop) -> None:
             Status.CREATED
         }
         epoch = c.table.epoch
-        grpc_port, admin_port = free_ports("127.0.0.1", 2)
+        grpc_port, admin_port, peer_port = free_ports("127.0.0.1", 3)
         joiner = NodeServer(
             build_config(
                 {
@@ -43,7 +43,8 @@ async def test_join_hand_off_and_garbage(make_pop: MakePop) -> None:
                     "pops": {"ams": 1, "fra": 2, "lon": 3},
                     "grpc_port": grpc_port,
                     "admin_port": admin_port,
-                    "seeds": [nodes[1].grpc_address],
+                    "peer_port": peer_port,
+                    "seeds": [nodes[1].peer_address],
                     **fast,
                 }
             )

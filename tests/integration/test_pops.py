@@ -4,9 +4,7 @@ affinity, the resend buffer and resync, clock-offset rejection, bad input
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -21,7 +19,7 @@ from dht.edge.server import NodeServer
 from dht.pops.shipping import Kind
 from dht.tools.bench import synthetic_keys
 
-from .conftest import MakePops, wait_for
+from .conftest import MakePops, until, wait_for
 
 POPS = {"ams": 1, "fra": 2, "lon": 3}
 
@@ -32,14 +30,6 @@ def shipped(servers: list[NodeServer], kind: Kind) -> int:
 
 async def lookup(c: Client, raw: bytes) -> np.ndarray:  # type: ignore[type-arg]
     return await c.flow_packed("Lookup", raw)
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15) -> None:
-    """Poll an async condition every 20 ms until it holds; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_established_records_ship_and_embryonic_ones_stay(make_pops: MakePops) -> None:
@@ -165,7 +155,7 @@ async def test_malformed_shipments_are_invalid_argument(make_pops: MakePops) -> 
     pops = await make_pops()
     target = pops["fra"][0]
     good = np.zeros(1, dtype=ENTRY_DTYPE)
-    async with grpc.aio.insecure_channel(target.grpc_address) as ch:
+    async with grpc.aio.insecure_channel(target.peer_address) as ch:
         stub = pb_grpc.PopLinkStub(ch)
 
         def batch(entries: bytes = b"", **kw: int) -> pb.ShipBatch:

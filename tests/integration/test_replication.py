@@ -742,7 +742,7 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     from dht._proto.dht.v1 import dht_pb2 as pb
     from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 
-    async with grpc.aio.insecure_channel(nodes[1].grpc_address) as ch:
+    async with grpc.aio.insecure_channel(nodes[1].peer_address) as ch:
         internal = pb_grpc.NodeInternalStub(ch)
         bad = [
             (internal.Replicate, pb.EntryBatch(entries=entry.tobytes(), terms=b"\x00" * 7)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -15,15 +16,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.client import Client
-from dht.core.config import TlsConfig
 from dht.core.errors import Unavailable
-from dht.core.identity import Identity, Role
+from dht.core.identity import Role
 from dht.core.placement import PartitionMap
 from dht.core.record import Status
 from dht.core.wire import FlowKey, parse_flow
-from dht.tools.certs import init_ca, issue
 
-from .conftest import MakePop
+from .conftest import MakePop, tls_of
+
+REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 
 
 async def test_health_and_reflection(make_pop: MakePop) -> None:
@@ -39,6 +40,70 @@ async def test_health_and_reflection(make_pop: MakePop) -> None:
         await call.done_writing()
         names = {s.name for s in answer.list_services_response.service}
         assert {"dht.v1.FlowTable", "grpc.health.v1.Health"} <= names
+
+
+async def list_services(address: str) -> set[str]:
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        answer = await call.read()
+        await call.done_writing()
+    return {s.name for s in answer.list_services_response.service}
+
+
+async def test_the_public_port_serves_only_the_public_plane(make_pop: MakePop) -> None:
+    """docs/security.md#planes: NodeInternal and PopLink are not on the public port (not
+    even listed by its reflection); the peer port serves them, and FlowTable for forwards."""
+    srv, _ = await make_pop(2)
+    assert srv.grpc_address != srv.peer_address
+    public = {"dht.v1.FlowTable", "grpc.health.v1.Health", REFLECTION}
+    assert await list_services(srv.grpc_address) == public
+    assert await list_services(srv.peer_address) == public | {
+        "dht.v1.NodeInternal",
+        "dht.v1.PopLink",
+    }
+    other = srv.node.membership.members["ams-2"]
+    known = {m.node_id: m.incarnation for m in srv.node.membership.view()}
+    calls: list[tuple[Any, str, Any]] = [
+        (
+            pb_grpc.NodeInternalStub,
+            "Ping",
+            pb.PingRequest(
+                from_node="ams-2",
+                members=[
+                    pb.MemberState(
+                        node_id="ams-2",
+                        address=other.address,
+                        incarnation=other.incarnation + 1,
+                        status=pb.MEMBER_STATUS_LEFT,
+                    )
+                ],
+            ),
+        ),
+        (pb_grpc.NodeInternalStub, "PartitionDigests", pb.DigestRequest()),
+        (
+            pb_grpc.PopLinkStub,
+            "PopDigests",
+            pb.PopDigestRequest(from_pop=2, num_partitions=4096),
+        ),
+    ]
+    async with grpc.aio.insecure_channel(srv.grpc_address) as ch:
+        for stub, method, request in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await getattr(stub(ch), method)(request, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, (method, err.value)
+    # The "LEFT" rumour never arrived: ams-2 is still an active member.
+    assert {m.node_id: m.incarnation for m in srv.node.membership.view()} == known
+    assert [m.node_id for m in srv.node.membership.active()] == ["ams-1", "ams-2"]
+    # The same services on the peer port are served (the rumour left out: it would be
+    # adopted; PopDigests from a PoP with no link here is refused, but by the servicer).
+    async with grpc.aio.insecure_channel(srv.peer_address) as ch:
+        digests = await pb_grpc.NodeInternalStub(ch).PartitionDigests(pb.DigestRequest())
+        assert digests.epoch == srv.node.table.epoch
+        try:
+            await pb_grpc.PopLinkStub(ch).PopDigests(calls[2][2], timeout=5)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() != grpc.StatusCode.UNIMPLEMENTED, e
 
 
 async def test_admin_endpoint(make_pop: MakePop, tmp_path: Path) -> None:
@@ -149,14 +214,9 @@ async def test_capacity_and_quota_refuse_only_new_claims(make_pop: MakePop) -> N
 
 
 async def test_mutual_tls(make_pop: MakePop, tmp_path: Path) -> None:
-    # One node certificate for the three nodes: the nodes do not check identities yet.
-    init_ca(tmp_path)
-    node_cert, node_key = issue(tmp_path, Identity(Role.NODE, "dht.local", "ams", "ams"))
-    fw_cert, fw_key = issue(tmp_path, Identity(Role.FORWARDER, "dht.local", "ams", "fw"))
-    ca = str(tmp_path / "ca.pem")
-    node_tls = {"cert_file": str(node_cert), "key_file": str(node_key), "ca_file": ca}
-    nodes = await make_pop(3, tls=node_tls)
-    tls = TlsConfig(str(fw_cert), str(fw_key), ca)
+    # Each node its own certificate (a node checks at start that its certificate names it).
+    nodes = await make_pop(3, certs=tmp_path)
+    tls = tls_of(tmp_path, Role.FORWARDER, "ams")
     keys = [parse_flow(f"tcp/198.51.100.{i}:1000/192.0.2.1:443") for i in range(1, 100)]
     async with Client([nodes[0].grpc_address], tls=tls) as c:
         assert {r.status for r in await c.claim(keys, pop="ams")} == {Status.CREATED}

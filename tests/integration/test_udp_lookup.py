@@ -164,4 +164,10 @@ def test_config_refuses_udp_with_tls_and_bad_ports() -> None:
     with pytest.raises(ConfigError, match="udp_lookup_port"):
         build_config({**base, "udp_lookup_port": 70000})
     with pytest.raises(ConfigError, match="TLS"):
-        build_config({**base, "udp_lookup_port": 0, "tls": {"cert_file": "c", "key_file": "k"}})
+        build_config(
+            {
+                **base,
+                "udp_lookup_port": 0,
+                "tls": {"cert_file": "c", "key_file": "k", "ca_file": "a"},
+            }
+        )

@@ -238,6 +238,7 @@ class Network:
                 "pop": pop,
                 "pops": POPS,
                 "host": "sim",
+                "insecure": True,  # in memory: no sockets, no TLS
                 "grpc_port": port,
                 "admin_port": -1,
                 "num_partitions": 64,

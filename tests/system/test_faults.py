@@ -176,7 +176,7 @@ async def node_copies(node: NodeProcess, raw: bytes, chunk: int = 10_000) -> Res
     """The raw copy of each key held by this one node (NodeInternal.ReadCopies): what
     the node itself stores, not what routing answers."""
     out = []
-    async with grpc.aio.insecure_channel(node.spec.grpc) as channel:
+    async with grpc.aio.insecure_channel(node.spec.peer) as channel:
         stub = pb_grpc.NodeInternalStub(channel)
         for off in range(0, len(raw), chunk * KEY_SIZE):
             req = pb.CopiesRequest(

@@ -73,9 +73,9 @@ async def make_pops() -> AsyncIterator[MakePops]:
                 via = []
                 for s in specs:
                     if s.pop != pop:
-                        p = await Proxy(s.grpc).start()
+                        p = await Proxy(s.peer).start()  # PoP links: the peer plane
                         proxies[(pop, s.node_id)] = p
-                        via.append(f"{s.grpc}={p.address}")
+                        via.append(f"{s.peer}={p.address}")
                 pop_args[pop] = ["--pop-via", *via]
         cluster = TrackedCluster(specs, [*TEST_NODE_ARGS, *extra])
         cluster.pop_args = pop_args

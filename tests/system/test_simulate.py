@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,11 +16,14 @@ pytestmark = pytest.mark.system
 
 
 async def test_simulate_command_reports_and_plots(tmp_path: Path) -> None:
+    """With mutual TLS, as by default: the certificates go where $DHT_CERTS_DIR says."""
     out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    certs = tmp_path / "certs"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dht", "simulate", "--pops", "3", "--duration", "5",
         "--time-scale", "10", "--seed", "3", "--quiet", "--json", str(out), "--plot", str(png),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DHT_CERTS_DIR": str(certs)},
     )  # fmt: skip
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 90)
@@ -40,3 +44,4 @@ async def test_simulate_command_reports_and_plots(tmp_path: Path) -> None:
     assert report["shipped_records"]["established"] > 0
     assert report["settings"]["pops"] == ["ams", "fra", "lon"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (certs / "forwarder-lon-fw.pem").exists(), "the forwarders used certificates"

@@ -51,8 +51,13 @@ def test_toml_file(tmp_path: Path) -> None:
 
 
 def test_profiles() -> None:
-    docker = build_config({"node_id": "a", "pop": "ams", "profile": "docker"})
-    assert (docker.host, docker.grpc_port, docker.admin_port) == ("0.0.0.0", 7000, 8000)
+    docker = build_config({"node_id": "a", "pop": "ams", "profile": "docker", "insecure": True})
+    assert (docker.host, docker.grpc_port, docker.admin_port, docker.peer_port) == (
+        "0.0.0.0",
+        7000,
+        8000,
+        9000,
+    )
     test = build_config({"node_id": "a", "pop": "ams", "profile": "test", "grpc_port": 5})
     assert test.purge_interval_s == 0.1
     assert test.grpc_port == 5
@@ -67,6 +72,14 @@ def test_profiles() -> None:
         ({"node_id": "a", "pop": "ams", "ttl": {"embryonic": 3}}, "unknown ttl key 'embryonic'"),
         ({"node_id": "a", "pop": "ams", "ttl": {"min_s": 10, "max_s": 5}}, "ttl bounds"),
         ({"node_id": "a", "pop": "ams", "peers": ["nonsense"]}, "want ID=HOST:PORT"),
+        ({"node_id": "a", "pop": "ams", "peers": ["b=h:1,h:2,h:3,h:4"]}, "want ID=HOST:PORT"),
+        # Plaintext only on loopback, unless told so (docs/security.md).
+        ({"node_id": "a", "pop": "ams", "profile": "docker"}, "refusing to serve plaintext"),
+        ({"node_id": "a", "pop": "ams", "host": "10.1.2.3"}, "or pass --insecure"),
+        (
+            {"node_id": "a", "pop": "ams", "tls": {"cert_file": "c", "key_file": "k"}},
+            "tls needs ca_file",
+        ),
         ({"node_id": "a", "pop": "ams", "peers": ["a=127.0.0.1:1"]}, "must not include this node"),
         ({"node_id": "a", "pop": "ams", "pops": {"ams": 0}}, "want 1..65535"),
         (

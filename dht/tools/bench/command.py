@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 WORKLOADS = ("bulk", "claims", "memory", "routing", "growth")
+# Only with --only (not in the default run): the cost of mutual TLS, ~20-30 s.
+OPT_IN = ("tls",)
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -35,7 +37,12 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="a run that finishes in under 5 min")
     p.add_argument("--records", type=int, help="records for bulk lookup and memory (1M)")
     p.add_argument("--runs", type=int, help="interleaved rounds per workload")
-    p.add_argument("--only", nargs="+", choices=WORKLOADS, help="run only these (default: all)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=(*WORKLOADS, *OPT_IN),
+        help="run only these (default: all but tls)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the results (with a 'ratios' object) here")
     p.add_argument("--plot", help="write the growth plot (PNG) here")
@@ -131,6 +138,10 @@ async def run_bench(args: argparse.Namespace) -> int:
         rows.append(await w.memory(s, "ipv6", _log))
     if "claims" in only:
         rows += await w.claims_and_misses(s, _log)
+    if "tls" in only:
+        from dht.tools.bench.tls import tls_cost
+
+        rows += await tls_cost(s, _log)
     growth_rows: list[dict[str, Any]] = []
     if "growth" in only:
         growth_rows = await g.growth(s, _log)

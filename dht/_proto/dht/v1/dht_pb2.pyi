@@ -477,12 +477,16 @@ class MemberState(_message.Message):
     ADMIN_ADDRESS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
+    """The public plane (FlowTable), as clients dial it."""
     admin_address: _builtins.str
     incarnation: _builtins.int
     """Raised only by the member itself: at start, and to refute a suspicion."""
     status: Global___MemberStatus.ValueType
+    peer_address: _builtins.str
+    """The peer plane (NodeInternal, PopLink, forwards), as other nodes dial it."""
     def __init__(
         self,
         *,
@@ -491,10 +495,11 @@ class MemberState(_message.Message):
         admin_address: _builtins.str = ...,
         incarnation: _builtins.int = ...,
         status: Global___MemberStatus.ValueType = ...,
+        peer_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_address", b"admin_address", "incarnation", b"incarnation", "node_id", b"node_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_address", b"admin_address", "incarnation", b"incarnation", "node_id", b"node_id", "peer_address", b"peer_address", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -571,6 +576,7 @@ class PingReqRequest(_message.Message):
     target_node: _builtins.str
     """Probe this member on the sender's behalf (SWIM indirect probe)."""
     target_address: _builtins.str
+    """The target's peer-plane address."""
     def __init__(
         self,
         *,
