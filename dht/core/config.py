@@ -260,6 +260,8 @@ def validate(cfg: NodeConfig) -> None:
             bad(f"pop id for {name!r} is {i}: want 1..65535")
     if cfg.peer_port < 0 or cfg.peer_port > 65535:
         bad(f"peer_port {cfg.peer_port} outside 0..65535")
+    if cfg.peer_port and cfg.peer_port in (cfg.grpc_port, cfg.admin_port):
+        bad(f"peer_port {cfg.peer_port} must differ from grpc_port and admin_port")
     for name, port in (("grpc_port", cfg.grpc_port), ("admin_port", cfg.admin_port)):
         if not -1 <= port <= 65535:
             bad(f"{name} {port} outside 0..65535 (-1 disables admin)")

@@ -95,7 +95,8 @@ class Authorizer:
         if who.role is Role.FORWARDER:
             if not op.mutating:
                 return
-            name = self.config.pop_name(pop)
+            # pop 0 = this node's PoP (dht.node.validate).
+            name = self.config.pop if pop == 0 else self.config.pop_name(pop)
             if name == who.pop:
                 return
             raise self._deny(

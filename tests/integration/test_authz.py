@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,9 @@ from .test_identity_grpc import signed_by_ca
 
 AMS, FRA, LON = 1, 2, 3
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-HUGE_TERM = (1 << 63) - 1  # the largest term a node would take
-CLIENTS = b"".join(ipaddress.ip_address(f"198.51.100.{i}").packed.rjust(16, b"\0") for i in (1, 2))
+HUGE_TERM = (1 << 63) - 1  # within the wire field, far above the bound on terms
+# Two clients (IPv4-mapped, 16 bytes each) for the affinity calls.
+CLIENTS = b"".join(ipaddress.ip_address(f"::ffff:198.51.100.{i}").packed for i in (1, 2))
 
 
 @dataclass
@@ -58,12 +58,12 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(make_pops: MakePops, tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(make_pops: MakePops, tmp_path: Path) -> Cluster:
     certs = tmp_path / "certs"
     pops = await make_pops(pops=2, nodes=[2, 1], certs=certs)
     c = Cluster(certs, pops["ams"], pops["fra"])
     assert all(s.authz.enabled for s in c.every)
-    yield c
+    return c
 
 
 def creds_of(tls: TlsConfig) -> grpc.ChannelCredentials:
@@ -411,8 +411,9 @@ async def test_another_pops_node_ships_only_as_itself(cluster: Cluster) -> None:
             ),
         ]
 
+    forward = (pb_grpc.FlowTableStub, "Lookup", flows(mine[:KEY_SIZE]))
     at_ams = [
-        (fra_node, [*peer_calls(c, "fra-1"), (pb_grpc.FlowTableStub, "Lookup", flows(mine[:40]))]),
+        (fra_node, [*peer_calls(c, "fra-1"), forward]),
         (fra_node, pop_calls(AMS, mine) + pop_calls(LON, theirs)),
         (ams_node, pop_calls(AMS, mine) + pop_calls(FRA, theirs)),
     ]
@@ -477,7 +478,7 @@ async def test_node_certificates_are_refused_on_the_public_plane(cluster: Cluste
     before, refused_before = state(c.every), refusals(c.every)
     await refused(c.ams[1].grpc_address, creds(c, Role.NODE, "ams", "ams-1"), public)
     await refused(c.ams[0].grpc_address, creds(c, Role.NODE, "fra", "fra-1"), public)
-    # Operators and forwarders never reach the peer plane.
+    # Nor does an operator reach the peer plane (forwarders: test_a_forwarder_cannot_...).
     operator = creds(c, Role.OPERATOR)
     await refused(c.ams[0].peer_address, operator, peer_calls(c, "admin")[:4])
     assert state(c.every) == before
@@ -497,9 +498,8 @@ async def test_an_operator_may_write_for_any_pop(cluster: Cluster) -> None:
         assert statuses(await stub.Release(flows(raw[:half], FRA))) == {Status.OK}
         ok = await stub.SetAffinity(pb.AffinityRequest(format_version=1, clients=CLIENTS, pop=LON))
         assert {r.status for r in decode_results(ok.results)} == {Status.OK}
-        pref = decode_results((await stub.GetAffinity(
-            pb.AffinityRequest(format_version=1, clients=CLIENTS))).results)  # fmt: skip
-        assert {r.owner_pop for r in pref} == {LON}
+        pref = await stub.GetAffinity(pb.AffinityRequest(format_version=1, clients=CLIENTS))
+        assert {r.owner_pop for r in decode_results(pref.results)} == {LON}
 
 
 # ---------------------------------------------------------------------------- no identity

@@ -267,10 +267,11 @@ async def test_poison_shipped_from_another_pop_is_refused(make_pops: MakePops) -
 
 
 # ---------------------------------------------------------------------------- membership
-# (docs/protocol.md#swim-states, "Membership only from members": without authentication,
-# what gossip can do is bounded. Each case failed before: the rumour was adopted, the
-# refutation overflowed the uint64 wire field and killed the probe loop, the view grew
-# without bound, and PingReq dialed whatever address it was given.)
+# (docs/protocol.md#swim-states, "Membership only from members": without TLS (these nodes)
+# nothing authenticates gossip, and what it can do is bounded; with TLS only the PoP's
+# nodes gossip, each as itself: test_authz.py. Each case failed before: the rumour was
+# adopted, the refutation overflowed the uint64 wire field and killed the probe loop, the
+# view grew without bound, and PingReq dialed whatever address it was given.)
 
 
 def member_pb(node_id: str, address: str, incarnation: int, status: int) -> pb.MemberState:
@@ -328,8 +329,8 @@ async def test_gossip_cannot_grow_the_view_without_bound(make_pop: MakePop) -> N
     await ping(target, huge)
     assert len(ms.members) == 2 and ms.refused["incarnation"] == 5
     await still_serves(nodes)
-    # Joins are not authenticated yet (not yet: mutual TLS): a fake ALIVE state is admitted,
-    # but never past max_members.
+    # Without TLS joins are not authenticated (test_authz.py: with TLS they are): a fake
+    # ALIVE state is admitted, but never past max_members.
     joins = [member_pb(f"h{i}", f"127.0.0.1:{i + 1}", 1, 1) for i in range(20)]
     await ping(target, joins)
     assert len(ms.members) == 8 and ms.refused["full"] == 14
