@@ -2,7 +2,8 @@
 # The whole test suite, exactly as CI runs it (.ci/run calls this). Layers, in order:
 # generated code current, lint, types, compose file valid, unit + in-memory network
 # scenarios (virtual time) + integration tests, then system tests (real processes and
-# faults), one at a time.
+# faults), one at a time, and the fault, membership and PoP system tests once more with
+# mutual TLS on every plane (DHT_TEST_TLS=1, tests/system/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
@@ -14,3 +15,5 @@ python -m mypy
 bash scripts/validate_compose.sh
 python -m pytest -q tests/unit tests/sim tests/integration
 python -m pytest -q -p no:randomly tests/system
+DHT_TEST_TLS=1 python -m pytest -q -p no:randomly \
+  tests/system/test_faults.py tests/system/test_membership.py tests/system/test_pops.py

@@ -86,6 +86,7 @@ class Client:
         self.failures: list[tuple[float, str]] = []
         self._creds = channel_credentials(tls) if tls else None
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.FlowTableAsyncStub]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._table: PartitionMap | None = None
         self._table_pb: pb.PartitionTable | None = None
         self.table_refreshes = 0
@@ -112,6 +113,22 @@ class Client:
         channels = [c for c, _ in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _reset(self, address: str) -> None:
+        """Drop the channel to ``address`` after a call on it failed UNAVAILABLE: the
+        next call dials afresh. A gRPC channel whose connection failed waits out its
+        reconnect backoff (up to 2 s, dht.edge.channels) and fails every call meanwhile
+        without trying, so a node that is back (a restart) would be skipped as down for
+        that long; the same reason the nodes reset theirs (GrpcPeerTransport.reset).
+        Calls still running on the old channel end on their own (closing it cancels them
+        only past their deadline)."""
+        entry = self._channels.pop(address, None)
+        if entry is not None:
+            grace = self.timeout_s + 1.0
+            task = asyncio.get_running_loop().create_task(entry[0].close(grace=grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _stub(self, address: str) -> pb_grpc.FlowTableAsyncStub:
         entry = self._channels.get(address)
@@ -157,6 +174,8 @@ class Client:
                 )
             except grpc.aio.AioRpcError as e:
                 last = e
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._reset(addr)
                 continue
             self._table_pb = t
             self._table = convert.table_from_pb(t)
@@ -377,6 +396,7 @@ class Client:
             if isinstance(err, Unavailable):
                 # Route around this node for a while; the keys go to the next replica.
                 self._down[address] = time.monotonic() + self.down_s
+                self._reset(address)
                 self.failures.append((time.monotonic(), address))
                 out["status"][idx] = Status.UNAVAILABLE
                 return 0

@@ -210,8 +210,11 @@ class GrpcPeerTransport:
     def reset(self, member: Member) -> None:
         entry = self._channels.pop(member.peer, None)
         if entry is not None:
-            # Closing is async; calls still on the old channel finish or fail on their own.
-            task = asyncio.get_running_loop().create_task(entry[0].close(grace=1.0))
+            # Closing is async; calls still on the old channel finish or fail on their own
+            # (closing cancels them only past the longest deadline: a call cancelled under
+            # its caller would surface as CancelledError, not as an unreachable peer).
+            grace = self._forward_timeout_s + 1.0
+            task = asyncio.get_running_loop().create_task(entry[0].close(grace=grace))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 

@@ -21,8 +21,9 @@ from dht.core.identity import Role
 from dht.core.placement import PartitionMap
 from dht.core.record import Status
 from dht.core.wire import FlowKey, parse_flow
+from dht.edge.server import NodeServer
 
-from .conftest import MakePop, tls_of
+from .conftest import MakePop, pop_configs, tls_of
 
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 
@@ -236,3 +237,30 @@ async def test_mutual_tls(make_pop: MakePop, tmp_path: Path) -> None:
     with pytest.raises(Unavailable):
         async with Client([nodes[0].grpc_address], timeout_s=5):
             pass
+
+
+async def test_the_client_dials_a_restarted_node_at_once() -> None:
+    """A node stops and starts again on the same ports. The client's call while it was
+    down failed; its next call, right after the restart, reaches the node. (gRPC keeps
+    a channel whose connection failed in reconnect backoff for up to 2 s and fails every
+    call meanwhile without dialing: the client took a node that was back for a down one,
+    and during a rolling restart a claim could find every replica 'unavailable'.)"""
+    (cfg,) = pop_configs(1)
+    flow = parse_flow("tcp/198.51.100.7:51000/192.0.2.1:443")
+    srv = NodeServer(cfg)
+    await srv.start()
+    try:
+        async with Client([srv.grpc_address], timeout_s=2) as client:
+            (r,) = await client.claim([flow], pop="ams")
+            assert r.status == Status.CREATED
+            await srv.stop(leave=False)
+            with pytest.raises(Unavailable):
+                await client.refresh_table()
+            srv = NodeServer(cfg)
+            await srv.start()
+            table = await client.refresh_table()
+            assert [m.address for m in table.members] == [srv.grpc_address]
+            (r,) = await client.lookup([flow])
+            assert r.status == Status.NOT_FOUND  # a fresh process: nothing persisted
+    finally:
+        await srv.stop(leave=False)

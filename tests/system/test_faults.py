@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,7 +37,15 @@ from dht.core.wire import FORMAT_VERSION, KEY_SIZE, RESULT_DTYPE, FlowKey, Resul
 from dht.tools.bench import synthetic_keys
 from dht.tools.cluster import NodeProcess
 
-from .conftest import MakeCluster, TrackedCluster
+from .conftest import (
+    MakeCluster,
+    TrackedCluster,
+    admin_url,
+    connect,
+    node_channel,
+    node_tls,
+    operator_tls,
+)
 
 pytestmark = pytest.mark.system
 
@@ -113,7 +120,7 @@ async def paced(
 
 
 async def admin_get(http: aiohttp.ClientSession, node: NodeProcess, path: str) -> tuple[int, Any]:
-    async with http.get(f"http://{node.spec.admin}{path}") as r:
+    async with http.get(admin_url(node.spec.admin, path)) as r:
         if r.content_type == "application/json":
             return r.status, await r.json()
         return r.status, await r.text()
@@ -176,7 +183,7 @@ async def node_copies(node: NodeProcess, raw: bytes, chunk: int = 10_000) -> Res
     """The raw copy of each key held by this one node (NodeInternal.ReadCopies): what
     the node itself stores, not what routing answers."""
     out = []
-    async with grpc.aio.insecure_channel(node.spec.peer) as channel:
+    async with node_channel(node.spec.peer, node_tls(node.spec.pop, node.spec.node_id)) as channel:
         stub = pb_grpc.NodeInternalStub(channel)
         for off in range(0, len(raw), chunk * KEY_SIZE):
             req = pb.CopiesRequest(
@@ -191,7 +198,7 @@ async def direct_call(
     node: NodeProcess, method: str, raw: bytes, pop: int, timeout_s: float
 ) -> ResultArray:
     """One FlowTable call to exactly this node (no client routing, no failover)."""
-    async with grpc.aio.insecure_channel(node.spec.grpc) as channel:
+    async with node_channel(node.spec.grpc, operator_tls()) as channel:
         stub = pb_grpc.FlowTableStub(channel)
         req = pb.FlowBatchRequest(format_version=FORMAT_VERSION, keys=raw, pop=pop, ttl_s=TTL_S)
         resp = await getattr(stub, method)(req, timeout=timeout_s)
@@ -269,8 +276,8 @@ async def test_sigkill_one_of_three_under_claim_load(
     rounds: list[Round] = []
 
     async with (
-        Client(targets, timeout_s=3) as client,
-        Client(targets, timeout_s=5) as reader,
+        connect(targets, timeout_s=3) as client,
+        connect(targets, timeout_s=5) as reader,
     ):
         table = client.table
         dead_index = table.index_of(victim.spec.node_id)
@@ -465,9 +472,9 @@ async def test_sigstop_beyond_failure_timeout_then_sigcont(
     used: list[bytes] = []
 
     async with (
-        Client(targets, timeout_s=4) as ams_client,
-        Client(targets, timeout_s=4) as fra_client,
-        Client(targets, timeout_s=10) as reader,
+        connect(targets, timeout_s=4) as ams_client,
+        connect(targets, timeout_s=4) as fra_client,
+        connect(targets, timeout_s=10) as reader,
     ):
         pops = ams_client.pops
 
@@ -622,7 +629,7 @@ async def test_restarted_node_refills_before_it_says_ready(
     step = batch * KEY_SIZE
     chunks = [raw[o : o + step] for o in range(0, len(raw), step)]
 
-    async with Client(targets, timeout_s=10) as client:
+    async with connect(targets, timeout_s=10) as client:
 
         async def fill(chunk: bytes) -> None:
             res = await client.flow_packed("Claim", chunk, pop="ams", ttl_s=3600)
@@ -704,7 +711,7 @@ async def test_unacknowledged_claim_never_overrides_an_acknowledged_one(
     claims are create-once)."""
     cluster = await make_cluster(3, TWO_POPS)
     x, y, z = cluster.nodes
-    async with Client([y.spec.grpc, z.spec.grpc], timeout_s=3) as client:
+    async with connect([y.spec.grpc, z.spec.grpc], timeout_s=3) as client:
         table = client.table
         pops = client.pops
         x_index = table.index_of(x.spec.node_id)
@@ -769,7 +776,7 @@ async def test_restarted_node_is_not_ready_until_a_replica_answered(
     cluster = await make_cluster(3)
     x, y, z = cluster.nodes
     raw = synthetic_keys(n_records, seed=55)
-    async with Client([n.spec.grpc for n in cluster.nodes], timeout_s=10) as client:
+    async with connect([n.spec.grpc for n in cluster.nodes], timeout_s=10) as client:
         res = await client.flow_packed("Claim", raw, pop="ams", ttl_s=3600)
         assert np.all(res["status"] == Status.CREATED)
     await poll(lambda: converged(http, cluster), "digests equal after fill", 30)

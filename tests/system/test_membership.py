@@ -38,7 +38,7 @@ from dht.core.wire import KEY_SIZE, key_hashes
 from dht.tools.bench import synthetic_keys
 from dht.tools.cluster import NodeProcess
 
-from .conftest import MakeCluster, TrackedCluster
+from .conftest import MakeCluster, TrackedCluster, connect
 from .test_faults import (
     TTL_S,
     TWO_POPS,
@@ -424,7 +424,7 @@ async def test_fourth_node_joins_under_load(
     rate, batch, rf, prefilled = 150, 15, 3, 30_000
     cluster = await make_cluster(3)
     targets = [n.spec.grpc for n in cluster.nodes]
-    async with Client(targets, timeout_s=3) as client, Client(targets, timeout_s=10) as reader:
+    async with connect(targets, timeout_s=3) as client, connect(targets, timeout_s=10) as reader:
         load = Load(client, synthetic_keys(12_000, seed=101), batch)
         fill_s = await load.prefill(prefilled, seed=111)
         stop = asyncio.Event()
@@ -507,7 +507,7 @@ async def test_graceful_rolling_restart_under_load(
     ids = {n.spec.node_id for n in cluster.nodes}
     targets = [n.spec.grpc for n in cluster.nodes]
     steps: list[str] = []
-    async with Client(targets, timeout_s=3) as client, Client(targets, timeout_s=10) as reader:
+    async with connect(targets, timeout_s=3) as client, connect(targets, timeout_s=10) as reader:
         load = Load(client, synthetic_keys(12_000, seed=202), batch)
         fill_s = await load.prefill(prefilled, seed=222)
         stop = asyncio.Event()
@@ -586,7 +586,7 @@ async def test_sigkill_one_of_four_is_detected_and_rereplicated(
     dead = victim.spec.node_id
     survivors = [n for n in cluster.nodes if n is not victim]
     targets = [n.spec.grpc for n in cluster.nodes]
-    async with Client(targets, timeout_s=3) as client, Client(targets, timeout_s=10) as reader:
+    async with connect(targets, timeout_s=3) as client, connect(targets, timeout_s=10) as reader:
         load = Load(client, synthetic_keys(12_000, seed=303), batch)
         stop = asyncio.Event()
         tasks = load.start(stop, rate, rate)
@@ -664,9 +664,9 @@ async def test_node_declared_dead_comes_back_without_double_ownership(
     late_keys: list[bytes] = []
 
     async with (
-        Client(targets, timeout_s=4) as ams_client,
-        Client(targets, timeout_s=4) as fra_client,
-        Client(targets, timeout_s=10) as reader,
+        connect(targets, timeout_s=4) as ams_client,
+        connect(targets, timeout_s=4) as fra_client,
+        connect(targets, timeout_s=10) as reader,
     ):
         pops = ams_client.pops
 
@@ -923,7 +923,7 @@ async def test_member_leaving_during_an_anti_entropy_round(
     it left, ams-2 resumes, and the stuck round goes on to ams-3 and ams-4."""
     cluster = await make_cluster(4)
     a, b, c, d = cluster.nodes
-    async with Client([a.spec.grpc], timeout_s=10) as client:
+    async with connect([a.spec.grpc], timeout_s=10) as client:
         load = Load(client, b"", 1)
         await load.prefill(5_000, seed=505)
     await poll(lambda: replicas_agree(http, cluster.nodes, 3), "digests equal after fill", 20)

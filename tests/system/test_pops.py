@@ -25,7 +25,7 @@ from dht.core.wire import KEY_DTYPE, KEY_SIZE, addr_from16
 from dht.tools.bench import synthetic_keys
 from dht.tools.cluster import NodeProcess, plan
 
-from .conftest import TEST_NODE_ARGS, TrackedCluster, shutdown
+from .conftest import TEST_NODE_ARGS, TrackedCluster, admin_url, connect, shutdown
 from .proxy import Proxy
 
 pytestmark = pytest.mark.system
@@ -111,7 +111,7 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: floa
 async def metrics(http: aiohttp.ClientSession, nodes: Sequence[NodeProcess]) -> list[str]:
     lines: list[str] = []
     for n in nodes:
-        async with http.get(f"http://{n.spec.admin}/metrics") as r:
+        async with http.get(admin_url(n.spec.admin, "/metrics")) as r:
             assert r.status == 200
             lines += (await r.text()).splitlines()
     return lines
@@ -141,9 +141,9 @@ async def test_confirmed_at_one_pop_is_found_at_the_others_within_the_lag(
     seen: dict[str, dict[int, float]] = {"fra": {}, "lon": {}}
     done = asyncio.Event()
     async with (
-        Client(pops.grpc("ams"), timeout_s=10) as a,
-        Client(pops.grpc("fra"), timeout_s=10) as f,
-        Client(pops.grpc("lon"), timeout_s=10) as lo,
+        connect(pops.grpc("ams"), timeout_s=10) as a,
+        connect(pops.grpc("fra"), timeout_s=10) as f,
+        connect(pops.grpc("lon"), timeout_s=10) as lo,
     ):
 
         async def produce() -> None:
@@ -220,7 +220,7 @@ async def test_conflicting_claims_during_a_cut_resolve_to_the_earliest(
     y = synthetic_keys(50, seed=33, start=2000)  # claimed at fra first, then at ams
     released, kept = before[: 50 * KEY_SIZE], before[50 * KEY_SIZE :]
     clients = {
-        pop: Client(pops.grpc(pop), timeout_s=10) for pop in POPS
+        pop: connect(pops.grpc(pop), timeout_s=10) for pop in POPS
     }  # fmt: skip
     try:
         for c in clients.values():
@@ -292,7 +292,7 @@ async def test_a_pop_restarted_from_empty_catches_up(
 ) -> None:
     pops = await make_pops()
     raw = synthetic_keys(3000, seed=41)
-    async with Client(pops.grpc("ams"), timeout_s=10) as a:
+    async with connect(pops.grpc("ams"), timeout_s=10) as a:
         await a.flow_packed("Confirm", raw, pop="ams")
         tomb = raw[: 200 * KEY_SIZE]
         await a.flow_packed("Release", tomb, pop="ams")
@@ -300,7 +300,7 @@ async def test_a_pop_restarted_from_empty_catches_up(
         clients = [addr_from16(bytes(k)) for k in keys["caddr"]]
 
     async def caught_up() -> bool:
-        async with Client(pops.grpc("fra"), timeout_s=10) as f:
+        async with connect(pops.grpc("fra"), timeout_s=10) as f:
             got = await lookup(f, raw[200 * KEY_SIZE :])
             gone = await lookup(f, tomb)
             aff = await f.get_affinity(clients)
@@ -343,8 +343,8 @@ async def test_refreshes_ship_far_fewer_records_than_refreshes(
     n, ttl_s, every_s, rounds = 200, 8, 0.25, 24
     raw = synthetic_keys(n, seed=51)
     async with (
-        Client(pops.grpc("ams"), timeout_s=10) as a,
-        Client(pops.grpc("fra"), timeout_s=10) as f,
+        connect(pops.grpc("ams"), timeout_s=10) as a,
+        connect(pops.grpc("fra"), timeout_s=10) as f,
     ):
         await a.flow_packed("Confirm", raw, pop="ams", ttl_s=ttl_s)
 
@@ -384,8 +384,8 @@ async def test_a_two_node_pop_keeps_accepting_writes_when_a_node_dies(
     await victim.proc.wait()
     raw = synthetic_keys(500, seed=61)
     async with (
-        Client(pops.grpc("ams"), timeout_s=10) as a,
-        Client(pops.grpc("fra"), timeout_s=10) as f,
+        connect(pops.grpc("ams"), timeout_s=10) as a,
+        connect(pops.grpc("fra"), timeout_s=10) as f,
     ):
 
         async def confirmed() -> bool:
