@@ -17,10 +17,13 @@ passes: that mode trusts whoever reaches the ports.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
+from prometheus_client.metrics_core import Metric
 
+from dht.core import metrics as m
 from dht.core.config import NodeConfig
 from dht.core.errors import PermissionDenied, Unauthenticated
 from dht.core.identity import Identity, Role
@@ -28,6 +31,11 @@ from dht.core.ops import Op
 from dht.edge.identity import peer_identity
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+# Why a call was refused: no identity in the certificate, another trust domain, a
+# non-node on the peer plane, a from_node that is not the caller, a PopLink caller not of
+# the PoP it names, a forwarder acting for another PoP, a node on the public plane.
+REASONS = ("no_identity", "cluster", "peer", "from_node", "pop_link", "forwarder_pop", "public")
 
 
 class Authorizer:
@@ -37,7 +45,8 @@ class Authorizer:
     def __init__(self, config: NodeConfig, cluster: str | None) -> None:
         self.config = config
         self.cluster = cluster
-        self.refused = 0  # calls refused (counted in dht_auth_refused_total too)
+        # Calls refused, by reason (dht_auth_refused_total).
+        self.refused: dict[str, int] = dict.fromkeys(REASONS, 0)
 
     @property
     def enabled(self) -> bool:
@@ -49,16 +58,23 @@ class Authorizer:
             return None
         who = peer_identity(context)
         if who is None:
-            self.refused += 1
+            self.refused["no_identity"] += 1
             raise Unauthenticated("the caller's certificate names no dht identity")
         if who.cluster != self.cluster:
-            self.refused += 1
-            raise PermissionDenied(f"{who.cluster!r} is not this cluster ({self.cluster!r})")
+            raise self._deny("cluster", f"{who.cluster!r} is not this cluster ({self.cluster!r})")
         return who
 
-    def _deny(self, message: str) -> PermissionDenied:
-        self.refused += 1
+    def _deny(self, reason: str, message: str) -> PermissionDenied:
+        self.refused[reason] += 1
         return PermissionDenied(message)
+
+    def gauges(self) -> Iterable[Metric]:
+        yield m.counter(
+            "dht_auth_refused",
+            "calls refused for the caller's identity (docs/security.md#roles), by reason",
+            ["reason"],
+            {(k,): float(v) for k, v in self.refused.items()},
+        )
 
     def node_of_my_pop(self, context: Ctx, from_node: str | None = None) -> None:
         """NodeInternal and forwards: a node of this PoP (the one ``from_node`` names,
@@ -68,11 +84,14 @@ class Authorizer:
             return
         if who.role is not Role.NODE or who.pop != self.config.pop:
             raise self._deny(
+                "peer",
                 f"{who.role} {who.pop}/{who.name}: only nodes of PoP "
-                f"{self.config.pop} may call the peer plane"
+                f"{self.config.pop} may call the peer plane",
             )
         if from_node is not None and from_node != who.name:
-            raise self._deny(f"from_node {from_node!r} is not the caller ({who.name!r})")
+            raise self._deny(
+                "from_node", f"from_node {from_node!r} is not the caller ({who.name!r})"
+            )
 
     def node_of_pop(self, context: Ctx, from_pop: int) -> None:
         """PopLink: a node of the PoP ``from_pop`` names, not of this node's own."""
@@ -82,10 +101,11 @@ class Authorizer:
         name = self.config.pop_name(from_pop)
         if who.role is not Role.NODE or name is None or who.pop != name:
             raise self._deny(
-                f"{who.role} {who.pop}/{who.name} may not speak for PoP {name or from_pop}"
+                "pop_link",
+                f"{who.role} {who.pop}/{who.name} may not speak for PoP {name or from_pop}",
             )
         if who.pop == self.config.pop:
-            raise self._deny(f"{who.pop}/{who.name}: PopLink is for other PoPs' nodes")
+            raise self._deny("pop_link", f"{who.pop}/{who.name}: PopLink is for other PoPs' nodes")
 
     def public(self, context: Ctx, op: Op, pop: int) -> None:
         """FlowTable on the public plane: forwarders for their own PoP, operators."""
@@ -100,10 +120,12 @@ class Authorizer:
             if name == who.pop:
                 return
             raise self._deny(
+                "forwarder_pop",
                 f"forwarder {who.pop}/{who.name} may {op.value} only for PoP {who.pop}, "
-                f"not {name or pop}"
+                f"not {name or pop}",
             )
         raise self._deny(
+            "public",
             f"{who.role} {who.pop}/{who.name} may not call the public plane "
-            "(nodes use the peer plane)"
+            "(nodes use the peer plane)",
         )

@@ -81,6 +81,8 @@ class NodeServer:
         self.node = Node(
             config, self.peers, forward=self.peers.forward, extension=pops, wall_ms=wall_ms
         )
+        if self.authz.enabled:
+            self.node.metrics.add_gauges(self.authz.gauges)
         self._stopped = False
 
     @property

@@ -117,7 +117,7 @@ def copies(servers: list[NodeServer], raw: bytes) -> int:
 
 
 def refusals(servers: list[NodeServer]) -> int:
-    return sum(s.authz.refused for s in servers)
+    return sum(sum(s.authz.refused.values()) for s in servers)
 
 
 async def call(ch: grpc.aio.Channel, stub: Any, method: str, request: Any) -> Any:
@@ -284,6 +284,10 @@ async def test_a_forwarder_writes_only_for_its_own_pop(cluster: Cluster) -> None
     await refused(ams1.grpc_address, fw, writes)
     assert state(c.every) == before
     assert refusals(c.every) == refused_before + len(writes)
+    # Counted by reason, for operators (dht_auth_refused_total on /metrics).
+    (metric,) = list(ams1.authz.gauges())
+    by_reason = {s.labels["reason"]: s.value for s in metric.samples}
+    assert by_reason["forwarder_pop"] >= len(writes)
     async with grpc.aio.secure_channel(ams1.grpc_address, fw) as ch:
         stub = table(ch)
         # Reads are for any PoP.
@@ -301,6 +305,9 @@ async def test_a_forwarder_writes_only_for_its_own_pop(cluster: Cluster) -> None
         assert {(r.status, r.owner_pop, r.state) for r in found} == {
             (Status.OK, AMS, State.EMBRYONIC)
         }
+        # pop 0 = the node's own PoP (what Client.claim sends by default): ams here.
+        own = synthetic_keys(2, seed=82, start=82_000_000)
+        assert statuses(await stub.Claim(flows(own, 0), timeout=10)) == {Status.CREATED}
         ok = await stub.SetAffinity(
             pb.AffinityRequest(format_version=1, clients=CLIENTS, pop=AMS), timeout=10
         )

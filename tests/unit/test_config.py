@@ -77,6 +77,10 @@ def test_profiles() -> None:
         ({"node_id": "a", "pop": "ams", "profile": "docker"}, "refusing to serve plaintext"),
         ({"node_id": "a", "pop": "ams", "host": "10.1.2.3"}, "or pass --insecure"),
         (
+            {"node_id": "a", "pop": "ams", "grpc_port": 7101, "peer_port": 7101},
+            "peer_port 7101 must differ",
+        ),
+        (
             {"node_id": "a", "pop": "ams", "tls": {"cert_file": "c", "key_file": "k"}},
             "tls needs ca_file",
         ),
