@@ -268,6 +268,11 @@ class Replica:
         entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
         if terms is not None and len(terms):
             self.check_terms(terms)
+        if terms is not None and len(terms) and self.state.leaving:
+            # A leaving node takes no part in write quorums: its copy leaves with it, and
+            # a take-over in the table without it would not look for the write here
+            # (docs/protocol.md#leave). Refused like a stale write: no ack, no hint.
+            return MergeResult(stale=True)
         if issued_hlc:
             # Past the failure timeout others may have routed around the coordinator
             # and acknowledged a conflicting claim (a paused coordinator cannot know).

@@ -377,3 +377,32 @@ async def test_keys_of_a_call_refused_whole_as_fenced_are_retried_too() -> None:
         assert list(res["status"]) == [Status.CREATED, Status.CREATED], res
         assert x.node.replicator.stats.fenced_writes >= 1
         assert int(x.node.terms.held[q]) > higher, "Q taken over again, above the promise"
+
+
+async def test_a_leaving_replica_takes_no_part_in_write_quorums() -> None:
+    """L, a replica of the key, has begun to leave; X, the coordinator, has not heard of
+    it yet, and its link to the third replica Y is cut. Counting L, X would acknowledge
+    the claim on {X, L}: one copy once L is gone, and not where a take-over in the table
+    without L looks. L refuses it, so it is answered UNAVAILABLE and undone; with the
+    link healed the claim is acknowledged on X and Y."""
+    async with Network(seed=9) as net:
+        await net.start_pop(3)
+        raw = synthetic_keys(1, seed=91, start=91_000_000)
+        _, (x, leaver, y) = net.replicas(raw)
+        leaver.node.state.leaving = True  # as Liveness.leave sets it, before any announce
+        net.cut(x.node_id, y.node_id)
+        failed = (await net.call(x.node_id, claim(raw, pop=1, no_forward=True)))[0]
+        assert failed["status"] == Status.UNAVAILABLE, failed
+        assert held_by(leaver, raw)["status"][0] == Status.NOT_FOUND
+        assert held_by(x, raw)["status"][0] == Status.NOT_FOUND, "undone"
+        refused = [e for e in net.trace if e.src == x.node_id and e.dst == leaver.node_id]
+        assert any(e.kind == "Replicate" and e.outcome == "ok:stale" for e in refused)
+
+        net.heal()
+        await net.until(
+            lambda: x.node.view.is_up(y.node.table.members[y.node.self_index]), what="X sees Y"
+        )
+        acked = (await net.call(x.node_id, claim(raw, pop=1, no_forward=True)))[0]
+        assert acked["status"] == Status.CREATED
+        assert held_by(y, raw)["status"][0] == Status.OK
+        assert held_by(leaver, raw)["status"][0] == Status.NOT_FOUND

@@ -671,7 +671,9 @@ class ReplicateResponse(_message.Message):
     """Copies that changed the receiver's store, and copies refused at its hard ceiling."""
     refused: _builtins.int
     stale: _builtins.bool
-    """The whole batch was refused as a stale write (see EntryBatch.issued_hlc)."""
+    """The whole batch was refused as a stale write (see EntryBatch.issued_hlc), or
+    because this node is leaving (a leaving node takes no part in write quorums).
+    """
     fenced: _builtins.bytes
     """The whole batch was refused as fenced: big-endian uint16 partitions for which this
     replica promised a higher term than the write carried, and the highest such term.
