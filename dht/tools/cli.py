@@ -23,7 +23,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dht.core.errors import ConfigError, DhtError, InvalidArgument, LimitExceeded, PermissionDenied
+from dht.core.errors import (
+    ConfigError,
+    DhtError,
+    InvalidArgument,
+    LimitExceeded,
+    PermissionDenied,
+    Unavailable,
+)
 from dht.tools.certs import add_certs_flags, certs_dir
 
 log = logging.getLogger("dht")
@@ -368,7 +375,19 @@ async def run_ctl(args: argparse.Namespace) -> int:
         addrs = [parse_address(a, "client") for a in args.clients]
     else:
         keys = [parse_flow(f) for f in _read_flows(args.flows)]
-    async with Client([args.target], tls=tls, timeout_s=args.timeout) as client:
+    client = Client([args.target], tls=tls, timeout_s=args.timeout)
+    try:
+        await client.refresh_table()
+    except Unavailable as e:
+        await client.close()
+        if tls is not None and not args.tls_cert:
+            # The certificates a local cluster made, against a node that may have none.
+            raise Unavailable(
+                f"{e}\n(calling with the operator certificate in {certs_dir(args)}; "
+                "--insecure for a cluster without TLS)"
+            ) from None
+        raise
+    async with client:
         names = {i: n for n, i in client.pops.items()}
         if args.op == "affinity":
             if args.aff_op == "get":
