@@ -46,7 +46,7 @@ from dht.core.wire import (
     prefix_mask,
 )
 from dht.edge import convert
-from dht.edge.channels import channel_credentials, open_channel
+from dht.edge.channels import channel_credentials, close_later, open_channel
 from dht.edge.status import from_grpc
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -125,10 +125,7 @@ class Client:
         only past their deadline)."""
         entry = self._channels.pop(address, None)
         if entry is not None:
-            grace = self.timeout_s + 1.0
-            task = asyncio.get_running_loop().create_task(entry[0].close(grace=grace))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            close_later(entry[0], self.timeout_s + 1.0, self._closing)
 
     def _stub(self, address: str) -> pb_grpc.FlowTableAsyncStub:
         entry = self._channels.get(address)

@@ -5,6 +5,8 @@ Kept apart from the servers so that a forwarder process (dht.client) loads only 
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from dht.core.config import TlsConfig
@@ -51,3 +53,14 @@ def open_channel(address: str, creds: grpc.ChannelCredentials | None) -> grpc.ai
     if creds is None:
         return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
     return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+
+
+def close_later(
+    channel: grpc.aio.Channel, grace_s: float, closing: set[asyncio.Task[None]]
+) -> None:
+    """Close a channel that is no longer used, in the background: calls still on it end
+    on their own within ``grace_s`` (give it the longest deadline, or closing cancels
+    them). The task is kept in ``closing`` until done, for the owner's close() to await."""
+    task = asyncio.get_running_loop().create_task(channel.close(grace=grace_s))
+    closing.add(task)
+    task.add_done_callback(closing.discard)

@@ -27,7 +27,7 @@ from dht.core.packing import (
 from dht.core.placement import Member
 from dht.core.wire import FORMAT_VERSION, U64Array
 from dht.edge import convert
-from dht.edge.channels import open_channel
+from dht.edge.channels import close_later, open_channel
 from dht.node.transport import MergeResult, PeerUnreachable
 
 
@@ -210,13 +210,9 @@ class GrpcPeerTransport:
     def reset(self, member: Member) -> None:
         entry = self._channels.pop(member.peer, None)
         if entry is not None:
-            # Closing is async; calls still on the old channel finish or fail on their own
-            # (closing cancels them only past the longest deadline: a call cancelled under
-            # its caller would surface as CancelledError, not as an unreachable peer).
-            grace = self._forward_timeout_s + 1.0
-            task = asyncio.get_running_loop().create_task(entry[0].close(grace=grace))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            # Calls still on the old channel end on their own (one cancelled under its
+            # caller would surface as CancelledError, not as an unreachable peer).
+            close_later(entry[0], self._forward_timeout_s + 1.0, self._closing)
 
     async def close(self) -> None:
         await asyncio.gather(*self._closing, return_exceptions=True)

@@ -180,7 +180,8 @@ class LocalCluster:
         self.start_timeout_s = start_timeout_s
         self.nodes: list[NodeProcess] = []
 
-    def _certs(self) -> None:
+    def _certs(self, specs: Sequence[NodeSpec]) -> None:
+        """Make (or reuse) the certificates of ``specs``' nodes, PoPs and an operator."""
         if self.tls_dir is None:
             return
         from dht.tools.certs import ensure_cluster_certs
@@ -188,8 +189,8 @@ class LocalCluster:
         ensure_cluster_certs(
             self.tls_dir,
             CLUSTER,
-            [(s.pop, s.node_id) for s in self.specs],
-            sorted({s.pop for s in self.specs}, key=pop_names_order),
+            [(s.pop, s.node_id) for s in specs],
+            sorted({s.pop for s in specs}, key=pop_names_order),
         )
 
     def tls_args(self, spec: NodeSpec) -> list[str]:
@@ -204,7 +205,7 @@ class LocalCluster:
         return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
 
     async def start(self) -> None:
-        self._certs()
+        self._certs(self.specs)
         try:
             for spec in self.specs:
                 self.nodes.append(await self.spawn(spec))
@@ -260,9 +261,7 @@ class LocalCluster:
         host = same[0].host
         grpc_port, admin_port, peer_port = free_ports(host, 3)
         spec = NodeSpec(pop, f"{pop}-{len(same) + 1}", host, grpc_port, admin_port, peer_port)
-        self.specs.append(spec)
-        self._certs()
-        self.specs.pop()
+        self._certs([*self.specs, spec])
         pop_ids = ",".join(
             f"{name}={i + 1}"
             for i, name in enumerate(sorted({s.pop for s in self.specs}, key=pop_names_order))
