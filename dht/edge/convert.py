@@ -136,10 +136,23 @@ def members_from_pb(states: Iterable[pb.MemberState]) -> list[MemberState]:
             m.peer_address,
         )
         for m in states
-        # Unknown statuses and states without an id are dropped; incarnations out of range
-        # are refused (and counted) by the membership's own bound (dht.core.membership).
-        if m.status in _STATUSES and m.node_id
+        # Unknown statuses, states without an id and addresses that are no HOST:PORT are
+        # dropped; incarnations out of range are refused (and counted) by the
+        # membership's own bound (dht.core.membership).
+        if m.status in _STATUSES
+        and m.node_id
+        and _address_ok(m.address, required=True)
+        and _address_ok(m.admin_address)
+        and _address_ok(m.peer_address)
     ]
+
+
+def _address_ok(address: str, required: bool = False) -> bool:
+    """HOST:PORT with a port 1..65535 and at most 255 characters ("" where optional)."""
+    if not address:
+        return not required
+    host, sep, port = address.rpartition(":")
+    return len(address) <= 255 and bool(sep and host) and port.isdigit() and 0 < int(port) < 65536
 
 
 _STATUSES = {int(s) for s in MemberStatus}

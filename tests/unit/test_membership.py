@@ -187,3 +187,29 @@ def test_the_view_is_bounded() -> None:
     assert ms.refused["full"] == 3
     ms.apply([state("x1", 2, MemberStatus.ALIVE)], 0)  # a known member still updates
     assert ms.members["x1"].incarnation == 2
+
+
+def test_gossip_with_addresses_that_are_no_host_port_is_dropped() -> None:
+    """A member state from gossip is a place other nodes will dial: one whose public,
+    admin or peer address is no HOST:PORT (or absurdly long) is dropped on arrival."""
+    from dht._proto.dht.v1 import dht_pb2 as pb
+    from dht.edge.convert import members_from_pb
+
+    def state(address: str, admin: str = "", peer: str = "") -> pb.MemberState:
+        return pb.MemberState(
+            node_id="x", address=address, admin_address=admin, incarnation=1, status=1,
+            peer_address=peer,
+        )  # fmt: skip
+
+    good = state("10.0.0.1:7000", "10.0.0.1:8000", "10.0.0.1:9000")
+    bad = [
+        state(""),
+        state("10.0.0.1"),
+        state("10.0.0.1:0"),
+        state("10.0.0.1:70000"),
+        state(":7000"),
+        state("h" * 300 + ":7000"),
+        state("10.0.0.1:7000", peer="nonsense"),
+        state("10.0.0.1:7000", admin="10.0.0.1:x"),
+    ]
+    assert [s.peer_address for s in members_from_pb([good, *bad])] == ["10.0.0.1:9000"]
