@@ -56,7 +56,8 @@ class StoreLimits:
     many affinity records; ``hard_max_affinity_records``: affinity copies from replicas and
     other PoPs are refused (counted) past this.
     ``embryonic_quota_per_prefix``: embryonic records per client prefix (/prefix_v4 of an
-    IPv4 client, /prefix_v6 of an IPv6 client), so a SYN flood cannot fill the table.
+    IPv4 client, /prefix_v6 of an IPv6 client) in the PoP, records confirms created within
+    an embryonic TTL included, so a SYN flood cannot fill the table.
     """
 
     max_records: int = 5_000_000

@@ -91,6 +91,14 @@ class Liveness:
         self.state.pmap = pmap
         self.state.self_index = pmap.index_of(cfg.node_id)
         mine = replica_mask(pmap, self.state.self_index)
+        # This node's part of the PoP-wide prefix quota (docs/protocol.md#capacity-and-quota).
+        least = 1.0 / pmap.num_partitions
+        self.replica.store.quota.set_shares(
+            max(float(mine.mean()), least),
+            max(
+                float(pmap.partition_counts(0)[self.state.self_index]) / pmap.num_partitions, least
+            ),
+        )
         self.repair.forget(self.view.set_table(pmap, self.state.self_index))
         if self.extension is not None:
             self.extension.sized(self.view, len(pmap.members))

@@ -46,6 +46,7 @@ from dht.core.wire import EntryArray, KeyArray, ResultArray, U64Array
 from dht.store import scans
 from dht.store.batch import Answers, FamilyBatch
 from dht.store.merge import MergeStats, entry_copies, merge_copies
+from dht.store.quota import PrefixQuota
 from dht.store.table import EMPTY, MAPPED_KEY_PREFIX, RECORD_FIELDS, STATES, family_tables, split
 
 __all__ = ["FlowStore", "MergeStats"]
@@ -78,6 +79,7 @@ class FlowStore:
         self._hard_refused = False
         self.expirations = 0
         self.refusals: dict[str, int] = {"full": 0, "quota": 0, "hard": 0, "embryonic_copy": 0}
+        self.quota = PrefixQuota(limits.embryonic_quota_per_prefix, policy.embryonic_ms)
 
     def __len__(self) -> int:
         return self._tables[0].used + self._tables[1].used
@@ -254,7 +256,7 @@ class FlowStore:
             d = decide(
                 old, acting[batch.protocols[j]], policy, self._clock.now() if creating else 0
             )
-            refusal = self._refusal(op, d, batch=batch, j=j, row=row, old=old)
+            refusal = self._refusal(op, d, batch=batch, j=j, row=row, old=old, now_ms=now_ms)
             if refusal is not None:
                 answers.add(i, refusal, None)
                 continue
@@ -281,30 +283,39 @@ class FlowStore:
         return batches, [s for s in slots if s is not None]
 
     def _refusal(
-        self, op: Op, d: Change, *, batch: FamilyBatch, j: int, row: int, old: Record | None
+        self,
+        op: Op,
+        d: Change,
+        *,
+        batch: FamilyBatch,
+        j: int,
+        row: int,
+        old: Record | None,
+        now_ms: int,
     ) -> Status | None:
-        """Capacity and quota (docs/protocol.md#capacity-and-quota): only a claim creating an
-        embryonic record is refused by the soft limit and the quota; a confirm that needs a new row
-        is refused only at the hard ceiling. Owners' refreshes are never refused."""
+        """Capacity and quota (docs/protocol.md#capacity-and-quota): a claim creating an
+        embryonic record is refused by the soft limit and the prefix quota; a confirm that
+        creates a record by the prefix quota (counted there for an embryonic TTL) and only at
+        the hard ceiling for room. Owners' refreshes are never refused."""
         if d.status != Status.CREATED:
             return None
         limits = self._limits
-        if op is Op.CLAIM:
-            if len(self) >= limits.max_records:
-                self.refusals["full"] += 1
-                return Status.REFUSED_FULL
-            # A re-claim over this key's own expired embryo does not add an embryo.
-            mine = old is not None and old.state == State.EMBRYONIC
-            if (
-                batch.table.embryos.get(batch.prefix(j), 0) - mine
-                >= limits.embryonic_quota_per_prefix
-            ):
-                self.refusals["quota"] += 1
-                return Status.REFUSED_QUOTA
-        elif row < 0 and len(self) >= limits.hard_max_records:
-            self.refusals["hard"] += 1
-            self._hard_refused = True
+        if op is Op.CLAIM and len(self) >= limits.max_records:
+            self.refusals["full"] += 1
             return Status.REFUSED_FULL
+        # A re-creation over this key's own expired embryo does not add an embryo.
+        mine = old is not None and old.state == State.EMBRYONIC
+        prefix = batch.prefix(j)
+        if not self.quota.allows(prefix, batch.table.embryos.get(prefix, 0) - mine, now_ms):
+            self.refusals["quota"] += 1
+            return Status.REFUSED_QUOTA
+        if op is not Op.CLAIM:
+            if row < 0 and len(self) >= limits.hard_max_records:
+                self.refusals["hard"] += 1
+                self._hard_refused = True
+                return Status.REFUSED_FULL
+            if not mine:
+                self.quota.count_created(prefix, now_ms)
         return None
 
     def drop_partitions(self, keep: npt.NDArray[np.bool_]) -> int:
@@ -379,6 +390,7 @@ class FlowStore:
         call walks the whole table. Copies expired for less than the maximum clock offset
         are kept: a claim over one still starts generation g + 1, and merge_in still merges
         with it rather than replacing it."""
+        self.quota.sweep(now_ms)
         dead_before = now_ms - self._policy.tombstone_extra_ms
         removed, self._purge_table = scans.purge_expired(
             self._tables, self._purge_table, dead_before, budget

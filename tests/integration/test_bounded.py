@@ -153,3 +153,40 @@ async def test_an_embryonic_flood_from_many_clients_keeps_the_pop_ready(
             async with http.get(f"http://{n.admin_address}/readyz") as r:
                 assert r.status == 200, await r.text()
     assert KEY_SIZE == 40
+
+
+async def test_the_embryonic_quota_holds_across_the_pop(make_pop: MakePop) -> None:
+    """Each node enforced the whole quota on its own copies: a 4-node PoP with 3 replicas
+    admitted ~4/3 of it from one client (150 of 100 in this run); each node's part is now
+    its share of the key space (docs/protocol.md#capacity-and-quota)."""
+    nodes = await make_pop(4, limits={"embryonic_quota_per_prefix": 100})
+    one_client = [
+        FlowKey(
+            6, ipaddress.ip_address("10.1.1.1"), 1000 + i, ipaddress.ip_address("192.0.2.1"), 443
+        )
+        for i in range(1000)
+    ]
+    async with Client([n.grpc_address for n in nodes]) as c:
+        created = 0
+        for at in range(0, len(one_client), 50):  # one batch after another: no writes in flight
+            got = await c.claim(one_client[at : at + 50], pop="ams")
+            assert {r.status for r in got} <= {Status.CREATED, Status.REFUSED_QUOTA}
+            created += sum(r.status == Status.CREATED for r in got)
+        assert 90 <= created <= 110
+        # Confirms of flows never claimed are held to the same quota.
+        fresh = [
+            FlowKey(
+                6,
+                ipaddress.ip_address("10.1.1.2"),
+                1000 + i,
+                ipaddress.ip_address("192.0.2.1"),
+                443,
+            )
+            for i in range(1000)
+        ]
+        got = await c.confirm(fresh, pop="ams")
+        assert {r.status for r in got} <= {Status.CREATED, Status.REFUSED_QUOTA}
+        assert 90 <= sum(r.status == Status.CREATED for r in got) <= 110
+    # Each node's shares of the key space: 3 replicas of 4 nodes, a quarter as primary.
+    assert sum(n.node.store.quota.held for n in nodes) == pytest.approx(3.0)
+    assert sum(n.node.store.quota.led for n in nodes) == pytest.approx(1.0)

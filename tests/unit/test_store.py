@@ -490,6 +490,42 @@ def test_quota_per_ipv6_64_is_shared_by_its_clients() -> None:
     assert statuses(env.claim(B6)) == [Status.CREATED]
 
 
+def test_confirms_that_create_records_count_against_the_prefix_quota() -> None:
+    """Without the count, confirms of flows never claimed filled the table from one prefix."""
+    env = Env(StoreLimits(embryonic_quota_per_prefix=2))
+    a, b, c, d = (f"tcp/198.51.100.7:{p}/192.0.2.1:443" for p in (1, 2, 3, 4))
+    assert statuses(env.confirm(a, b, c)) == [Status.CREATED] * 2 + [Status.REFUSED_QUOTA]
+    assert statuses(env.claim(d)) == [Status.REFUSED_QUOTA]  # confirm-creates and embryos add
+    assert statuses(env.confirm(a)) == [Status.OK]  # confirming a live record adds nothing
+    assert statuses(env.claim(C4)) == [Status.CREATED]  # another prefix
+    assert env.store.refusals["quota"] == 2
+    env.now += 10_000  # one embryonic TTL later the window has ended
+    assert statuses(env.confirm(c, d)) == [Status.CREATED] * 2
+    assert len(env.store.quota) == 1
+    env.now += 10_000
+    env.store.purge_expired(env.now)
+    assert len(env.store.quota) == 0  # ended windows are forgotten
+
+
+def test_confirm_over_the_keys_own_expired_embryo_is_not_counted_twice() -> None:
+    env = Env(StoreLimits(embryonic_quota_per_prefix=1))
+    assert statuses(env.claim(A4)) == [Status.CREATED]
+    env.now += 10_000  # the embryo expired: the confirm re-creates, in place of the embryo
+    assert statuses(env.confirm(A4)) == [Status.CREATED]
+    assert statuses(env.claim(B4)) == [Status.CREATED]  # the prefix has nothing counted
+
+
+def test_the_quota_is_scaled_to_this_nodes_share_of_the_key_space() -> None:
+    env = Env(StoreLimits(embryonic_quota_per_prefix=10))
+    env.store.quota.set_shares(0.25, 0.25)  # this node holds a quarter of the partitions
+    flows = [f"tcp/198.51.100.7:{p}/192.0.2.1:443" for p in range(1, 6)]
+    assert statuses(env.claim(*flows)) == [Status.CREATED] * 3 + [Status.REFUSED_QUOTA] * 2
+    env.store.quota.set_shares(1.0, 1.0)
+    assert statuses(env.claim(*flows[3:])) == [Status.CREATED] * 2
+    with pytest.raises(ValueError):
+        env.store.quota.set_shares(0.5, 0.0)
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(ConfigError):
         StoreLimits(max_records=10, hard_max_records=5)
@@ -831,6 +867,12 @@ class Model:
         self.clock = clock
         self.recs: dict[bytes, Record] = {}
         self.hard_refused = False
+        # client prefix -> (start, n): records confirms created in a window of an embryonic TTL
+        self.confirmed: dict[tuple[bool, bytes], tuple[int, int]] = {}
+
+    def recently_confirmed(self, raw: bytes, now: int) -> int:
+        start, n = self.confirmed.get(_prefix(raw), (now, 0))
+        return n if now - start < POLICY.embryonic_ms else 0
 
     def embryos(self, raw: bytes) -> int:
         mine = _prefix(raw)
@@ -855,23 +897,24 @@ class Model:
                 d = decide_release(old, act, POLICY)
             else:
                 d = decide_lookup(old, now)
-            if d.status == Status.CREATED and op == "claim":
+            if d.status == Status.CREATED:
                 own = old is not None and old.state == State.EMBRYONIC
-                if len(self.recs) >= MODEL_LIMITS.max_records:
+                if op == "claim" and len(self.recs) >= MODEL_LIMITS.max_records:
                     wire.put_result(out, i, Status.REFUSED_FULL, None)
                     continue
-                if self.embryos(raw) - own >= MODEL_LIMITS.embryonic_quota_per_prefix:
+                counted = self.embryos(raw) - own + self.recently_confirmed(raw, now)
+                if counted >= MODEL_LIMITS.embryonic_quota_per_prefix:
                     wire.put_result(out, i, Status.REFUSED_QUOTA, None)
                     continue
-            if (
-                d.status == Status.CREATED
-                and op == "confirm"
-                and old is None
-                and len(self.recs) >= MODEL_LIMITS.hard_max_records
-            ):
-                self.hard_refused = True
-                wire.put_result(out, i, Status.REFUSED_FULL, None)
-                continue
+                if op == "confirm":
+                    if old is None and len(self.recs) >= MODEL_LIMITS.hard_max_records:
+                        self.hard_refused = True
+                        wire.put_result(out, i, Status.REFUSED_FULL, None)
+                        continue
+                    if not own:
+                        n = self.recently_confirmed(raw, now)
+                        start = self.confirmed.get(_prefix(raw), (now, 0))[0] if n else now
+                        self.confirmed[_prefix(raw)] = (start, n + 1)
             if d.store is not None:
                 self.recs[raw] = d.store
             wire.put_result(out, i, d.status, d.shown)
