@@ -213,7 +213,8 @@ def undo_gauges(refused: Mapping[str, int]) -> Iterable[Metric]:
     yield m.counter(
         "dht_undo_refused",
         "undo entries refused and left standing, by reason (not_member: the caller is "
-        "not a member of the tables in force; term: above the term promised here)",
+        "not a member of the tables in force; term: above the term promised here; "
+        "not_writer: no copy the caller wrote here is still open to an undo)",
         ["reason"],
         {(k,): float(v) for k, v in refused.items()},
     )

@@ -13,7 +13,6 @@ Not thread-safe; lives in the node's loop.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -45,6 +44,7 @@ from dht.node.inflight import InFlight
 from dht.node.state import NodeState
 from dht.node.terms import Terms
 from dht.node.transport import MergeResult
+from dht.node.undo import UndoWindows
 from dht.store.affinity import AffinityStore
 from dht.store.flows import FlowStore
 
@@ -97,16 +97,14 @@ class Replica:
         self.inflight = inflight
         self._mono = mono_ms
         self._prev_table = prev_table
-        # Other coordinators' writes taken here lately, oldest first: (until when, mono
-        # ms, their coordinator may still undo them, their key hashes). Left out of
-        # anti-entropy till then.
-        self._undoable: deque[tuple[int, U64Array]] = deque()
-        # Of those, the ones a take-over, refill, hand-off or quorum read pulled from
-        # here meanwhile: an undo leaves them standing (see undo).
-        self._pinned: deque[tuple[int, U64Array]] = deque()
+        # Other coordinators' writes taken here lately, each open to an undo by its
+        # writer for two RPC timeouts (its write, then its undo) and a second of slack;
+        # left out of settled-only exchanges till then.
+        self.windows = UndoWindows(2 * config.rpc_timeout_ms + 1000, mono_ms)
         self.undone_for_others = 0  # copies put back here at a coordinator's request
-        # Undo entries refused (left standing): caller not a member, term not promised.
-        self.undo_refused = {"not_member": 0, "term": 0}
+        # Undo entries refused (left standing): caller not a member, term not promised,
+        # copy not written here by the caller (or no longer open to an undo).
+        self.undo_refused = {"not_member": 0, "term": 0, "not_writer": 0}
         self._bounds = Bounds.of(config)
         # Copies refused by the ingress checks (dht.core.ingress), by reason.
         self.ingress_refused: dict[str, int] = {}
@@ -174,13 +172,14 @@ class Replica:
         entries = np.frombuffer(raw, dtype=ENTRY_DTYPE)
         if self.inflight and len(entries):
             entries = entries[~self.inflight.hidden(entries["key"].tobytes())]
-        if len(entries) and self._prune(self._undoable):
-            recent = np.concatenate([hashes for _, hashes in self._undoable])
-            open_ = np.isin(key_hashes(entries["key"].tobytes()), recent)
+        recent = self.windows.recent() if len(entries) else None
+        if recent is not None:
+            hashes = key_hashes(entries["key"].tobytes())
+            open_ = np.isin(hashes, recent)
             if settled_only:
                 entries = entries[~open_]
             else:
-                self._pin(entries["key"][open_])
+                self.windows.pin(hashes[open_])
         return entries
 
     def copies(self, keys: KeyArray, hashes: U64Array) -> ResultArray:
@@ -220,34 +219,6 @@ class Replica:
             if still.any():
                 self.affinity.restore(prefixes[still], before[aff[still]])
         return put
-
-    # ------------------------------------------------------------------ undo windows
-
-    def _undo_window_ms(self) -> int:
-        """How long a coordinator may still undo a write a replica took: two RPC
-        timeouts (its write, then its undo) and a second of slack."""
-        return 2 * self.config.rpc_timeout_ms + 1000
-
-    def _mark_undoable(self, hashes: U64Array) -> None:
-        """Copies of another coordinator's write (their key hashes), just taken: open
-        to its undo."""
-        self._prune(self._undoable)
-        self._undoable.append((self._mono() + self._undo_window_ms(), hashes))
-
-    def _pin(self, keys: npt.NDArray[np.void]) -> None:
-        """Copies open to an undo that a take-over, refill, hand-off or quorum read is
-        pulling from here: their puller may decide claims on them, so they stand."""
-        if len(keys):
-            self._prune(self._pinned)
-            until = self._mono() + self._undo_window_ms()
-            self._pinned.append((until, key_hashes(keys.tobytes())))
-
-    def _prune(self, batches: deque[tuple[int, U64Array]]) -> int:
-        """Forget batches past their window; returns how many remain."""
-        now = self._mono()
-        while batches and batches[0][0] <= now:
-            batches.popleft()
-        return len(batches)
 
     # ------------------------------------------------------------------ NodeInternal
 
@@ -316,7 +287,7 @@ class Replica:
         if fenced.size:
             return MergeResult(fenced=fenced, fenced_by=by)
         merged = self._merge(entries)
-        self._mark_undoable(hashes)
+        self.windows.wrote(hashes, from_node)
         lost = self._superseded(entries, hashes)
         if lost.size:
             return replace(merged, superseded=lost)
@@ -354,9 +325,8 @@ class Replica:
         ours = self.terms.undoable_by(parts, terms)
         # Both sides checked (dht.core.ingress): a refused entry is left standing.
         ours &= self.check(written).ok & self.check(before, records_optional=True).ok
-        ours &= self._by_writer(parts, terms, from_node)
-        if self._prune(self._pinned):
-            ours &= ~np.isin(hashes, np.concatenate([h for _, h in self._pinned]))
+        ours &= self._by_writer(parts, hashes, terms, from_node)
+        ours &= ~self.windows.pinned(hashes)
         undone = np.zeros(len(written), dtype=bool)
         mine = np.flatnonzero(ours)
         undone[mine] = self.put_back(
@@ -367,19 +337,26 @@ class Replica:
         return kept
 
     def _by_writer(
-        self, parts: npt.NDArray[np.intp], terms: npt.NDArray[np.uint64], from_node: str
+        self,
+        parts: npt.NDArray[np.intp],
+        hashes: U64Array,
+        terms: npt.NDArray[np.uint64],
+        from_node: str,
     ) -> npt.NDArray[np.bool_]:
         """Per entry of an undo: may ``from_node`` take it back? Only a member of the
-        tables in force (its coordinator was one), and only under a term this replica
-        promised for the partition: a write it applied under term T left a promise of at
-        least T here, so an undo above the promise undoes nothing written here. Refused
+        tables in force (its coordinator was one), only under a term this replica
+        promised for the partition (a write it applied under term T left a promise of at
+        least T here, so an undo above the promise undoes nothing written here), and only
+        a copy that ``from_node`` itself wrote here within the undo window. Refused
         entries are left standing and counted in ``undo_refused``."""
         if not self.is_member(from_node):
             self.undo_refused["not_member"] += len(parts)
             return np.zeros(len(parts), dtype=bool)
         ok: npt.NDArray[np.bool_] = terms <= self.terms.promised[parts]
         self.undo_refused["term"] += int(np.count_nonzero(~ok))
-        return ok
+        written = self.windows.written_by(hashes, from_node)
+        self.undo_refused["not_writer"] += int(np.count_nonzero(ok & ~written))
+        return ok & written
 
     def _superseded(self, entries: EntryArray, hashes: U64Array) -> npt.NDArray[np.intp]:
         """Positions of flow ``entries`` whose claim is not the one now held here: a
@@ -441,10 +418,11 @@ class Replica:
                 row = unsettled.get(raw[i * KEY_SIZE : (i + 1) * KEY_SIZE])
                 if row is not None:
                     out[i] = row[0]
-        if self._prune(self._undoable):
-            recent = np.concatenate([hashes for _, hashes in self._undoable])
+        recent = self.windows.recent()
+        if recent is not None:
+            hashes = key_hashes(raw)
             found = out["status"] == Status.OK
-            self._pin(keys[found & np.isin(key_hashes(raw), recent)])
+            self.windows.pin(hashes[found & np.isin(hashes, recent)])
         return out.tobytes()
 
     def digests(self, partitions: npt.NDArray[np.intp]) -> tuple[U64Array, npt.NDArray[np.uint32]]:

@@ -369,13 +369,15 @@ async def test_a_node_speaks_only_for_itself(cluster: Cluster) -> None:
     assert refusals(c.every) == refused_before + len(calls)
     assert held(ams1, key) == 1
     # As itself, ams-2 is served: its gossip, a read of copies, a replicated entry, and
-    # the very Undo (which, naming the right writer, is not refused by identity).
+    # an Undo of a write of its own (only the writer may undo a copy: docs/protocol.md#undo).
     async with grpc.aio.secure_channel(ams1.peer_address, me) as ch:
         internal = pb_grpc.NodeInternalStub(ch)
         resp = await internal.Ping(pb.PingRequest(from_node="ams-2"), timeout=10)
         assert resp.node_id == "ams-1"
         assert sorted(m.node_id for m in resp.members) == ["ams-1", "ams-2"]
-        copies = await internal.ReadCopies(pb.CopiesRequest(format_version=1, keys=key))
+        # (Another key: a read of a copy still open to an undo pins it, see Replica.undo.)
+        other = raw[KEY_SIZE : 2 * KEY_SIZE]
+        copies = await internal.ReadCopies(pb.CopiesRequest(format_version=1, keys=other))
         assert {r.status for r in decode_results(copies.results)} == {Status.OK}
         rep = await internal.Replicate(
             pb.EntryBatch(format_version=1, entries=forged().tobytes(), from_node="ams-2"),
@@ -383,6 +385,13 @@ async def test_a_node_speaks_only_for_itself(cluster: Cluster) -> None:
         )
         assert rep.applied == 1 and held(ams1) == 1
         own = undo_of(ams1, key, "ams-2")
+        wrote = await internal.Replicate(
+            pb.EntryBatch(
+                format_version=1, entries=own.written, terms=own.terms, from_node="ams-2"
+            ),
+            timeout=10,
+        )
+        assert not wrote.fenced, wrote
         done = await internal.Undo(own, timeout=10)
     assert done.undone == 1 and held(ams1, key) == 0, done
 

@@ -377,43 +377,51 @@ async def test_ping_req_dials_only_members_of_the_view(make_pop: MakePop) -> Non
 
 # ---------------------------------------------------------------------------- undo
 # (docs/protocol.md#undo, "Undo only by its writer": ReadCopies then Undo(written=copy) deleted the
-# record. The term is now bounded by what the replica promised and the caller must be a
-# member of the tables in force.)
+# record. The caller must be a member of the tables in force, the term at most what the
+# replica promised, and the copy one that caller itself wrote there, still open to an undo.)
 
 
-async def test_an_undo_only_by_a_member_under_a_promised_term(make_pop: MakePop) -> None:
-    nodes = await make_pop(2)
-    srv = nodes[1]
+async def test_an_undo_only_by_the_member_that_wrote_the_copy(make_pop: MakePop) -> None:
+    nodes = await make_pop(3)
+    srv = nodes[2]
     node = srv.node
-    good = forged()
-    assert node.internal_replicate(good.tobytes(), 0, None, "").applied == 1
+    writer, other = (n.node.config.node_id for n in nodes[:2])
     part = int(node.table.partitions_of(key_hashes(KEY))[0])
-    promised = int(node.terms.promised[part])
-    before = good.copy()
-    before["rec"]["status"] = Status.NOT_FOUND
-    member = nodes[0].node.config.node_id
+    term = int(node.terms.promised[part])
+    good = forged()
+    # The writer's coordinated write of KEY, under the term promised here.
+    wrote = node.internal_replicate(good.tobytes(), 0, np.full(1, term, np.uint64), writer)
+    assert wrote.applied == 1 and not wrote.fenced.size
+    # A copy of another key that came by anti-entropy (no writer): nobody may undo it.
+    key2 = parse_flow("tcp/198.51.100.8:51000/192.0.2.1:443").to_bytes()
+    assert node.internal_replicate(forged(key2).tobytes(), 0, None, "").applied == 1
 
-    async def undo(from_node: str, term: int) -> pb.UndoResponse:
+    async def undo(from_node: str, t: int, key: bytes = KEY) -> pb.UndoResponse:
+        written = forged(key) if key != KEY else good
+        before = written.copy()
+        before["rec"]["status"] = Status.NOT_FOUND
         async with grpc.aio.insecure_channel(srv.peer_address) as ch:
             resp: pb.UndoResponse = await pb_grpc.NodeInternalStub(ch).Undo(
                 pb.UndoRequest(
                     from_node=from_node,
-                    written=good.tobytes(),
+                    written=written.tobytes(),
                     before=before.tobytes(),
-                    terms=np.full(1, term, dtype=">u8").tobytes(),
+                    terms=np.full(1, t, dtype=">u8").tobytes(),
                 ),
                 timeout=5,
             )
             return resp
 
     now_term = node.clock.now()  # within the term bound, above the promise
-    assert now_term > promised
-    for who, term in (("nobody", promised), ("", promised), (member, now_term)):
-        resp = await undo(who, term)
-        assert resp.undone == 0, (who, term)
-        assert held(srv) == 1, (who, term)
-    assert node.replica.undo_refused == {"not_member": 2, "term": 1}
+    assert now_term > term
+    for who, t in (("nobody", term), ("", term), (writer, now_term), (other, term)):
+        resp = await undo(who, t)
+        assert resp.undone == 0, (who, t)
+        assert held(srv) == 1, (who, t)
+    assert (await undo(writer, term, key2)).undone == 0
+    assert held(srv, key2) == 1
+    assert node.replica.undo_refused == {"not_member": 2, "term": 1, "not_writer": 2}
     # The writer, under the term promised here: undone.
-    assert (await undo(member, promised)).undone == 1
+    assert (await undo(writer, term)).undone == 1
     assert held(srv) == 0
     await still_serves(nodes)
