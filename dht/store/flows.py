@@ -10,7 +10,9 @@ with the rules it is tested against.
   bookkeeping) and why it is laid out that way;
 * :mod:`dht.store.batch`: the write buffer of one mutating call;
 * :mod:`dht.store.merge`: merge-in of copies from replicas and other PoPs;
-* :mod:`dht.store.scans`: whole-table scans (digests, export, hand-off drop, purge).
+* :mod:`dht.store.scans`: whole-table scans (export, hand-off drop, purge);
+* :mod:`dht.store.digests`: the partition digests, kept up to date;
+* :mod:`dht.store.quota`: the PoP's embryonic quota per client prefix.
 
 Mutations (:meth:`FlowStore.mutate`, one :class:`dht.core.ops.Op` each) run the op's
 ``decide_*`` function per key, in call order, so births, capacity and quota decisions come
@@ -45,6 +47,7 @@ from dht.core.record import (
 from dht.core.wire import EntryArray, KeyArray, ResultArray, U64Array
 from dht.store import scans
 from dht.store.batch import Answers, FamilyBatch
+from dht.store.digests import DigestCache
 from dht.store.merge import MergeStats, entry_copies, merge_copies
 from dht.store.quota import PrefixQuota
 from dht.store.table import EMPTY, MAPPED_KEY_PREFIX, RECORD_FIELDS, STATES, family_tables, split
@@ -79,6 +82,7 @@ class FlowStore:
         self._hard_refused = False
         self.expirations = 0
         self.refusals: dict[str, int] = {"full": 0, "quota": 0, "hard": 0, "embryonic_copy": 0}
+        self._digests = DigestCache()
         self.quota = PrefixQuota(limits.embryonic_quota_per_prefix, policy.embryonic_ms)
 
     def __len__(self) -> int:
@@ -173,7 +177,7 @@ class FlowStore:
         :func:`dht.core.digest.record_fingerprints` over the stored copies with
         ``expiry_ms > now_ms`` (live records and unexpired tombstones), and their count.
         Expired copies are left out, so replicas that purge at different moments agree."""
-        return scans.partition_digests(self._tables, num_partitions, now_ms)
+        return self._digests.get(self._tables, num_partitions, now_ms)
 
     def export_entries(
         self,

@@ -1,8 +1,9 @@
-"""Whole-table scans of the flow store: partition digests, export, hand-off drop, purge.
+"""Whole-table scans of the flow store: export, hand-off drop, purge (the partition
+digests are kept up to date instead: dht.store.digests).
 
-``partition_digests`` and ``export_entries`` scan both tables in chunks (~35 ms and
-~50 ms at 1M records) and see only copies not yet expired, so replicas that purge at
-different moments agree. ``purge_expired`` walks a bounded number of rows per call from
+``export_entries`` scans both tables in chunks (~50 ms at 1M records) and sees only
+copies not yet expired, so replicas that purge at different moments agree.
+``purge_expired`` walks a bounded number of rows per call from
 a cursor that rotates over both tables, so no call walks the whole table.
 """
 
@@ -11,33 +12,13 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from dht.core import digest, wire
-from dht.core.wire import EntryArray, U64Array
+from dht.core import wire
+from dht.core.wire import EntryArray
 from dht.store.table import BoolArray, FamilyTable, I64Array
 
 Tables = tuple[FamilyTable, FamilyTable]
 
 _SCAN_CHUNK = 1 << 16  # rows per step of the whole-table scans (digests, export)
-
-
-def partition_digests(
-    tables: Tables, num_partitions: int, now_ms: int
-) -> tuple[U64Array, npt.NDArray[np.uint32]]:
-    """See :meth:`dht.store.flows.FlowStore.partition_digests`."""
-    digests = np.zeros(num_partitions, dtype=np.uint64)
-    counts = np.zeros(num_partitions, dtype=np.uint32)
-    parts = np.uint64(num_partitions)
-    for t in tables:
-        for start in range(0, t.high, _SCAN_CHUNK):
-            rows = t.unexpired(start, min(t.high, start + _SCAN_CHUNK), now_ms)
-            if not rows.size:
-                continue
-            h = t.entries["hash"][rows]
-            fingerprints = digest.record_fingerprints(h, t.results(rows))
-            d, c = digest.partition_sums(h % parts, fingerprints, num_partitions)
-            digests += d  # wraps mod 2**64, like the sum itself
-            counts += c
-    return digests, counts
 
 
 def export_entries(

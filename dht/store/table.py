@@ -49,6 +49,8 @@ _MAX_LOAD = 0.7
 _MIN_INDEX = 1024
 _MIN_ENTRIES = 1024
 _MMAP_MIN_BYTES = 1 << 20
+# Change batches kept for the digests before they count as "everything changed".
+_MAX_CHANGES = 4096
 _REBUILD_CHUNK = 1 << 14
 STATES = (State.NONE, State.EMBRYONIC, State.ESTABLISHED, State.RELEASED)
 
@@ -142,6 +144,14 @@ class FamilyTable:
         self.cursor = 0  # purge position in [0, high)
         self.state_counts = [0, 0, 0, 0]
         self.embryos: dict[bytes, int] = {}
+        # What changed since the digests were last brought up to date
+        # (dht.store.digests): rows written (their hash read then) and the hashes of
+        # rows released (a released row may hold another key by then).
+        # Past _MAX_CHANGES batches (digests not asked for a while) only that something
+        # changed everywhere is kept.
+        self.written: list[I64Array] = []
+        self.released: list[U64Array] = []
+        self.changed_all = False
 
     # ------------------------------------------------------------------ keys
 
@@ -292,6 +302,7 @@ class FamilyTable:
 
     def release_rows(self, rows: I64Array) -> None:
         """Forget the records in ``rows`` (their bookkeeping is already updated)."""
+        self._changed(self.released, self.entries["hash"][rows])
         self.index[self._slots_of(rows, self.entries["hash"][rows])] = _DELETED
         self.entries["state"][rows] = 0
         end = self.nfree + len(rows)
@@ -311,7 +322,25 @@ class FamilyTable:
             for op, os, st, bh, bp, g, ex in zip(*cols, strict=True)
         ]
 
+    def _changed(self, log: list[Any], values: npt.NDArray[Any]) -> None:
+        if self.changed_all:
+            return
+        log.append(values)
+        if len(self.written) + len(self.released) > _MAX_CHANGES:
+            self.changed_all = True
+            self.written, self.released = [], []
+
+    def take_changes(self) -> tuple[bool, U64Array]:
+        """(everything changed?, hashes of the copies changed) since the last call."""
+        if self.changed_all:
+            self.changed_all = False
+            return True, np.zeros(0, dtype=np.uint64)
+        hashes = [self.entries["hash"][rows] for rows in self.written] + self.released
+        self.written, self.released = [], []
+        return False, np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+
     def write(self, rows: I64Array, recs: list[Record]) -> None:
+        self._changed(self.written, rows)
         e = self.entries
         e["owner_pop"][rows] = [r.owner_pop for r in recs]
         e["owner_server"][rows] = [r.owner_server for r in recs]
@@ -327,6 +356,7 @@ class FamilyTable:
         return {f: got[f] for f in RECORD_FIELDS}
 
     def write_columns(self, rows: I64Array, cols: Columns) -> None:
+        self._changed(self.written, rows)
         e = self.entries
         for f in RECORD_FIELDS:
             e[f][rows] = cols[f]

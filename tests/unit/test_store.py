@@ -725,6 +725,60 @@ def test_digests_agree_whatever_the_path_and_order() -> None:
     assert a.store.partition_digests(1, a.now)[0][0] == np.sum(fp, dtype=np.uint64)
 
 
+def _fresh_digests(env: Env, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The digests a store that never cached any would give: a copy of env's store."""
+    other = Env(now=env.now)
+    other.store.merge_entries(env.store.export_entries(None, 1, 0), None, 0)
+    return other.store.partition_digests(n, env.now)
+
+
+def test_digests_are_kept_up_to_date_not_recomputed() -> None:
+    env = Env()
+    flows = [f"tcp/198.51.100.{i}:1000/192.0.2.1:443" for i in range(1, 200)]
+    env.claim(*flows)
+    cache = env.store._digests
+    env.store.partition_digests(64, env.now)
+    first = cache.recomputed
+    assert first == 64
+    # Nothing changed: nothing recomputed.
+    env.store.partition_digests(64, env.now)
+    assert cache.recomputed == first
+    # One write, one release: their partitions only.
+    env.confirm(flows[0])
+    env.release(flows[1])
+    got = env.store.partition_digests(64, env.now)
+    assert cache.recomputed - first <= 2
+    want = _fresh_digests(env, 64)
+    assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+    # Expiry alone changes digests: every embryo but the confirmed one lapses.
+    env.now += 10_000
+    got = env.store.partition_digests(64, env.now)
+    assert int(got[1].sum()) == 2  # the confirmed record and the tombstone
+    want = _fresh_digests(env, 64)
+    assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+    # Another partition count, a clock stepped back, a purge: the same as a fresh store.
+    for n, back in ((7, 0), (7, 9_000), (64, 0)):
+        env.now -= back
+        got = env.store.partition_digests(n, env.now)
+        want = _fresh_digests(env, n)
+        assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+    env.store.purge_expired(env.now + 5_000)
+    got = env.store.partition_digests(64, env.now)
+    want = _fresh_digests(env, 64)
+    assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+
+
+def test_digests_after_more_changes_than_are_kept() -> None:
+    env = Env()
+    env.store.partition_digests(16, env.now)
+    for i in range(1, 5000):  # one write batch each: past the kept change log
+        env.claim(f"tcp/198.51.{i // 250}.{i % 250}:1000/192.0.2.1:443")
+    got = env.store.partition_digests(16, env.now)
+    want = _fresh_digests(env, 16)
+    assert int(got[1].sum()) == 4999
+    assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+
+
 @pytest.mark.parametrize(
     "field_name",
     ["state", "expiry_ms", "generation", "owner_pop", "owner_server", "birth_hlc", "birth_pop"],
