@@ -15,9 +15,5 @@ python -m mypy
 bash scripts/validate_compose.sh
 python -m pytest -q tests/unit tests/sim tests/integration
 python -m pytest -q -p no:randomly tests/system
-# Not the 4-node rolling restart under mTLS: on 2 cores its claims can wait out the
-# client's 3 s timeout three times (a take-over's linger while nodes leave and return;
-# docs/architecture.md#tests-and-chores). It runs in plaintext above; the 3-node one runs here.
 DHT_TEST_TLS=1 python -m pytest -q -p no:randomly \
-  --deselect "tests/system/test_membership.py::test_graceful_rolling_restart_under_load[4]" \
   tests/system/test_faults.py tests/system/test_membership.py tests/system/test_pops.py
