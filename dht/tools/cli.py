@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_simulate_parser(sub)
     add_bench_parser(sub)
+    from dht.tools.chaos.run import add_chaos_parser
+
+    add_chaos_parser(sub)
     from dht.tools import certs
 
     certs.add_parser(sub)
@@ -461,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners["demo"] = run_demo
     runners["simulate"] = run_simulate
     runners["bench"] = run_bench
+    from dht.tools.chaos.run import run_chaos
+
+    runners["chaos"] = run_chaos
     try:
         with contextlib.suppress(KeyboardInterrupt):
             if getattr(args, "event_loop", "asyncio") == "uvloop":

@@ -1,0 +1,1 @@
+"""Chaos runs: a workload, a nemesis and a checker of the history (dht.tools.chaos.run)."""
