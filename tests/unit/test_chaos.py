@@ -4,7 +4,6 @@ allows pass) and the nemesis schedule (dht.tools.chaos)."""
 from __future__ import annotations
 
 import itertools
-
 from pathlib import Path
 
 from dht.core.record import Status

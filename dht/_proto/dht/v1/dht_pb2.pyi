@@ -739,18 +739,25 @@ class PromiseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROMISED_FIELD_NUMBER: _builtins.int
+    INCOMPLETE_FIELD_NUMBER: _builtins.int
     promised: _builtins.bytes
     """Per requested partition, big-endian uint64: the receiver's promised term after the
     call; equal to the request's term where the promise was given.
+    """
+    incomplete: _builtins.bytes
+    """Per requested partition, one byte: 1 where the receiver does not hold the partition's
+    data in full (being handed to it, refilled after a restart, or never its own), so
+    its copies do not count towards the take-over's quorum; empty = all held in full.
     """
     def __init__(
         self,
         *,
         promised: _builtins.bytes = ...,
+        incomplete: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["promised", b"promised"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incomplete", b"incomplete", "promised", b"promised"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -850,18 +857,25 @@ class CopiesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    INCOMPLETE_FIELD_NUMBER: _builtins.int
     results: _builtins.bytes
     """N result records: the raw stored copy of each key (expired and released included),
     status OK, or status NOT_FOUND when there is none.
+    """
+    incomplete: _builtins.bytes
+    """Per key, one byte: 1 where the receiver does not hold the key's partition in full
+    (see PromiseResponse.incomplete): its answer does not count towards a quorum read.
+    Empty = all held in full.
     """
     def __init__(
         self,
         *,
         results: _builtins.bytes = ...,
+        incomplete: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incomplete", b"incomplete", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
