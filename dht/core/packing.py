@@ -7,6 +7,7 @@ receiver alike.
     positions    u32 indexes into a batch (kept, superseded)       ">u4"
     digests      u64 per partition (anti-entropy digests)          ">u8"
     counts       u32 per partition (records behind a digest)       ">u4"
+    flags        one byte per item, 1 = set; empty = none set       "u1"
 
 Packing converts with ``astype`` (no range check: partition ids fit 16 bits, positions
 32); unpacking returns native-endian copies, and refuses a field whose length is not a
@@ -73,3 +74,18 @@ def pack_counts(counts: npt.NDArray[np.integer[Any]]) -> bytes:
 
 def unpack_counts(raw: bytes, field: str = "counts") -> U32Array:
     return np.frombuffer(_whole(raw, 4, field), dtype=">u4").astype(np.uint32)
+
+
+def pack_flags(flags: npt.NDArray[np.bool_]) -> bytes:
+    """Empty when no flag is set (the answer of a node that knows no such flags)."""
+    return flags.astype(np.uint8).tobytes() if flags.any() else b""
+
+
+def unpack_flags(raw: bytes, n: int, field: str) -> npt.NDArray[np.bool_]:
+    """``n`` flags; an empty field is all unset."""
+    if not raw:
+        return np.zeros(n, dtype=bool)
+    if len(raw) != n:
+        raise InvalidArgument(field, f"{len(raw)} flags for {n} items")
+    out: npt.NDArray[np.bool_] = np.frombuffer(raw, dtype=np.uint8) != 0
+    return out

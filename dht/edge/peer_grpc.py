@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
+from dht.core.errors import InvalidArgument
 from dht.core.membership import MemberState
 from dht.core.ops import BatchCall, Op
 from dht.core.packing import (
@@ -20,12 +21,13 @@ from dht.core.packing import (
     pack_terms,
     unpack_counts,
     unpack_digests,
+    unpack_flags,
     unpack_partitions,
     unpack_positions,
     unpack_terms,
 )
 from dht.core.placement import Member
-from dht.core.wire import FORMAT_VERSION, U64Array
+from dht.core.wire import FORMAT_VERSION, KEY_SIZE, U64Array
 from dht.edge import convert
 from dht.edge.channels import close_later, open_channel
 from dht.node.transport import MergeResult, PeerUnreachable
@@ -139,7 +141,7 @@ class GrpcPeerTransport:
 
     async def promise(
         self, member: Member, partitions: npt.NDArray[np.intp], term: int
-    ) -> npt.NDArray[np.uint64]:
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
         req = pb.PromiseRequest(
             from_node=self._node_id,
             partitions=pack_partitions(partitions),
@@ -152,7 +154,11 @@ class GrpcPeerTransport:
         promised = unpack_terms(resp.promised)
         if len(promised) != len(partitions):
             raise PeerUnreachable(member.node_id, f"answered {len(promised)} promises")
-        return promised
+        try:
+            incomplete = unpack_flags(resp.incomplete, len(partitions), "incomplete")
+        except InvalidArgument as e:
+            raise PeerUnreachable(member.node_id, str(e)) from None
+        return promised, incomplete
 
     async def undo(
         self, member: Member, written: bytes, before: bytes, terms: U64Array
@@ -167,13 +173,17 @@ class GrpcPeerTransport:
         kept = unpack_positions(resp.kept)
         return kept
 
-    async def read_copies(self, member: Member, keys: bytes) -> bytes:
+    async def read_copies(self, member: Member, keys: bytes) -> tuple[bytes, npt.NDArray[np.bool_]]:
         req = pb.CopiesRequest(format_version=FORMAT_VERSION, keys=keys)
         try:
             resp = await self._stubs(member)[1].ReadCopies(req, timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _unreachable(member, e) from None
-        return resp.results
+        try:
+            incomplete = unpack_flags(resp.incomplete, len(keys) // KEY_SIZE, "incomplete")
+        except InvalidArgument as e:
+            raise PeerUnreachable(member.node_id, str(e)) from None
+        return resp.results, incomplete
 
     async def digests(
         self, member: Member, partitions: npt.NDArray[np.intp]

@@ -23,6 +23,7 @@ from dht.core.ops import Op
 from dht.core.packing import (
     pack_counts,
     pack_digests,
+    pack_flags,
     pack_partitions,
     pack_positions,
     pack_terms,
@@ -209,8 +210,12 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
         async def work() -> pb.PromiseResponse:
             self.node.view.heard_from(request.from_node)
             parts = self.node.partitions_arg(request.partitions)
-            promised = self.node.internal_promise(parts, request.term, request.from_node)
-            return pb.PromiseResponse(promised=pack_terms(promised))
+            promised, incomplete = self.node.internal_promise(
+                parts, request.term, request.from_node
+            )
+            return pb.PromiseResponse(
+                promised=pack_terms(promised), incomplete=pack_flags(incomplete)
+            )
 
         result: pb.PromiseResponse = await self._guard(context, work, request.from_node)
         return result
@@ -229,7 +234,8 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
 
     async def ReadCopies(self, request: pb.CopiesRequest, context: Ctx) -> pb.CopiesResponse:
         async def work() -> pb.CopiesResponse:
-            return pb.CopiesResponse(results=self.node.internal_copies(request.keys))
+            results, incomplete = self.node.internal_copies(request.keys)
+            return pb.CopiesResponse(results=results, incomplete=pack_flags(incomplete))
 
         result: pb.CopiesResponse = await self._guard(context, work)
         return result

@@ -275,6 +275,8 @@ class Liveness:
             self._mono() - self._epoch_since_ms >= self.config.handoff_grace_s * 1000
         ):
             self._dropped_since_epoch = True
+            # What this node no longer replicates it no longer holds in full either.
+            self.state.part_ready &= self.state.replicas
             n = self.replica.store.drop_partitions(
                 self.state.replicas
             ) + self.replica.affinity.drop_partitions(self.state.replicas)

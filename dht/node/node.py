@@ -37,7 +37,7 @@ from dht.core.membership import Membership, MemberState, MemberStatus
 from dht.core.ops import BatchCall
 from dht.core.placement import PartitionMap
 from dht.core.record import HybridClock, hlc_pack
-from dht.core.wire import EntryArray, U64Array, check_batch_size
+from dht.core.wire import EntryArray, U64Array, check_batch_size, key_hashes
 from dht.node.extension import NodeExtension
 from dht.node.gauges import (
     ingress_gauges,
@@ -399,11 +399,17 @@ class Node:
 
     def internal_promise(
         self, parts: npt.NDArray[np.intp], term: int, from_node: str
-    ) -> npt.NDArray[np.uint64]:
-        return self.replica.promise(parts, term, from_node)
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
+        """The promised term per partition, and where this node's copy is incomplete
+        (NodeState.incomplete)."""
+        return self.replica.promise(parts, term, from_node), self.state.incomplete(parts)
 
-    def internal_copies(self, raw: bytes) -> bytes:
-        return self.replica.read_copies(raw)
+    def internal_copies(self, raw: bytes) -> tuple[bytes, npt.NDArray[np.bool_]]:
+        """This node's copies of the keys, and per key whether its partition's copy here
+        is incomplete (NodeState.incomplete)."""
+        copies = self.replica.read_copies(raw)
+        parts = self.table.partitions_of(key_hashes(raw)).astype(np.intp)
+        return copies, self.state.incomplete(parts)
 
     def internal_digests(
         self, partitions: npt.NDArray[np.intp]

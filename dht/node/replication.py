@@ -389,7 +389,7 @@ class Replicator:
                 return no
             started = self._now()
             try:
-                theirs = await self.transport.promise(member, mine, term)
+                theirs, incomplete = await self.transport.promise(member, mine, term)
                 granted: npt.NDArray[np.bool_] = theirs == np.uint64(term)
                 # Learn a higher promise: the next take-over picks a term above it.
                 self.terms.learn(mine, theirs)
@@ -399,7 +399,10 @@ class Replicator:
                 self.view.mark_failed(member, e, started)
                 return no
             self.view.mark_ok(member)
-            return granted
+            # A promise fences either way, but only a replica holding the partition's
+            # data in full can show the writes this take-over must see.
+            counted: npt.NDArray[np.bool_] = granted & ~incomplete
+            return counted
 
         # RF - W + 1 intersects every write quorum. With W = 1 (configured, or a PoP
         # smaller than RF sized down to survive a failure, see dht.core.sizing) a write is
@@ -432,7 +435,7 @@ class Replicator:
         partition's data, and others up to R, in each table in force) answered."""
         rows = np.frombuffer(keys, dtype=np.uint8).reshape(-1, 40)
 
-        async def one(member: Member, idx: npt.NDArray[np.intp]) -> bool:
+        async def one(member: Member, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | bool:
             return await self._pull_copies(member, rows[idx].tobytes())
 
         # In our own table R as set for it (a PoP sized down may run R = 1, dht.core.sizing).
@@ -447,13 +450,15 @@ class Replicator:
         self.stats.read_quorum_failures += int(np.count_nonzero(~ok))
         return ok
 
-    async def _pull_copies(self, member: Member, keys: bytes) -> bool:
-        """Merge the copies ``member`` holds of ``keys`` into the local store."""
+    async def _pull_copies(self, member: Member, keys: bytes) -> npt.NDArray[np.bool_] | bool:
+        """Merge the copies ``member`` holds of ``keys`` into the local store. Per key:
+        does its answer count towards a quorum read (``member`` holds the key's partition
+        in full: a replica still being handed it may lack an acknowledged write)?"""
         if not self.view.is_up(member):
             return False
         started = self._now()
         try:
-            raw = await self.transport.read_copies(member, keys)
+            raw, incomplete = await self.transport.read_copies(member, keys)
         except PeerUnreachable as e:
             self.view.mark_failed(member, e, started)
             return False
@@ -465,7 +470,8 @@ class Replicator:
             entries["key"] = np.frombuffer(keys, dtype=ENTRY_DTYPE["key"])[found]
             entries["rec"] = copies[found]
             self.local.merge_entries(entries)
-        return True
+        counted: npt.NDArray[np.bool_] = ~incomplete
+        return counted
 
 
 def as_entries(keys: bytes, results: ResultArray) -> EntryArray:

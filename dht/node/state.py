@@ -37,6 +37,13 @@ class NodeState:
             raise NotReady("node has not started")
         return self.pmap
 
+    def incomplete(self, parts: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        """Per partition: this node does not hold its data in full (being handed to it,
+        not refilled since a restart, or never its own): what it answers for it must not
+        count towards a quorum read or a take-over's quorum of promises."""
+        out: npt.NDArray[np.bool_] = ~self.part_ready[parts]
+        return out
+
     @property
     def in_sync(self) -> bool:
         """Holds the data of every partition it replicates."""

@@ -79,9 +79,10 @@ class PeerTransport(Protocol):
 
     async def promise(
         self, member: Member, partitions: npt.NDArray[np.intp], term: int
-    ) -> npt.NDArray[np.uint64]:
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
         """Ask ``member`` to promise ``term`` for ``partitions``; returns its promised
-        term per partition after the call (== ``term`` where granted)."""
+        term per partition after the call (== ``term`` where granted), and where its
+        copy of the partition is incomplete (dht.node.state.NodeState.incomplete)."""
         ...
 
     async def undo(
@@ -92,7 +93,10 @@ class PeerTransport(Protocol):
         returns the positions of the entries it left standing."""
         ...
 
-    async def read_copies(self, member: Member, keys: bytes) -> bytes: ...
+    async def read_copies(self, member: Member, keys: bytes) -> tuple[bytes, npt.NDArray[np.bool_]]:
+        """``member``'s copies of the keys, and per key where its partition's copy there
+        is incomplete."""
+        ...
 
     async def digests(
         self, member: Member, partitions: npt.NDArray[np.intp]

@@ -239,7 +239,7 @@ class Pops:
         if not keys:
             return
         raw = b"".join(keys)
-        copies = np.frombuffer(self.node.internal_copies(raw), dtype=ENTRY_DTYPE["rec"])
+        copies = np.frombuffer(self.node.internal_copies(raw)[0], dtype=ENTRY_DTYPE["rec"])
         keep = (copies["status"] == Status.OK) & (copies["state"] == State.ESTABLISHED)
         if keep.any():
             entries = np.zeros(int(keep.sum()), dtype=ENTRY_DTYPE)
@@ -419,7 +419,9 @@ class Pops:
         if not len(flows):
             return
         now = self.node.clock.wall_ms()
-        ours = np.frombuffer(self.node.internal_copies(flows["key"].tobytes()), ENTRY_DTYPE["rec"])
+        ours = np.frombuffer(
+            self.node.internal_copies(flows["key"].tobytes())[0], ENTRY_DTYPE["rec"]
+        )
         theirs = flows["rec"]
         conflict = (
             (ours["status"] == Status.OK)

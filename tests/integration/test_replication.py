@@ -132,7 +132,7 @@ async def test_anti_entropy_repairs_divergent_replicas(make_pop: MakePop) -> Non
     rec["expiry_ms"] = nodes[0].node.clock.wall_ms() + 600_000
     stray["rec"] = rec
     assert nodes[1].node.merge_entries(stray).applied == 1
-    copy = np.frombuffer(nodes[0].node.internal_copies(raw[:40]), dtype=RESULT_DTYPE).copy()
+    copy = np.frombuffer(nodes[0].node.internal_copies(raw[:40])[0], dtype=RESULT_DTYPE).copy()
     copy["expiry_ms"] += 1_000_000
     later = np.zeros(1, dtype=ENTRY_DTYPE)
     later["key"] = np.frombuffer(raw[:40], dtype=ENTRY_DTYPE["key"])
@@ -144,7 +144,7 @@ async def test_anti_entropy_repairs_divergent_replicas(make_pop: MakePop) -> Non
     )
     for n in nodes:
         stored = np.frombuffer(
-            n.node.internal_copies(raw[:40] + stray["key"].tobytes()), dtype=RESULT_DTYPE
+            n.node.internal_copies(raw[:40] + stray["key"].tobytes())[0], dtype=RESULT_DTYPE
         )
         assert stored["expiry_ms"][0] == copy["expiry_ms"][0]
         assert stored["owner_pop"][1] == 3
@@ -700,12 +700,13 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     term = node.clock.now() + 1000
     peer = nodes[0].config.node_id
     # Not to a node outside the table (declared dead, left, unknown).
-    stranger = node.internal_promise(parts, term, "ams-9")
+    stranger, _ = node.internal_promise(parts, term, "ams-9")
     assert stranger.tolist() == [floor]
-    granted = node.internal_promise(parts, term, peer)
+    granted, incomplete = node.internal_promise(parts, term, peer)
     assert granted.tolist() == [term]
+    assert incomplete.tolist() == [not node.part_ready[int(parts[0])]]
     # A lower term is not promised; the answer says what was.
-    lower = node.internal_promise(parts, term - 1, peer)
+    lower, _ = node.internal_promise(parts, term - 1, peer)
     assert lower.tolist() == [term]
 
     entry = np.zeros(1, dtype=ENTRY_DTYPE)

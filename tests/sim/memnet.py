@@ -819,17 +819,18 @@ class MemPeerTransport:
 
     async def promise(
         self, member: Member, partitions: npt.NDArray[np.intp], term: int
-    ) -> npt.NDArray[np.uint64]:
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
         raw, from_node = _pack_parts(partitions), self.node_id
 
-        async def serve(n: Node) -> npt.NDArray[np.uint64]:
+        async def serve(n: Node) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
             n.view.heard_from(from_node)
-            return n.internal_promise(n.partitions_arg(raw), term, from_node).copy()
+            promised, incomplete = n.internal_promise(n.partitions_arg(raw), term, from_node)
+            return promised.copy(), incomplete.copy()
 
-        promised = await self._rpc(member, "Promise", self.rpc_timeout_s, serve)
+        promised, incomplete = await self._rpc(member, "Promise", self.rpc_timeout_s, serve)
         if len(promised) != len(partitions):
             raise PeerUnreachable(member.node_id, f"answered {len(promised)} promises")
-        return promised
+        return promised, incomplete
 
     async def undo(
         self, member: Member, written: bytes, before: bytes, terms: npt.NDArray[np.uint64]
@@ -845,11 +846,12 @@ class MemPeerTransport:
         kept: npt.NDArray[np.intp] = np.frombuffer(answer, dtype=">u4").astype(np.intp)
         return kept
 
-    async def read_copies(self, member: Member, keys: bytes) -> bytes:
+    async def read_copies(self, member: Member, keys: bytes) -> tuple[bytes, npt.NDArray[np.bool_]]:
         raw = bytes(keys)
 
-        async def serve(n: Node) -> bytes:
-            return n.internal_copies(raw)
+        async def serve(n: Node) -> tuple[bytes, npt.NDArray[np.bool_]]:
+            copies, incomplete = n.internal_copies(raw)
+            return copies, incomplete.copy()
 
         return await self._rpc(member, "ReadCopies", self.rpc_timeout_s, serve)
 
