@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -209,9 +210,12 @@ class Liveness:
         except PeerUnreachable:
             return False
 
-    async def leave(self, timeout_s: float) -> None:
-        """Graceful leave: announce LEFT, then push this node's partitions to their new
-        replicas until their digests match ours (bounded by ``timeout_s``)."""
+    async def leave(
+        self, timeout_s: float, drain: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Graceful leave: stop taking calls, let the writes in flight end (``drain``),
+        announce LEFT, then push this node's partitions to their new replicas until
+        their digests match ours (the whole bounded by ``timeout_s``)."""
         if self.state.pmap is None or self.state.leaving:
             return
         self.state.leaving = True
@@ -219,9 +223,14 @@ class Liveness:
         # hear we left, so our copy may fall behind. Callers get UNAVAILABLE and retry
         # at another replica; the internal service keeps serving the hand-off.
         self.state.accepting = False
+        started = time.perf_counter()
+        if drain is not None:
+            # A write of ours still in flight is hidden from the hand-off's export: if it
+            # then reached its quorum, the new table's replicas would lack a write acknowledged
+            # under the old one (docs/protocol.md#leave). Let those writes end first.
+            await drain()
         self.membership.leave()
         others = [m for m in self.state.table.members if m.node_id != self.config.node_id]
-        started = time.perf_counter()
 
         async def handoff() -> None:
             await asyncio.gather(*(self._announce(m) for m in others), return_exceptions=True)
@@ -240,7 +249,7 @@ class Liveness:
                     await self.repair.sync_with(member, push=True, partitions=theirs)
 
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(max(0.0, timeout_s - (time.perf_counter() - started))):
                 await handoff()
             log.info("left after handing off in %.2f s", time.perf_counter() - started)
         except (TimeoutError, PeerUnreachable) as e:

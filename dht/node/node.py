@@ -37,7 +37,7 @@ from dht.core.membership import Membership, MemberState, MemberStatus
 from dht.core.ops import BatchCall
 from dht.core.placement import PartitionMap
 from dht.core.record import HybridClock, hlc_pack
-from dht.core.wire import EntryArray, U64Array, check_batch_size, key_hashes
+from dht.core.wire import EntryArray, U64Array, check_batch_size
 from dht.node.extension import NodeExtension
 from dht.node.gauges import (
     ingress_gauges,
@@ -247,9 +247,13 @@ class Node:
             await self.replicator.close()
 
     async def leave(self, timeout_s: float) -> None:
-        """Graceful leave (see Liveness.leave)."""
-        if self._coordinator is not None:
-            await self.liveness.leave(timeout_s)
+        """Graceful leave (see Liveness.leave): this node's writes in flight end first
+        (at most two RPC timeouts), so that the hand-off carries them."""
+        coordinator = self._coordinator
+        if coordinator is not None:
+            await self.liveness.leave(
+                timeout_s, drain=lambda: coordinator.drain(2 * self.config.rpc_timeout_ms / 1000)
+            )
 
     def purge_step(self) -> None:
         now = self.clock.wall_ms()
@@ -405,11 +409,7 @@ class Node:
         return self.replica.promise(parts, term, from_node), self.state.incomplete(parts)
 
     def internal_copies(self, raw: bytes) -> tuple[bytes, npt.NDArray[np.bool_]]:
-        """This node's copies of the keys, and per key whether its partition's copy here
-        is incomplete (NodeState.incomplete)."""
-        copies = self.replica.read_copies(raw)
-        parts = self.table.partitions_of(key_hashes(raw)).astype(np.intp)
-        return copies, self.state.incomplete(parts)
+        return self.replica.read_copies(raw)
 
     def internal_digests(
         self, partitions: npt.NDArray[np.intp]

@@ -405,13 +405,15 @@ class Replica:
         tables = [self.state.table] + ([prev] if prev else [])
         return any(m.node_id == node_id for t in tables for m in t.members)
 
-    def read_copies(self, raw: bytes) -> bytes:
+    def read_copies(self, raw: bytes) -> tuple[bytes, npt.NDArray[np.bool_]]:
         """This node's copies of ``raw`` keys for a quorum read, take-over or refill:
         writes still in flight show as their copy before; copies still open to an undo
-        that are pulled are pinned (see undo)."""
+        that are pulled are pinned (see undo). With, per key, whether this node's copy
+        of its partition is incomplete (NodeState.incomplete): then it does not count."""
         check_batch_size(len(raw), KEY_SIZE, 1_000_000, "keys")
         keys = np.frombuffer(raw, dtype=KEY_DTYPE)
-        out = self.copies(keys, key_hashes(raw))
+        hashes = key_hashes(raw)
+        out = self.copies(keys, hashes)
         if self.inflight:
             unsettled = self.inflight.unsettled()
             for i in range(len(keys)):
@@ -420,10 +422,10 @@ class Replica:
                     out[i] = row[0]
         recent = self.windows.recent()
         if recent is not None:
-            hashes = key_hashes(raw)
             found = out["status"] == Status.OK
             self.windows.pin(hashes[found & np.isin(hashes, recent)])
-        return out.tobytes()
+        parts = self.state.table.partitions_of(hashes).astype(np.intp)
+        return out.tobytes(), self.state.incomplete(parts)
 
     def digests(self, partitions: npt.NDArray[np.intp]) -> tuple[U64Array, npt.NDArray[np.uint32]]:
         self.check_partitions(partitions)

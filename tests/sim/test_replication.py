@@ -457,3 +457,28 @@ async def test_a_quorum_read_does_not_count_a_replica_still_being_handed_the_par
         seen = (await net.call(b.node_id, BatchCall(Op.LOOKUP, raw)))[0]
         assert seen["status"] == Status.OK, "an acknowledged claim answered NOT_FOUND"
         assert seen["birth_hlc"] == acked["birth_hlc"]
+
+
+async def test_a_leaving_coordinators_writes_in_flight_end_before_its_hand_off() -> None:
+    """V coordinates a claim and starts leaving while it is in flight (its take-over
+    lingered for B, whose link is slower than the RPC timeout; A's link is slow too). D,
+    a replica of the key in the table without V, hears of the leave at once and pulls
+    the partition: from V, which hides the write in flight, and from A and B before the
+    write reaches them. The write is then acknowledged on V and A, and D never had it: a
+    read or take-over at {B, D} could decide another claim without it. V now lets its
+    writes end before it announces the leave (docs/protocol.md#leave): D gets the claim."""
+    async with Network(seed=10) as net:
+        nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
+        raw = synthetic_keys(1, seed=92, start=92_000_000)
+        _, (v, a, b) = net.replicas(raw)
+        d = next(n for n in nodes if n.node_id not in (v.node_id, a.node_id, b.node_id))
+        net.set_delay(v.node_id, a.node_id, 300)
+        net.set_delay(v.node_id, b.node_id, 2_500)
+        write = asyncio.ensure_future(net.call(v.node_id, claim(raw, pop=1, no_forward=True)))
+        await net.until(lambda: bool(v.node.inflight), what="the write in flight at V")
+        await net.stop(v.node_id, leave=True)
+        acked = (await write)[0]
+        assert acked["status"] == Status.CREATED, acked
+        got = held_by(d, raw)
+        assert got["status"][0] == Status.OK, "the hand-off did not carry the write"
+        assert got["birth_hlc"][0] == acked["birth_hlc"]
