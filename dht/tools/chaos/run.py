@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import signal
 import ssl
 import time
 from collections import Counter
@@ -238,6 +239,19 @@ def admin_session(certs: Path | None) -> tuple[aiohttp.ClientSession, str]:
 async def run_chaos(args: argparse.Namespace) -> int:
     if args.check:
         return report(check(History.read(args.check)), None, None)
+    # SIGTERM ends the run like Ctrl-C: the faults are healed (hogs killed, paused nodes
+    # resumed) and every node started is stopped.
+    me = asyncio.current_task()
+    if me is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, me.cancel)
+    try:
+        return await _run(args)
+    except asyncio.CancelledError:
+        say("interrupted: faults healed, nodes stopped; no verdict")
+        return 130
+
+
+async def _run(args: argparse.Namespace) -> int:
     kinds = tuple(k for k in args.faults.split(",") if k)
     faults = plan_faults(args.seed, args.duration, args.nodes, kinds)
     certs = None if args.insecure else certs_dir(args)
@@ -287,13 +301,15 @@ async def run_chaos(args: argparse.Namespace) -> int:
                 t0 = time.monotonic()
                 load = asyncio.create_task(w.run(stop))
                 chaos = asyncio.create_task(nemesis.run(t0))
-                while time.monotonic() - t0 < args.duration:
-                    await asyncio.sleep(min(10.0, args.duration - (time.monotonic() - t0)))
-                    say(f"+{time.monotonic() - t0:.0f}s {w.progress()}")
-                stop.set()
-                chaos.cancel()
-                await asyncio.gather(load, chaos, return_exceptions=True)
-                await nemesis.heal()
+                try:
+                    while time.monotonic() - t0 < args.duration:
+                        await asyncio.sleep(min(10.0, args.duration - (time.monotonic() - t0)))
+                        say(f"+{time.monotonic() - t0:.0f}s {w.progress()}")
+                finally:  # also when cancelled (SIGTERM, Ctrl-C): no hog or pause outlives us
+                    stop.set()
+                    chaos.cancel()
+                    await asyncio.gather(load, chaos, return_exceptions=True)
+                    await nemesis.heal()
                 t = time.monotonic()
                 ok = await nemesis.wait_settled()
                 say(f"healed; settled {'in' if ok else 'NOT within'} {time.monotonic() - t:.1f}s")
