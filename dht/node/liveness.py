@@ -213,9 +213,9 @@ class Liveness:
     async def leave(
         self, timeout_s: float, drain: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        """Graceful leave: stop taking calls, let the writes in flight end (``drain``),
-        announce LEFT, then push this node's partitions to their new replicas until
-        their digests match ours (the whole bounded by ``timeout_s``)."""
+        """Graceful leave: stop taking calls, announce LEFT, let this node's writes in
+        flight end (``drain``), then push its partitions to their new replicas, to each
+        at once, until their digests match ours (the whole bounded by ``timeout_s``)."""
         if self.state.pmap is None or self.state.leaving:
             return
         self.state.leaving = True
@@ -223,17 +223,26 @@ class Liveness:
         # hear we left, so our copy may fall behind. Callers get UNAVAILABLE and retry
         # at another replica; the internal service keeps serving the hand-off.
         self.state.accepting = False
-        started = time.perf_counter()
-        if drain is not None:
-            # A write of ours still in flight is hidden from the hand-off's export: if it
-            # then reached its quorum, the new table's replicas would lack a write acknowledged
-            # under the old one (docs/protocol.md#leave). Let those writes end first.
-            await drain()
         self.membership.leave()
         others = [m for m in self.state.table.members if m.node_id != self.config.node_id]
+        started = time.perf_counter()
+        pushed: list[str] = []
+
+        async def push(member: Member, partitions: npt.NDArray[np.intp]) -> None:
+            try:
+                await self.repair.sync_with(member, push=True, partitions=partitions)
+                pushed.append(member.node_id)
+            except PeerUnreachable as e:
+                log.warning("leave hand-off to %s failed: %r", member.node_id, e)
 
         async def handoff() -> None:
             await asyncio.gather(*(self._announce(m) for m in others), return_exceptions=True)
+            if drain is not None:
+                # A write of ours still in flight is hidden from the export below; one
+                # that then reached its quorum would be missing on the new replicas that
+                # pulled the partition meanwhile (docs/protocol.md#leave). Let those
+                # writes end first, so that the push carries them.
+                await drain()
             if not self.membership.active():
                 return  # the last member: nobody to hand off to
             successor = PartitionMap.build(
@@ -243,19 +252,26 @@ class Liveness:
                 self.config.vnodes,
             )
             held = np.flatnonzero(self.state.replicas)
-            for i, member in enumerate(successor.members):
-                theirs = held[(successor.replicas[held] == i).any(axis=1)]
-                if theirs.size:
-                    await self.repair.sync_with(member, push=True, partitions=theirs)
+            # To every new replica at once: a slow or unreachable one does not hold up
+            # the others.
+            await asyncio.gather(
+                *(
+                    push(member, held[(successor.replicas[held] == i).any(axis=1)])
+                    for i, member in enumerate(successor.members)
+                    if (successor.replicas[held] == i).any()
+                )
+            )
 
         try:
-            async with asyncio.timeout(max(0.0, timeout_s - (time.perf_counter() - started))):
+            async with asyncio.timeout(timeout_s):
                 await handoff()
-            log.info("left after handing off in %.2f s", time.perf_counter() - started)
-        except (TimeoutError, PeerUnreachable) as e:
-            log.warning(
-                "leave hand-off incomplete after %.2f s: %r", time.perf_counter() - started, e
-            )
+            log.info("left after handing off to %s in %.2f s", pushed, self._since(started))
+        except TimeoutError:
+            log.warning("leave hand-off incomplete after %.2f s", self._since(started))
+
+    @staticmethod
+    def _since(started: float) -> float:
+        return time.perf_counter() - started
 
     async def _announce(self, member: Member) -> None:
         with contextlib.suppress(PeerUnreachable):
