@@ -466,7 +466,9 @@ async def test_a_leaving_coordinators_writes_in_flight_end_before_its_hand_off()
     the partition: from V, which hides the write in flight, and from A and B before the
     write reaches them. The write is then acknowledged on V and A, and D never had it: a
     read or take-over at {B, D} could decide another claim without it. V now lets its
-    writes end before it announces the leave (docs/protocol.md#leave): D gets the claim."""
+    writes end before it pushes its partitions (docs/protocol.md#leave): D gets the claim
+    (with the leave announced first, the announcement's round trip also outlasts this
+    write; the drain bounds the case where it does not)."""
     async with Network(seed=10) as net:
         nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
         raw = synthetic_keys(1, seed=92, start=92_000_000)
