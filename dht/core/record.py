@@ -9,10 +9,19 @@ Merge is a join on a semilattice, which is what makes it commutative, associativ
 idempotent (tests/unit/test_record.py checks all three with hypothesis):
 
 1. higher ``generation`` wins;
-2. same generation, different birth: the earlier birth wins, ties by the lower PoP id
-   ("earliest claim wins" for two PoPs that claimed while cut off);
-3. same birth (the same claim): released > established > embryonic, the later expiry,
+2. same generation: a *completed* copy (established or released: a handshake finished
+   somewhere) beats an embryonic one, whatever the births (a half-open claim a PoP
+   abandoned must never beat the connection that did complete);
+3. same generation, both completed or both embryonic, different birth: the earlier birth
+   wins, ties by the lower PoP id ("earliest claim wins" for two PoPs that claimed while
+   cut off);
+4. same birth and same class (the same claim): released > established, the later expiry,
    and (defensively, it cannot differ for one claim) the lower owner.
+
+The rank (generation, completed, earlier birth) is a total preorder and copies of equal
+rank join, so the whole is a lexicographic product of semilattices. That is also why an
+established copy beats the embryonic copy *of the same claim* whole, expiry included:
+joining their expiries would break associativity (tests/unit/test_record.py).
 """
 
 from __future__ import annotations
@@ -74,6 +83,9 @@ def merge(a: Record, b: Record) -> Record:
     idempotent; see the module docstring for the rules."""
     if a.generation != b.generation:
         return a if a.generation > b.generation else b
+    a_done, b_done = a.state >= State.ESTABLISHED, b.state >= State.ESTABLISHED
+    if a_done != b_done:
+        return a if a_done else b
     if a.birth() != b.birth():
         return a if a.birth() < b.birth() else b
     if a == b:

@@ -51,10 +51,13 @@ def merge_columns(a: Columns, b: Columns) -> Columns:
     ha, hb, pa, pb = a["birth_hlc"], b["birth_hlc"], a["birth_pop"], b["birth_pop"]
     a_earlier = (ha < hb) | ((ha == hb) & (pa < pb))
     same_birth = (ha == hb) & (pa == pb)
+    a_done = a["state"] >= int(State.ESTABLISHED)
+    b_done = b["state"] >= int(State.ESTABLISHED)
     same_gen = ga == gb
-    a_wins = (ga > gb) | (same_gen & a_earlier)
+    same_class = a_done == b_done
+    a_wins = (ga > gb) | (same_gen & ((a_done & ~b_done) | (same_class & a_earlier)))
     out = {f: np.where(a_wins, a[f], b[f]) for f in RECORD_FIELDS}
-    claim = same_gen & same_birth  # two copies of one claim: combine them
+    claim = same_gen & same_class & same_birth  # two copies of one claim: combine them
     if claim.any():
         oa, ob, sa, sb = a["owner_pop"], b["owner_pop"], a["owner_server"], b["owner_server"]
         a_owner = (oa < ob) | ((oa == ob) & (sa <= sb))

@@ -70,10 +70,40 @@ def test_higher_generation_wins(a: Record, b: Record) -> None:
         assert merge(a, b) == winner
 
 
+def completed(r: Record) -> bool:
+    return r.state in (State.ESTABLISHED, State.RELEASED)
+
+
 @given(records, records)
-def test_earliest_birth_wins_within_generation(a: Record, b: Record) -> None:
-    if a.generation == b.generation and a.birth() != b.birth():
+def test_a_completed_copy_beats_an_embryonic_one_whatever_the_births(
+    a: Record, b: Record
+) -> None:
+    if a.generation == b.generation and completed(a) != completed(b):
+        assert merge(a, b) == (a if completed(a) else b)
+
+
+@given(records, records)
+def test_earliest_birth_wins_within_generation_and_class(a: Record, b: Record) -> None:
+    if (
+        a.generation == b.generation
+        and completed(a) == completed(b)
+        and a.birth() != b.birth()
+    ):
         assert merge(a, b).birth() == min(a.birth(), b.birth())
+
+
+def test_an_abandoned_half_open_claim_loses_to_the_connection_that_completed() -> None:
+    # PoP 1 claimed first (its SYN-ACK was lost); the retransmitted SYN landed on PoP 2,
+    # whose handshake completed. PoP 1's earlier birth must not win.
+    abandoned = Record(1, 0, State.EMBRYONIC, birth_hlc=5, birth_pop=1, generation=1,
+                       expiry_ms=50)  # fmt: skip
+    live = Record(2, 0, State.ESTABLISHED, birth_hlc=9, birth_pop=2, generation=1,
+                  expiry_ms=900)  # fmt: skip
+    assert merge(abandoned, live) == live
+    # ... and a confirm at PoP 1, decided on the merged copy, changes nothing.
+    d = decide_confirm(merge(abandoned, live), act(1, now=10), POLICY, birth_hlc=11)
+    assert d.status == Status.OWNED_ELSEWHERE
+    assert d.store is None
 
 
 def test_same_claim_released_beats_established_and_expiry_is_max() -> None:

@@ -546,21 +546,28 @@ def test_merge_in_follows_the_merge_rules() -> None:
     later_birth = Record(2, 0, State.ESTABLISHED, 200, 2, 2, T0 + 9_000)
     env.merge([A4], [later_birth])
     assert env.get(A4) == base  # same generation: the earlier birth wins
-    earlier_birth = Record(3, 0, State.EMBRYONIC, 90, 3, 2, T0 + 500)
+    earlier_embryo = Record(3, 0, State.EMBRYONIC, 90, 3, 2, T0 + 500)
+    env.merge([A4], [earlier_embryo])
+    assert env.get(A4) == base  # same generation: a completed copy beats an embryonic one
+    earlier_birth = Record(3, 0, State.ESTABLISHED, 90, 3, 2, T0 + 500)
     env.merge([A4], [earlier_birth])
-    assert env.get(A4) == earlier_birth
-    assert env.store.counts()[("ipv4", "embryonic")] == 1
+    assert env.get(A4) == earlier_birth  # both completed: the earlier birth wins
     released = Record(3, 0, State.RELEASED, 90, 3, 2, T0 + 100)
     env.merge([A4], [released])
     assert env.get(A4) == Record(3, 0, State.RELEASED, 90, 3, 2, T0 + 500)  # max expiry
-    assert env.store.counts()[("ipv4", "embryonic")] == 0
-    newer_gen = Record(4, 1, State.ESTABLISHED, 10, 4, 3, T0 + 100)
+    newer_gen = Record(4, 1, State.EMBRYONIC, 10, 4, 3, T0 + 100)
     env.merge([A4], [newer_gen])
     assert env.get(A4) == newer_gen
+    assert env.store.counts()[("ipv4", "embryonic")] == 1
     assert statuses(env.lookup(A4)) == [Status.OK]
+    # The same claim's established copy beats its embryonic one whole.
+    confirmed = Record(4, 1, State.ESTABLISHED, 10, 4, 3, T0 + 90)
+    env.merge([A4], [confirmed])
+    assert env.get(A4) == confirmed
+    assert env.store.counts()[("ipv4", "embryonic")] == 0
     # Same claim, other owner copy (cannot happen, handled defensively): the lower owner.
-    env.merge([A4], [Record(4, 0, State.EMBRYONIC, 10, 4, 3, T0 + 50)])
-    assert env.get(A4) == Record(4, 0, State.ESTABLISHED, 10, 4, 3, T0 + 100)
+    env.merge([A4], [Record(4, 0, State.ESTABLISHED, 10, 4, 3, T0 + 50)])
+    assert env.get(A4) == Record(4, 0, State.ESTABLISHED, 10, 4, 3, T0 + 90)
 
 
 def test_merge_in_skips_dead_copies_and_replaces_dead_ones() -> None:
