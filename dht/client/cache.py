@@ -27,6 +27,8 @@ class Answer:
     state: State
     affinity: int  # the client's preferred PoP from the affinity fallback, 0 = none
     expiry_ms: int  # the record's absolute expiry (Unix ms), 0 = none
+    # Another PoP's copy, found by a second chance (docs/protocol.md#second-chance).
+    second_chance: bool = False
 
 
 @dataclass(slots=True)

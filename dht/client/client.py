@@ -241,8 +241,11 @@ class Client:
         pop: int | str | None = None,
         server: int = 0,
         ttl_s: int = 0,
+        second_chance: bool = False,
     ) -> ResultArray:
-        """The fast path: packed 40-byte keys in, a RESULT_DTYPE array out."""
+        """The fast path: packed 40-byte keys in, a RESULT_DTYPE array out.
+        ``second_chance`` (Lookup): flows this PoP does not know are asked of the other
+        PoPs (docs/protocol.md#second-chance); such answers carry FLAG_SECOND_CHANCE."""
         if len(raw) % KEY_SIZE:
             raise InvalidArgument("keys", f"length {len(raw)} is not a multiple of {KEY_SIZE}")
         hashes = key_hashes(raw)
@@ -258,6 +261,7 @@ class Client:
                 ttl_s=ttl_s,
                 epoch=epoch,
                 no_forward=self.no_forward,
+                second_chance=second_chance,
             )
 
         return await self._routed(method, hashes, request)

@@ -4,9 +4,11 @@
     decide(Packet.DATA, here=1, tunnelled=False, owner=2, affinity=0)
     -> Decision(Action.TUNNEL, target=2, reason="owner")
 
-Inputs are what the forwarder knows (its cache first, the table on a miss): the flow's
-owning PoP (0 = no live record), the client's preferred PoP from the affinity fallback
-(0 = none). No I/O; ``dht.client.forwarder`` does the look-ups, claims and releases.
+Inputs are what the forwarder knows: whether it holds a local socket for the flow (then
+the packet is served here, whatever the table says), the flow's owning PoP from its cache
+or the table (0 = no live record in this PoP nor, after a second chance, in any other),
+the client's preferred PoP from the affinity fallback (0 = none). No I/O;
+``dht.client.forwarder`` does the look-ups, claims and releases.
 
 The loop guard is part of the table: a packet that arrived tunnelled is served here and
 never tunnelled again (hop limit 1), and no decision ever tunnels to ``here``, whatever
@@ -40,8 +42,8 @@ class Decision:
     action: Action
     # The PoP to tunnel to (TUNNEL only; 0 otherwise).
     target: int = 0
-    # Why, for counters and the simulator's explanations: "tunnelled-in", "owner",
-    # "affinity", "new-flow", "unknown", "loop-guard".
+    # Why, for counters and the simulator's explanations: "local-socket", "tunnelled-in",
+    # "owner", "affinity", "new-flow", "unknown", "loop-guard".
     reason: str = ""
     # FIN/RST served by the owner: release the record (a tombstone).
     release: bool = False
@@ -58,13 +60,17 @@ def decide(
     owner: int,
     affinity: int = 0,
     sticky_clients: bool = False,
+    local: bool = False,
 ) -> Decision:
     """The table of docs/protocol.md#decision-table for one packet at PoP ``here``.
 
     ``owner``: the flow's owning PoP, 0 if no live record is known. ``affinity``: the
     client's preferred PoP (the look-up's affinity fallback), 0 if none.
     ``sticky_clients``: a new flow (SYN) of a client whose affinity names another PoP
-    goes there rather than starting here."""
+    goes there rather than starting here. ``local``: this host holds a local socket for
+    the flow, so the connection is served right here: no table answer sends it away."""
+    if local:
+        return Decision(Action.SERVE, reason="local-socket", release=packet is Packet.FIN)
     d = _table(packet, here, tunnelled, owner, affinity, sticky_clients)
     if d.action is Action.TUNNEL and d.target in (here, 0):
         # Never tunnel to yourself (nor nowhere), whatever the table says.

@@ -3,10 +3,11 @@ acts on the answer with the decision table of docs/protocol.md#decision-table
 (``dht.client.decision``).
 
     async with Client(pop_nodes) as client, Forwarder(client, "ams") as fw:
-        out = await fw.handle(key, Packet.SYN)        # claims the new flow for ams
+        out = await fw.handle(key, Packet.SYN)        # one call: the claim names the owner
         await fw.established(key)                     # handshake done: confirm
         out = await fw.handle(key, Packet.DATA)       # a cache hit: Action.SERVE
         out = await fw.handle(other, Packet.DATA)     # owned by fra: TUNNEL, target 2
+        await fw.alive(pinned_keys)                   # flows the data plane holds: keep them
 
 What it adds to ``dht.client.Client`` (which it uses for routing, failover across
 replicas and nodes, and keeping the partition table current; the forwarder refreshes the
@@ -16,14 +17,26 @@ table every ``table_refresh_s`` too, so an idle forwarder is current when traffi
   an owner change to reach this forwarder) and never past the record's expiry, negative
   answers for ``negative_ttl_s``;
 - concurrent misses for one key share one look-up (coalescing), and misses from every
-  caller are micro-batched: a batch leaves when it holds ``batch_max_keys`` keys or
-  ``batch_window_ms`` after its first key, at most ``max_batches_in_flight`` at once.
-  Claims, confirms, releases and refreshes are batched the same way;
+  caller are micro-batched (``dht.client.batcher``): a batch leaves when it holds
+  ``batch_max_keys`` keys or ``batch_window_ms`` after its first key, at most
+  ``max_batches_in_flight`` at once. Claims, confirms, releases and refreshes are batched
+  the same way;
+- the SYN path is one call: a claim answers with the owner, nothing waits for a look-up
+  first (with sticky clients a look-up comes first: it carries the client's affinity);
+- a packet that is not a flow's first (TCP non-SYN, UDP) whose flow this PoP does not know
+  is asked of the other PoPs by the table (the second chance,
+  docs/protocol.md#second-chance) before affinity may decide;
+- a packet of a connection held in a local socket (``local=True``) is served here, with
+  no table call;
+- FIN/RST served by the owner releases the record in the background: the packet does not
+  wait (a failed release is counted in ``stats.release_failures``);
 - live flows (used since the last round) are re-read in batches before their entries
   lapse, and records this PoP owns are refreshed (``Refresh``) when they would expire
-  within ``refresh_ahead_s``: a busy flow never waits on a miss and never expires;
-- FIN/RST served by the owner releases the record; ``close()`` stops the background
-  work, fails callers still waiting, and closes the client if the forwarder opened it;
+  within ``refresh_ahead_s``: a busy flow never waits on a miss and never expires. Flows
+  the data plane holds (no packet reaches ``handle()``) are kept the same way by
+  ``alive(keys)`` (docs/api.md#keep-alive);
+- ``close()`` stops the background work, fails callers still waiting, and closes the
+  client if the forwarder opened it;
 - the loop guard: a tunnelled-in packet is served, never tunnelled again, and nothing is
   tunnelled to this PoP.
 
@@ -40,27 +53,25 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from dht.client.batcher import UNAVAILABLE, Batcher
 from dht.client.cache import Answer, CacheLimits, FlowCache
 from dht.client.decision import Action, Decision, Packet, decide
 from dht.core.config import TlsConfig
 from dht.core.errors import DhtError, InvalidArgument, Unavailable
-from dht.core.record import State, Status
-from dht.core.wire import FLAG_AFFINITY_FALLBACK, KEY_SIZE, FlowKey, ResultArray
+from dht.core.record import Status
+from dht.core.wire import KEY_SIZE, FlowKey, ResultArray
 
 if TYPE_CHECKING:
     from dht.client.client import Client
 
 log = logging.getLogger(__name__)
 
-_LIVE = (Status.OK, Status.CREATED, Status.ALREADY_OWNED, Status.OWNED_ELSEWHERE)
-UNAVAILABLE = Answer(Status.UNAVAILABLE, 0, State.NONE, 0, 0)
+__all__ = ["UNAVAILABLE", "Forwarder", "ForwarderConfig", "ForwarderStats", "Outcome"]
 
 
 @dataclass(frozen=True)
@@ -83,12 +94,16 @@ class ForwarderConfig:
     # Requested TTLs (0 = the server's default for the state; within its bounds).
     claim_ttl_s: int = 0
     confirm_ttl_s: int = 0
-    # docs/protocol.md#decision-table: a new flow of a client whose affinity names another PoP goes
-    # there ("sticky clients"); off = the flow starts where its SYN lands.
+    # docs/protocol.md#decision-table: a new flow of a client whose affinity names another
+    # PoP goes there ("sticky clients"); off = the flow starts where its SYN lands. On, a
+    # SYN's claim waits for a look-up first (the affinity is in its answer).
     sticky_clients: bool = False
     # Use the affinity fallback for packets of unknown flows (off: the simulator's
     # "no affinity" comparison).
     use_affinity: bool = True
+    # Look-ups for packets that are not a flow's first ask the other PoPs about flows this
+    # PoP does not know (docs/protocol.md#second-chance); off: this PoP's table only.
+    second_chance: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_window_ms < 0 or not 1 <= self.batch_max_keys <= 10_000:
@@ -116,135 +131,37 @@ class Outcome:
 
 @dataclass
 class ForwarderStats:
-    packets: int = 0
-    hits: int = 0  # owner (or its absence) answered by the cache
-    misses: int = 0
+    """What one forwarder did; every field is listed in docs/api.md#forwarder-statistics."""
+
+    packets: int = 0  # handle() calls
+    hits: int = 0  # look-ups answered by the cache (an owner, or a recent "nobody")
+    misses: int = 0  # look-ups that went to the table
     coalesced: int = 0  # submissions that joined a key already waiting or in flight
-    lookups_sent: int = 0  # keys sent in Lookup calls (misses + re-reads of live flows)
-    lookup_batches: int = 0
-    claims: int = 0
-    confirms: int = 0
-    releases: int = 0
-    refreshes: int = 0  # keys sent in Refresh calls
+    lookups_sent: int = 0  # keys sent in Lookup calls (misses, re-reads, keep-alives)
+    lookup_batches: int = 0  # Lookup calls sent
+    second_chance_sent: int = 0  # of lookups_sent, keys that may ask the other PoPs
+    second_chance_found: int = 0  # answers another PoP's copy gave (flagged)
+    claims: int = 0  # claims asked (new flows: SYN, UDP)
+    claim_batches: int = 0  # Claim calls sent
+    confirms: int = 0  # confirms asked (established())
+    releases: int = 0  # releases asked (FIN/RST served by the owner, release())
+    release_failures: int = 0  # background releases the table did not take (UNAVAILABLE)
+    refreshes: int = 0  # keys sent in Refresh calls (background round, alive())
     revalidated: int = 0  # live entries re-read before they lapsed
-    served: int = 0
-    tunnelled: int = 0
-    unknown: int = 0
-    loop_guard: int = 0
-    table_errors: int = 0
-    # Seconds from a cache miss to the table's answer (recent misses).
+    kept_alive: int = 0  # keys passed to alive()
+    local: int = 0  # packets served for a local socket, with no table call
+    served: int = 0  # packets served here (local ones included)
+    tunnelled: int = 0  # packets tunnelled to another PoP
+    unknown: int = 0  # packets served here with no owner known (SERVE_UNKNOWN)
+    loop_guard: int = 0  # decisions the loop guard turned into SERVE
+    table_errors: int = 0  # calls that failed whole, and failed background rounds
+    # Seconds from a cache miss to the table's answer (the last 100,000 misses).
     miss_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
     @property
     def hit_rate(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
-
-
-def answer_of(row: np.void) -> Answer:
-    """A result row as the forwarder's Answer (affinity fallback pulled apart)."""
-    status = Status(int(row["status"]))
-    state = State(int(row["state"]))
-    pop = int(row["owner_pop"])
-    if status in _LIVE and state not in (State.NONE, State.RELEASED) and pop:
-        return Answer(status, pop, state, 0, int(row["expiry_ms"]))
-    affinity = pop if int(row["flags"]) & FLAG_AFFINITY_FALLBACK else 0
-    return Answer(status, 0, State.NONE, affinity, 0)
-
-
-class _Batcher:
-    """Micro-batches one kind of call. ``submit`` coalesces a key already waiting or in
-    flight; a batch leaves when full or ``window_s`` after its first key."""
-
-    def __init__(
-        self,
-        name: str,
-        send: Callable[[bytes], Awaitable[ResultArray]],
-        cfg: ForwarderConfig,
-        stats: ForwarderStats,
-        spawn: Callable[[Awaitable[None], str], None],
-    ) -> None:
-        self.name = name
-        self._send = send
-        self._window_s = cfg.batch_window_ms / 1000
-        self._max = cfg.batch_max_keys
-        self._slots = asyncio.Semaphore(cfg.max_batches_in_flight)
-        self._stats = stats
-        self._spawn = spawn
-        self._waiting: dict[bytes, asyncio.Future[Answer]] = {}
-        self._in_flight: dict[bytes, asyncio.Future[Answer]] = {}
-        self._wake = asyncio.Event()
-        self._full = asyncio.Event()
-        self.batches = 0
-        self.keys = 0
-
-    def submit(self, key: bytes) -> asyncio.Future[Answer]:
-        fut = self._waiting.get(key) or self._in_flight.get(key)
-        if fut is not None:
-            self._stats.coalesced += 1
-            return fut
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting[key] = fut
-        self._wake.set()
-        if len(self._waiting) >= self._max:
-            self._full.set()
-        return fut
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            if len(self._waiting) < self._max and self._window_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._window_s):
-                        await self._full.wait()
-            self._full.clear()
-            keys = list(self._waiting)[: self._max]
-            futs = [self._waiting.pop(k) for k in keys]
-            if not self._waiting:
-                self._wake.clear()
-            elif len(self._waiting) >= self._max:
-                self._full.set()
-            if not keys:
-                continue
-            for k, f in zip(keys, futs, strict=True):
-                self._in_flight[k] = f
-            await self._slots.acquire()
-            self._spawn(self._flush(keys, futs), f"{self.name}-batch")
-
-    async def _flush(self, keys: list[bytes], futs: list[asyncio.Future[Answer]]) -> None:
-        self.batches += 1
-        self.keys += len(keys)
-        try:
-            try:
-                rows = await self._send(b"".join(keys))
-                answers = [answer_of(r) for r in rows]
-            except DhtError as e:
-                # The table is unreachable: every key is "unknown" (not cached), so the
-                # packet still gets a decision.
-                log.warning("%s batch of %d keys failed: %s", self.name, len(keys), e)
-                self._stats.table_errors += 1
-                answers = [UNAVAILABLE] * len(keys)
-            for f, a in zip(futs, answers, strict=True):
-                if not f.done():
-                    f.set_result(a)
-        except BaseException as e:
-            for f in futs:
-                if not f.done():
-                    f.set_exception(e if isinstance(e, Exception) else Unavailable("cancelled"))
-            raise
-        finally:
-            for k in keys:
-                self._in_flight.pop(k, None)
-            self._slots.release()
-
-    def fail_all(self, error: Exception) -> None:
-        for fut in [*self._waiting.values(), *self._in_flight.values()]:
-            if not fut.done():
-                fut.set_exception(error)
-                # Nobody may be waiting on it any more: do not log "never retrieved".
-                fut.exception()
-        self._waiting.clear()
-        self._in_flight.clear()
 
 
 class Forwarder:
@@ -275,40 +192,47 @@ class Forwarder:
         self._stop = asyncio.Event()
         self._closed = False
         self._last_round = clock()
+        self._behind: set[asyncio.Future[Answer]] = set()  # releases sent by handle()
 
-        def call(method: str, **kw: object) -> Callable[[bytes], Awaitable[ResultArray]]:
-            async def send(raw: bytes) -> ResultArray:
-                return await self.client.flow_packed(method, raw, **kw)  # type: ignore[arg-type]
+        def batcher(name: str, send: Callable[[bytes], Awaitable[ResultArray]]) -> Batcher:
+            return Batcher(
+                name,
+                send,
+                window_ms=cfg.batch_window_ms,
+                max_keys=cfg.batch_max_keys,
+                max_in_flight=cfg.max_batches_in_flight,
+                spawn=self._spawn,
+                counters=self.stats,
+            )
 
-            return send
-
-        here = lambda: self.here  # noqa: E731 -- resolved in start()
-        self._lookups = _Batcher("lookup", call("Lookup"), cfg, self.stats, self._spawn)
-        self._claims = _Batcher(
-            "claim", self._acting("Claim", here, cfg.claim_ttl_s), cfg, self.stats, self._spawn
-        )
-        self._confirms = _Batcher(
-            "confirm", self._acting("Confirm", here, cfg.confirm_ttl_s), cfg, self.stats,
-            self._spawn,
-        )  # fmt: skip
-        self._releases = _Batcher(
-            "release", self._acting("Release", here, None), cfg, self.stats, self._spawn
-        )
-        self._refreshes = _Batcher(
-            "refresh", self._acting("Refresh", here, cfg.confirm_ttl_s), cfg, self.stats,
-            self._spawn,
-        )  # fmt: skip
+        self._lookups = batcher("lookup", self._send("Lookup"))
+        self._asks = batcher("lookup-second-chance", self._send("Lookup", second_chance=True))
+        self._claims = batcher("claim", self._send("Claim", cfg.claim_ttl_s))
+        self._confirms = batcher("confirm", self._send("Confirm", cfg.confirm_ttl_s))
+        self._releases = batcher("release", self._send("Release"))
+        self._refreshes = batcher("refresh", self._send("Refresh", cfg.confirm_ttl_s))
         self._batchers = (
-            self._lookups, self._claims, self._confirms, self._releases, self._refreshes
+            self._lookups, self._asks, self._claims, self._confirms, self._releases,
+            self._refreshes,
         )  # fmt: skip
 
-    def _acting(
-        self, method: str, here: Callable[[], int], ttl_s: int | None
+    def _send(
+        self, method: str, ttl_s: int = 0, *, second_chance: bool = False
     ) -> Callable[[bytes], Awaitable[ResultArray]]:
+        """One kind of call, counted; acting calls act for this PoP."""
+        stats = self.stats
+
         async def send(raw: bytes) -> ResultArray:
-            if ttl_s is None:
-                return await self.client.flow_packed(method, raw, pop=here())
-            return await self.client.flow_packed(method, raw, pop=here(), ttl_s=ttl_s)
+            n = len(raw) // KEY_SIZE
+            if method == "Lookup":
+                stats.lookups_sent += n
+                stats.lookup_batches += 1
+                if second_chance:
+                    stats.second_chance_sent += n
+                return await self.client.flow_packed(method, raw, second_chance=second_chance)
+            if method == "Claim":
+                stats.claim_batches += 1
+            return await self.client.flow_packed(method, raw, pop=self.here, ttl_s=ttl_s)
 
         return send
 
@@ -390,53 +314,71 @@ class Forwarder:
 
     # ------------------------------------------------------------------ look-ups
 
-    async def lookup(self, key: FlowKey | bytes) -> Answer:
-        """The flow's owner: from the cache, else from the table (coalesced, batched)."""
-        return (await self._lookup(_raw(key)))[0]
+    async def lookup(self, key: FlowKey | bytes, *, second_chance: bool = False) -> Answer:
+        """The flow's owner: from the cache, else from the table (coalesced, batched).
+        ``second_chance``: if this PoP does not know the flow, the table asks the other
+        PoPs (docs/protocol.md#second-chance)."""
+        return (await self._lookup(_raw(key), second_chance))[0]
 
-    async def _lookup(self, k: bytes) -> tuple[Answer, bool]:
+    async def _lookup(self, k: bytes, second_chance: bool) -> tuple[Answer, bool]:
         e = self.cache.get(k, self._clock())
         if e is not None:
             self.stats.hits += 1
             return e.answer, True
         self.stats.misses += 1
         t0 = time.perf_counter()
-        answer = await self._lookups.submit(k)
+        answer = await self._ask(k, second_chance)
         self.stats.miss_latency_s.append(time.perf_counter() - t0)
         self.cache.put(k, answer, self._clock(), self._wall_ms())
         return answer, False
+
+    async def _ask(self, k: bytes, second_chance: bool) -> Answer:
+        if second_chance and self.config.second_chance:
+            answer = await self._asks.submit(k)
+            if answer.second_chance:
+                self.stats.second_chance_found += 1
+            return answer
+        return await self._lookups.submit(k)
 
     def invalidate(self, key: FlowKey | bytes) -> None:
         """Drop a cached answer (pushed invalidation, if a deployment has one)."""
         self.cache.invalidate(_raw(key))
 
-    @property
-    def lookups_sent(self) -> int:
-        return self._lookups.keys
-
-    @property
-    def lookup_batches(self) -> int:
-        return self._lookups.batches
-
     # ------------------------------------------------------------------ packets
 
     async def handle(
-        self, key: FlowKey | bytes, packet: Packet, *, tunnelled: bool = False
+        self,
+        key: FlowKey | bytes,
+        packet: Packet,
+        *,
+        tunnelled: bool = False,
+        local: bool = False,
     ) -> Outcome:
-        """Decide one packet (docs/protocol.md#decision-table): look the owner up (cache, then
-        table), claim a new flow, release an ended one, and say SERVE, TUNNEL or SERVE_UNKNOWN."""
+        """Decide one packet (docs/protocol.md#decision-table) and say SERVE, TUNNEL or
+        SERVE_UNKNOWN. ``tunnelled``: it arrived tunnelled from another PoP (hop limit 1).
+        ``local``: this host holds a local socket for the flow (the forwarder knows its
+        own sockets): served here, no table call.
+
+        A SYN is one call (a claim answers with the owner); a packet that is not a flow's
+        first asks the table (cache first) with a second chance across PoPs; FIN/RST
+        releases in the background, never holding the packet."""
         k = _raw(key)
-        self.stats.packets += 1
+        st = self.stats
+        st.packets += 1
         answer: Answer | None = None
         cached = False
-        if tunnelled:
-            # Hop limit 1: no look-up decides where it goes; only a cached "ours" spares
-            # a tunnelled-in SYN its claim.
+        owner = affinity = 0
+        if local:
+            st.local += 1
+        elif tunnelled or (packet is Packet.SYN and not self.config.sticky_clients):
+            # A SYN needs no look-up: its claim names the owner. Hop limit 1: no look-up
+            # decides where a tunnelled-in packet goes. A cached owner spares the claim.
             e = self.cache.get(k, self._clock())
-            owner = e.owner if e else 0
-            affinity = 0
+            if e is not None:
+                st.hits += 1
+                answer, cached, owner = e.answer, True, e.owner
         else:
-            answer, cached = await self._lookup(k)
+            answer, cached = await self._lookup(k, packet is not Packet.SYN)
             owner = answer.owner
             affinity = answer.affinity if self.config.use_affinity else 0
         d = decide(
@@ -446,19 +388,20 @@ class Forwarder:
             owner=owner,
             affinity=affinity,
             sticky_clients=self.config.sticky_clients,
+            local=local,
         )
         if d.reason == "loop-guard":
-            self.stats.loop_guard += 1
+            st.loop_guard += 1
         if d.action is Action.CLAIM:
             d, answer = await self._claim(k, d)
         if d.release:
-            await self.release(k)
+            self._release_behind(k)
         if d.action is Action.TUNNEL:
-            self.stats.tunnelled += 1
+            st.tunnelled += 1
         elif d.action is Action.SERVE:
-            self.stats.served += 1
+            st.served += 1
         else:
-            self.stats.unknown += 1
+            st.unknown += 1
         return Outcome(d.action, d.target, d.reason, cached, answer)
 
     async def _claim(self, k: bytes, d: Decision) -> tuple[Decision, Answer]:
@@ -483,14 +426,68 @@ class Forwarder:
         return answer
 
     async def release(self, key: FlowKey | bytes) -> Answer:
-        """The connection ended here (FIN/RST served by the owner): leave a tombstone."""
+        """The connection ended here (FIN/RST served by the owner): leave a tombstone,
+        and wait for the table's answer (``handle`` does not wait)."""
         k = _raw(key)
         self.stats.releases += 1
-        answer = await self._releases.submit(k)
         self.cache.invalidate(k)
-        return answer
+        return await self._releases.submit(k)
 
-    # ------------------------------------------------------------------ background
+    def _release_behind(self, k: bytes) -> None:
+        self.stats.releases += 1
+        self.cache.invalidate(k)
+        fut = self._releases.submit(k)
+        self._behind.add(fut)
+        fut.add_done_callback(self._released)
+
+    @property
+    def releases_in_flight(self) -> int:
+        """Releases ``handle`` sent in the background that have no answer yet."""
+        return len(self._behind)
+
+    async def flush(self) -> None:
+        """Wait until the releases ``handle`` sent in the background so far have their
+        answers (or failed: counted in ``stats.release_failures``)."""
+        if self._behind:
+            await asyncio.wait(set(self._behind))
+
+    def _released(self, fut: asyncio.Future[Answer]) -> None:
+        self._behind.discard(fut)
+        if (
+            fut.cancelled()
+            or fut.exception() is not None
+            or fut.result().status in (Status.UNAVAILABLE, Status.MOVED)
+        ):
+            self.stats.release_failures += 1
+
+    # ------------------------------------------------------------------ keep-alive
+
+    async def alive(self, keys: Iterable[FlowKey | bytes]) -> list[Answer]:
+        """Flows the data plane holds (a kernel map, hardware) are still alive: their
+        packets do not pass through ``handle()``, so nothing else would keep their records.
+        Records this PoP owns that would expire within ``refresh_ahead_s`` are refreshed;
+        the others are re-read (revalidated, second chance included). Batched like every
+        call. Returns the current answer per key, in order.
+
+        Call it for every pinned flow at least every ``refresh_ahead_s - slack`` seconds,
+        with ``refresh_ahead_s`` below the established TTL (docs/api.md#keep-alive)."""
+        raw = [_raw(k) for k in keys]
+        self.stats.kept_alive += len(raw)
+        now = self._clock()
+        out: dict[bytes, Answer] = {}
+        unknown: list[bytes] = []
+        for k in dict.fromkeys(raw):
+            e = self.cache.get(k, now)
+            if e is None or e.owner != self.here:
+                unknown.append(k)
+            else:
+                out[k] = e.answer
+        out.update(await self._keep(unknown, reread_rest=True))
+        # Owned and due now (some re-read just now): refresh them.
+        out.update(
+            await self._keep([k for k, a in out.items() if a.owner == self.here], reread_rest=False)
+        )
+        return [out[k] for k in raw]
 
     async def refresh_live(self) -> int:
         """One background round: re-read (batched ``Lookup``) the live flows whose entries
@@ -500,31 +497,39 @@ class Forwarder:
         now = self._clock()
         since, self._last_round = self._last_round, now
         keys = list(self.cache.live(now, since, now + 2 * cfg.refresh_interval_s))
+        return len(await self._keep(keys, reread_rest=True))
+
+    async def _keep(self, keys: list[bytes], *, reread_rest: bool) -> dict[bytes, Answer]:
+        """Refresh the keys this PoP owns whose records expire within ``refresh_ahead_s``;
+        re-read the others if ``reread_rest``. Returns the answers of the keys sent."""
         if not keys:
-            return 0
-        wall = self._wall_ms()
-        ahead_ms = cfg.refresh_ahead_s * 1000
+            return {}
+        now, wall = self._clock(), self._wall_ms()
+        ahead_ms = self.config.refresh_ahead_s * 1000
         refresh: list[bytes] = []
         reread: list[bytes] = []
         for k in keys:
             e = self.cache.get(k, now)
-            if e is None:
-                continue
-            own = e.owner == self.here and e.answer.expiry_ms - wall < ahead_ms
-            (refresh if own else reread).append(k)
-        futs = [self._refreshes.submit(k) for k in refresh]
-        futs += [self._lookups.submit(k) for k in reread]
+            if e is not None and e.owner == self.here and e.answer.expiry_ms - wall < ahead_ms:
+                refresh.append(k)
+            elif reread_rest:
+                reread.append(k)
+        futs: list[Awaitable[Answer]] = [self._refreshes.submit(k) for k in refresh]
+        futs += [self._ask(k, True) for k in reread]
         self.stats.refreshes += len(refresh)
         self.stats.revalidated += len(reread)
         answers = await asyncio.gather(*futs)
         t, w = self._clock(), self._wall_ms()
+        mine = set(refresh)
+        out: dict[bytes, Answer] = {}
         for k, a in zip([*refresh, *reread], answers, strict=True):
-            if a.status == Status.NOT_FOUND and k in refresh:
+            out[k] = a
+            if a.status == Status.NOT_FOUND and k in mine:
                 # Our record is gone (expired, or released elsewhere): ask the table.
                 self.cache.invalidate(k)
             else:
                 self.cache.put(k, a, t, w)
-        return len(futs)
+        return out
 
     async def _maintain(self) -> None:
         cfg = self.config

@@ -210,6 +210,10 @@ class NodeConfig:
     # A node that starts resyncs from the other PoPs before /readyz says ready, but waits
     # at most this long for them (a PoP started alone, or all PoPs at once).
     pop_resync_timeout_s: float = 10.0
+    # A Lookup with second_chance set asks the other PoPs about flows this PoP holds no
+    # record of, and waits at most this long for them: a few inter-PoP round trips,
+    # far below a TCP retransmission (docs/protocol.md#second-chance).
+    second_chance_timeout_s: float = 0.15
     # A confirmed claim makes the claiming PoP the client prefix's preferred PoP.
     affinity_on_confirm: bool = True
     # A flow lookup that finds nothing returns the client's preferred PoP, flagged.
@@ -333,6 +337,8 @@ def validate(cfg: NodeConfig) -> None:
         bad("ship_buffer_records must be at least ship_batch_records")
     if cfg.ship_interval_ms < 1 or cfg.pop_anti_entropy_interval_s <= 0:
         bad("ship_interval_ms and pop_anti_entropy_interval_s must be positive")
+    if not 0 < cfg.second_chance_timeout_s <= 5:
+        bad("second_chance_timeout_s must be in (0, 5] seconds")
     if cfg.profile not in PROFILES:
         bad(f"profile {cfg.profile!r}: want one of {PROFILES}")
 

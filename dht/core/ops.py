@@ -52,3 +52,8 @@ class BatchCall:
     epoch: int = 0
     no_forward: bool = False
     forwarded: bool = False
+    # Lookup: ask the other PoPs for keys this PoP has no record of
+    # (docs/protocol.md#second-chance).
+    second_chance: bool = False
+    # Asked by another PoP's node (a second chance): answered from this PoP's table alone.
+    peer_pop: int = 0

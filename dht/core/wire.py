@@ -75,6 +75,8 @@ RESULT_STRUCT = struct.Struct(">BBHHHIHHQQ")
 assert RESULT_STRUCT.size == RESULT_SIZE
 
 FLAG_AFFINITY_FALLBACK = 1
+# Result flags bit 1: the record is another PoP's copy, found by a second chance.
+FLAG_SECOND_CHANCE = 2
 
 # A record copy as nodes exchange it (replication, hints, anti-entropy, refill): the
 # 40-byte canonical key followed by the 32-byte result layout (status OK).

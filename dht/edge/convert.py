@@ -26,6 +26,7 @@ def flow_call(op: Op, req: pb.FlowBatchRequest) -> BatchCall:
         epoch=req.epoch,
         no_forward=req.no_forward,
         forwarded=req.forwarded,
+        second_chance=req.second_chance,
     )
 
 

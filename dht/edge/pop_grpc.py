@@ -102,6 +102,17 @@ class PopLinkService(pb_grpc.PopLinkServicer):
             counts=pack_counts(d.counts),
         )
 
+    async def PopLookup(self, request: pb.PopLookupRequest, context: Ctx) -> pb.FlowBatchResponse:
+        try:
+            self.authz.node_of_pop(context, request.from_pop)
+            _check_version(request.format_version)
+            results = await self.pops.lookup_for(request.keys, request.from_pop)
+        except DhtError as e:
+            await context.abort(grpc_status(e), str(e))
+            raise  # unreachable: abort raises
+        node = self.pops.node
+        return pb.FlowBatchResponse(format_version=1, results=results, epoch=node.table.epoch)
+
     async def PopFetch(
         self, request: pb.PopFetchRequest, context: Ctx
     ) -> AsyncIterator[pb.ShipBatch]:
@@ -255,6 +266,20 @@ class GrpcPopTransport:
         except grpc.aio.AioRpcError as e:
             raise PopUnreachable(f"{address}: {_describe(e)}") from None
         return ShipResult(ack.ok, ack.applied, ack.rejected, ack.error)
+
+    async def lookup(self, address: str, raw: bytes) -> bytes:
+        req = pb.PopLookupRequest(
+            format_version=FORMAT_VERSION,
+            from_pop=self.from_pop,
+            from_node=self.from_node,
+            keys=raw,
+        )
+        try:
+            # The caller's second-chance deadline is the real bound.
+            resp = await self.stub(address).PopLookup(req, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise PopUnreachable(f"{address}: {_describe(e)}") from None
+        return resp.results
 
     async def close(self) -> None:
         channels = [c for c, _ in self._channels.values()]

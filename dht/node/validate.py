@@ -72,6 +72,8 @@ def validate(config: NodeConfig, table: PartitionMap, call: BatchCall) -> Valida
         raise InvalidArgument(
             "format_version", f"{call.format_version} is not supported (want {FORMAT_VERSION})"
         )
+    if call.second_chance and call.op is not Op.LOOKUP:
+        raise InvalidArgument("second_chance", f"only Lookup asks other PoPs, not {call.op.value}")
     cfg = config
     flows: KeyArray | None = None
     prefixes: npt.NDArray[np.uint8] | None = None

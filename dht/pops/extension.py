@@ -25,6 +25,10 @@ quorum. What is shipped is decided by the pure policy in :mod:`dht.pops.shipping
   PoP (``affinity_on_confirm``); a flow lookup that finds nothing returns the preferred
   PoP, if any, flagged FLAG_AFFINITY_FALLBACK, status still NOT_FOUND
   (``affinity_fallback``).
+* **Second chance.** A Lookup with ``second_chance`` set asks the other PoPs about the
+  flows it found nothing for, at once and bounded by ``second_chance_timeout_s``
+  (:mod:`dht.pops.second`); a live copy found there is answered OK, flagged
+  FLAG_SECOND_CHANCE. The other PoPs answer through :meth:`Pops.lookup_for`.
 * **Sizing.** A PoP smaller than the replication factor gets quorums that survive a
   failed node (:mod:`dht.core.sizing`).
 
@@ -48,7 +52,8 @@ import numpy.typing as npt
 from prometheus_client.core import Metric
 
 from dht.core import sizing
-from dht.core.errors import DhtError, InvalidArgument
+from dht.core.errors import InvalidArgument
+from dht.core.ingress import Bounds
 from dht.core.ops import BatchCall, Op
 from dht.core.peers import replica_mask
 from dht.core.placement import Member
@@ -56,7 +61,6 @@ from dht.core.record import ClockOffsetError, State, Status, hlc_physical_ms
 from dht.core.wire import (
     ENTRY_DTYPE,
     ENTRY_SIZE,
-    FLAG_AFFINITY_FALLBACK,
     KEY_DTYPE,
     KIND_FLOW,
     EntryArray,
@@ -67,7 +71,9 @@ from dht.node.node import Node
 from dht.node.peerview import PeerView
 from dht.node.transport import PeerUnreachable
 from dht.pops.gauges import pop_metrics
+from dht.pops.hints import Hints
 from dht.pops.link import EXCHANGE_BATCH, PeerPop
+from dht.pops.second import SecondChance
 from dht.pops.shipping import (
     SHIPPED_KINDS,
     DelayLine,
@@ -100,6 +106,10 @@ class Pops:
             self.links[name] = PeerPop(
                 name, cfg.pops[name], dial, first, config=cfg, transport=transport, home=self
             )
+        second = SecondChance(
+            transport, Bounds.of(cfg), cfg.second_chance_timeout_s, node.metrics.registry
+        )
+        self.hints = Hints(node, list(self.links.values()), second)
         self.delay = DelayLine(cfg.ship_buffer_records)
         self.replicate_after_ms = round(cfg.replicate_after_s * 1000)
         self.received: dict[str, int] = {}
@@ -147,43 +157,13 @@ class Pops:
             link.enqueue(raw, kinds, now)
 
     async def after_batch(self, call: BatchCall, out: ResultArray) -> None:
-        cfg = self.config
-        if not self.links:
-            # A lone PoP: every flow's preferred PoP is this one, so affinity records
-            # (one per client prefix, a /32 by default) would only cost memory and a
-            # quorum write per confirm. Explicit SetAffinity calls still work.
-            return
-        try:
-            if call.op is Op.CONFIRM and cfg.affinity_on_confirm:
-                await self._affinity_on_confirm(call, out)
-            elif call.op is Op.LOOKUP and cfg.affinity_fallback:
-                await self._affinity_fallback(call, out)
-        except DhtError as e:
-            # A hint only: the call's own results stand.
-            log.info("affinity after %s failed: %s", call.op.value, e)
+        await self.hints.after_batch(call, out)
 
-    async def _affinity_on_confirm(self, call: BatchCall, out: ResultArray) -> None:
-        pop = call.pop or self.node.pop_id
-        ok = np.isin(out["status"], (Status.OK, Status.CREATED)) & (out["owner_pop"] == pop)
-        if not ok.any():
-            return
-        keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[ok]
-        clients = np.unique(np.ascontiguousarray(keys["caddr"]), axis=0)
-        await self.node.batch(BatchCall(Op.SET_AFFINITY, clients.tobytes(), pop=pop))
-
-    async def _affinity_fallback(self, call: BatchCall, out: ResultArray) -> None:
-        miss = np.flatnonzero(out["status"] == Status.NOT_FOUND)
-        if not miss.size:
-            return
-        keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[miss]
-        raw = await self.node.batch(
-            BatchCall(Op.GET_AFFINITY, np.ascontiguousarray(keys["caddr"]).tobytes())
-        )
-        res = np.frombuffer(raw, dtype=out.dtype)
-        found = (res["status"] == Status.OK) & (res["owner_pop"] != 0)
-        at = miss[found]
-        out["owner_pop"][at] = res["owner_pop"][found]
-        out["flags"][at] |= FLAG_AFFINITY_FALLBACK
+    async def lookup_for(self, raw: bytes, from_pop: int) -> bytes:
+        """Another PoP's second chance: who owns these flows, from this PoP's table
+        (a Lookup of its own; never asked further, no affinity hint)."""
+        self.peer_pop_name(from_pop)
+        return await self.node.batch(BatchCall(Op.LOOKUP, raw, peer_pop=from_pop))
 
     def sized(self, view: PeerView, members: int) -> None:
         cfg = self.config

@@ -62,4 +62,9 @@ class PopTransport(Protocol):
 
     async def push(self, address: str, raw: bytes, sent_hlc: int) -> ShipResult: ...
 
+    async def lookup(self, address: str, raw: bytes) -> bytes:
+        """Second chance: the peer PoP's results (packed RESULT records) for packed flow
+        keys. The caller bounds it with its own deadline."""
+        ...
+
     async def close(self) -> None: ...

@@ -122,6 +122,11 @@ def add_node_parser(sub: Any) -> None:
         type=float,
         help="ship an established flow once it is this old (default 0: at once)",
     )
+    p.add_argument(
+        "--second-chance-timeout-s",
+        type=float,
+        help="how long a second-chance lookup waits for the other PoPs (default 0.15)",
+    )
     p.add_argument("--replication-factor", type=int)
     p.add_argument("--num-partitions", type=int)
     p.add_argument("--max-records", type=int, help="soft limit: new claims refused beyond it")
@@ -167,6 +172,7 @@ def node_config(args: argparse.Namespace) -> Any:
         "pop_peers": args.pop_peers,
         "pop_via": args.pop_via,
         "replicate_after_s": args.replicate_after_s,
+        "second_chance_timeout_s": args.second_chance_timeout_s,
         "insecure": args.insecure or None,
     }
     values.update({k: v for k, v in flags.items() if v is not None})

@@ -67,11 +67,11 @@ async def test_a_new_flow_is_claimed_then_served_from_the_cache(
     syn = await fw.handle(key, Packet.SYN)
     assert (syn.action, syn.reason) == (Action.SERVE, "new-flow")
     assert (await fw.established(key)).status == Status.OK
-    sent = fw.lookups_sent
+    sent = fw.stats.lookups_sent
     for _ in range(5):
         out = await fw.handle(key, Packet.DATA)
         assert (out.action, out.reason, out.cached) == (Action.SERVE, "owner", True)
-    assert fw.lookups_sent == sent  # no table traffic for cached packets
+    assert fw.stats.lookups_sent == sent  # no table traffic for cached packets
     assert fw.stats.hits == 5
     # The table holds what the forwarder claimed and confirmed.
     (r,) = await fw.client.lookup([key])
@@ -79,6 +79,8 @@ async def test_a_new_flow_is_claimed_then_served_from_the_cache(
     fin = await fw.handle(key, Packet.FIN)
     assert fin.action is Action.SERVE
     assert fw.stats.releases == 1
+    await fw.flush()  # the FIN did not wait for its release
+    assert fw.stats.release_failures == 0
     (r,) = await fw.client.lookup([key])
     assert r.status == Status.NOT_FOUND
 
@@ -90,7 +92,7 @@ async def test_concurrent_misses_for_one_key_share_one_lookup(
     (key,) = flows(1)
     answers = await asyncio.gather(*(fw.lookup(key) for _ in range(20)))
     assert {a.status for a in answers} == {Status.NOT_FOUND}
-    assert fw.lookups_sent == 1
+    assert fw.stats.lookups_sent == 1
     assert fw.stats.coalesced == 19
 
 
@@ -106,8 +108,8 @@ async def test_misses_from_many_callers_are_micro_batched(
     cfg = ForwarderConfig(batch_window_ms=50, batch_max_keys=64)
     fw = await make_forwarder(servers, config=cfg)
     answers = await asyncio.gather(*(fw.lookup(k) for k in keys))
-    assert fw.lookups_sent == 200
-    assert fw.lookup_batches == 4  # 64 + 64 + 64 + 8
+    assert fw.stats.lookups_sent == 200
+    assert fw.stats.lookup_batches == 4  # 64 + 64 + 64 + 8
     assert [a.owner for a in answers] == [2] * 100 + [0] * 100
 
 

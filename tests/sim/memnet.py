@@ -988,6 +988,17 @@ class MemPopTransport:
         except _Failed as e:
             raise PopUnreachable(f"{address}: {e.detail}") from None
 
+    async def lookup(self, address: str, raw: bytes) -> bytes:
+        keys, from_pop = bytes(raw), self.from_pop
+
+        async def serve(n: Node) -> bytes:
+            return await self._pops(n).lookup_for(keys, from_pop)
+
+        try:
+            return await self.net.rpc(self.node_id, address, "PopLookup", self.timeout_s, serve)
+        except _Failed as e:
+            raise PopUnreachable(f"{address}: {e.detail}") from None
+
     async def push(self, address: str, raw: bytes, sent_hlc: int) -> ShipResult:
         batch = bytes(raw)
 

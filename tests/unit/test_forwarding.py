@@ -57,6 +57,18 @@ def test_a_tunnelled_packet_is_never_tunnelled_again(packet: Packet, owner: int)
 
 
 @pytest.mark.parametrize("packet", list(Packet))
+@pytest.mark.parametrize("owner", [0, P, Q])
+@pytest.mark.parametrize("tunnelled", [False, True])
+def test_a_packet_of_a_local_socket_is_always_served_here(
+    packet: Packet, owner: int, tunnelled: bool
+) -> None:
+    # decide(DATA, here=1, owner=none, affinity=2) used to tunnel away a packet whose
+    # connection is served right here.
+    d = decide(packet, here=P, tunnelled=tunnelled, owner=owner, affinity=Q, local=True)
+    assert d == Decision(Action.SERVE, reason="local-socket", release=packet is Packet.FIN)
+
+
+@pytest.mark.parametrize("packet", list(Packet))
 def test_nothing_is_tunnelled_to_this_pop(packet: Packet) -> None:
     # Affinity naming this PoP: no tunnel to ourselves.
     for owner in (0, P):

@@ -75,20 +75,14 @@ def completed(r: Record) -> bool:
 
 
 @given(records, records)
-def test_a_completed_copy_beats_an_embryonic_one_whatever_the_births(
-    a: Record, b: Record
-) -> None:
+def test_a_completed_copy_beats_an_embryonic_one_whatever_the_births(a: Record, b: Record) -> None:
     if a.generation == b.generation and completed(a) != completed(b):
         assert merge(a, b) == (a if completed(a) else b)
 
 
 @given(records, records)
 def test_earliest_birth_wins_within_generation_and_class(a: Record, b: Record) -> None:
-    if (
-        a.generation == b.generation
-        and completed(a) == completed(b)
-        and a.birth() != b.birth()
-    ):
+    if a.generation == b.generation and completed(a) == completed(b) and a.birth() != b.birth():
         assert merge(a, b).birth() == min(a.birth(), b.birth())
 
 

@@ -48,7 +48,10 @@ FLOW RESULT RECORD (format 1): 32 bytes, one per key, in request order
                               an expired record.
   12     2    partition       The key's partition (useful with MOVED).
   14     2    flags           Bit 0: the owner fields come from the client's affinity
-                              record, not a flow record (a hint; reserved in v1).
+                              record, not a flow record (a hint).
+                              Bit 1: a second-chance answer: this PoP holds no live
+                              record; the record is another PoP's copy
+                              (FlowBatchRequest.second_chance). Not stored here.
   16     8    birth_hlc       Hybrid-logical-clock stamp of the claim: upper 48 bits
                               Unix milliseconds, lower 16 bits a logical counter.
   24     8    expiry_ms       Absolute expiry, Unix milliseconds.
@@ -197,6 +200,7 @@ class FlowBatchRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     NO_FORWARD_FIELD_NUMBER: _builtins.int
     FORWARDED_FIELD_NUMBER: _builtins.int
+    SECOND_CHANCE_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     """Must be 1."""
     keys: _builtins.bytes
@@ -221,6 +225,13 @@ class FlowBatchRequest(_message.Message):
     """Set by a node that forwards keys to their owner. A forwarded request is never
     forwarded again (at most one hop): keys the receiver does not own are MOVED.
     """
+    second_chance: _builtins.bool
+    """Lookup only: flow keys this PoP holds no live record of are asked of the other PoPs
+    ("second chance", docs/protocol.md#second-chance): one batched PopLookup per PoP,
+    all at once, bounded by the node's second_chance_timeout_s. A live copy found there
+    (embryonic included) is answered OK with flags bit 1 set. Forwarders set it for
+    packets that are not a flow's first (TCP non-SYN, UDP); a SYN never needs it.
+    """
     def __init__(
         self,
         *,
@@ -232,10 +243,11 @@ class FlowBatchRequest(_message.Message):
         epoch: _builtins.int = ...,
         no_forward: _builtins.bool = ...,
         forwarded: _builtins.bool = ...,
+        second_chance: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "format_version", b"format_version", "forwarded", b"forwarded", "keys", b"keys", "no_forward", b"no_forward", "pop", b"pop", "server", b"server", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "format_version", b"format_version", "forwarded", b"forwarded", "keys", b"keys", "no_forward", b"no_forward", "pop", b"pop", "second_chance", b"second_chance", "server", b"server", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1136,3 +1148,38 @@ class PopFetchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PopFetchRequest: _TypeAlias = PopFetchRequest  # noqa: Y015
+
+@_typing.final
+class PopLookupRequest(_message.Message):
+    """Second chance (docs/protocol.md#second-chance): a node whose PoP has no record of some
+    flows asks one node of another PoP who owns them. The receiver answers from its own
+    PoP's table (a quorum read there; embryonic claims included), never asking further.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    FROM_POP_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    """Must be 1."""
+    from_pop: _builtins.int
+    from_node: _builtins.str
+    keys: _builtins.bytes
+    """N 40-byte flow key records (kind 1). At most PartitionTable.max_batch_keys."""
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        from_pop: _builtins.int = ...,
+        from_node: _builtins.str = ...,
+        keys: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format_version", b"format_version", "from_node", b"from_node", "from_pop", b"from_pop", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopLookupRequest: _TypeAlias = PopLookupRequest  # noqa: Y015

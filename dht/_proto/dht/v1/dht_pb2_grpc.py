@@ -812,6 +812,11 @@ class PopLinkStub:
                 request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.SerializeToString,
                 response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.FromString,
                 _registered_method=True)
+        self.PopLookup = channel.unary_unary(
+                '/dht.v1.PopLink/PopLookup',
+                request_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopLookupRequest.SerializeToString,
+                response_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.FlowBatchResponse.FromString,
+                _registered_method=True)
 
 
 class PopLinkServicer:
@@ -843,6 +848,13 @@ class PopLinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PopLookup(self, request, context):
+        """Second chance: results in the FLOW RESULT RECORD layout, one per key, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PopLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -865,6 +877,11 @@ def add_PopLinkServicer_to_server(servicer, server):
                     servicer.PopPush,
                     request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.FromString,
                     response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.SerializeToString,
+            ),
+            'PopLookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.PopLookup,
+                    request_deserializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopLookupRequest.FromString,
+                    response_serializer=dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.FlowBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -975,6 +992,33 @@ class PopLink:
             '/dht.v1.PopLink/PopPush',
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipBatch.SerializeToString,
             dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.ShipAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PopLookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dht.v1.PopLink/PopLookup',
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.PopLookupRequest.SerializeToString,
+            dht_dot___proto_dot_dht_dot_v1_dot_dht__pb2.FlowBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,7 +48,10 @@ FLOW RESULT RECORD (format 1): 32 bytes, one per key, in request order
                               an expired record.
   12     2    partition       The key's partition (useful with MOVED).
   14     2    flags           Bit 0: the owner fields come from the client's affinity
-                              record, not a flow record (a hint; reserved in v1).
+                              record, not a flow record (a hint).
+                              Bit 1: a second-chance answer: this PoP holds no live
+                              record; the record is another PoP's copy
+                              (FlowBatchRequest.second_chance). Not stored here.
   16     8    birth_hlc       Hybrid-logical-clock stamp of the claim: upper 48 bits
                               Unix milliseconds, lower 16 bits a logical counter.
   24     8    expiry_ms       Absolute expiry, Unix milliseconds.
@@ -295,6 +298,8 @@ class PopLinkStub:
     """Anti-entropy and bulk resync between PoPs."""
     PopFetch: _grpc.UnaryStreamMultiCallable[_dht_pb2.PopFetchRequest, _dht_pb2.ShipBatch]
     PopPush: _grpc.UnaryUnaryMultiCallable[_dht_pb2.ShipBatch, _dht_pb2.ShipAck]
+    PopLookup: _grpc.UnaryUnaryMultiCallable[_dht_pb2.PopLookupRequest, _dht_pb2.FlowBatchResponse]
+    """Second chance: results in the FLOW RESULT RECORD layout, one per key, in order."""
 
 @_typing.type_check_only
 class PopLinkAsyncStub(PopLinkStub):
@@ -305,6 +310,8 @@ class PopLinkAsyncStub(PopLinkStub):
     """Anti-entropy and bulk resync between PoPs."""
     PopFetch: _aio.UnaryStreamMultiCallable[_dht_pb2.PopFetchRequest, _dht_pb2.ShipBatch]  # type: ignore[assignment]
     PopPush: _aio.UnaryUnaryMultiCallable[_dht_pb2.ShipBatch, _dht_pb2.ShipAck]  # type: ignore[assignment]
+    PopLookup: _aio.UnaryUnaryMultiCallable[_dht_pb2.PopLookupRequest, _dht_pb2.FlowBatchResponse]  # type: ignore[assignment]
+    """Second chance: results in the FLOW RESULT RECORD layout, one per key, in order."""
 
 class PopLinkServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -336,5 +343,13 @@ class PopLinkServicer(metaclass=_abc_1.ABCMeta):
         request: _dht_pb2.ShipBatch,
         context: _ServicerContext,
     ) -> _typing.Union[_dht_pb2.ShipAck, _abc.Awaitable[_dht_pb2.ShipAck]]: ...
+
+    @_abc_1.abstractmethod
+    def PopLookup(
+        self,
+        request: _dht_pb2.PopLookupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dht_pb2.FlowBatchResponse, _abc.Awaitable[_dht_pb2.FlowBatchResponse]]:
+        """Second chance: results in the FLOW RESULT RECORD layout, one per key, in order."""
 
 def add_PopLinkServicer_to_server(servicer: PopLinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
