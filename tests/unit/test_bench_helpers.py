@@ -13,8 +13,9 @@ from dht.core.config import StoreLimits
 from dht.core.errors import InvalidArgument
 from dht.core.record import HybridClock, TtlPolicy
 from dht.store.flows import FlowStore
-from dht.tools.bench.command import growth_table, settings, table
+from dht.tools.bench.command import WORKLOADS, growth_table, notes, settings, table
 from dht.tools.bench.keys import redis_keys, synthetic_keys
+from dht.tools.bench.syn import latency_rows, mismatch_note, percentile, summarize
 
 NOW = 1_700_000_000_000
 
@@ -29,10 +30,18 @@ def test_synthetic_keys_are_valid_distinct_and_map_to_compact_redis_keys(family,
     assert set(redis_keys(synthetic_keys(5000, 4, start=7, family=family))) == set(rk)
 
 
+def test_synthetic_ipv6_clients_each_have_their_own_64() -> None:
+    # The embryonic quota is per /64 and counts confirms: one /64 for all would refuse
+    # all but the first thousand records of the memory workload's fill.
+    rows = np.frombuffer(synthetic_keys(5000, 1, family="ipv6"), dtype=wire.KEY_DTYPE)
+    assert len({bytes(c[:8]) for c in rows["caddr"]}) == 5000
+
+
 def test_settings_quick_and_overrides() -> None:
     ns = argparse.Namespace(quick=True, records=None, runs=3, seed=1)
     s = settings(ns)
     assert s.runs == 3 and s.records == 1_000_000 and max(s.growth_sizes) == 1_000_000
+    assert s.syn_samples == 100 and "syn" in WORKLOADS  # the connection path runs by default
     full = settings(argparse.Namespace(quick=False, records=50_000, runs=None, seed=1))
     assert full.records == 50_000 and 5_000_000 in full.growth_sizes
 
@@ -53,6 +62,44 @@ def test_tables_render_every_row() -> None:
         ]
     )
     assert "1.10x" in g
+
+
+def test_percentile_and_summary_of_rounds() -> None:
+    xs = [float(x) for x in range(1, 101)]  # 1..100
+    assert percentile(xs, 50) == 50.5
+    assert percentile(xs, 99) == pytest.approx(99.01)
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    # Medians of per-round percentiles: one slow round moves the pooled p99, not the median.
+    rounds = [[1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [3.0, 4.0, 1000.0]]
+    s = summarize(rounds)
+    assert s.p50 == 3.0 and s.samples == 9
+    assert s.p99 == pytest.approx(3.98) and s.p99_min == pytest.approx(2.98)
+    assert s.p99_max == pytest.approx(980.08) and s.pooled_p99 > 900
+    assert s.pooled_p50 == 3.0
+    for bad in ([], [[1.0], []]):
+        with pytest.raises(ValueError):
+            summarize(bad)
+
+
+def test_latency_rows_report_p50_and_p99_side_by_side() -> None:
+    ours = summarize([[1000.0, 2000.0, 3000.0]])
+    theirs = summarize([[10.0, 20.0, 30.0]])
+    note = mismatch_note(2, 1350, "TUNNEL to B")
+    assert note == "2 of 1,350 answers were not TUNNEL to B"
+    rows = latency_rows("second chance", "sc", "setup", ours, theirs, note, wrong_answers=2)
+    assert [r["workload"] for r in rows] == ["second chance p50", "second chance p99"]
+    assert [r["key"] for r in rows] == ["sc_p50", "sc_p99"]
+    assert rows[0]["dht"] == 2000.0 and rows[0]["redis"] == 20.0 and rows[0]["ratio"] == 100.0
+    assert rows[1]["ratio"] == 100.0 and rows[1]["p99_max"] == rows[1]["dht"]
+    assert all(
+        r["unit"] == "us" and r["goal"] == "report" and r["wrong_answers"] == 2 for r in rows
+    )
+    # The note is printed once under the table; "report" is not a goal to meet.
+    assert notes(rows) == ["second chance: 2 of 1,350 answers were not TUNNEL to B"]
+    text = table(rows)
+    assert "| report | -   |" in text and "NO" not in text
 
 
 def test_check_key_agrees_with_decode_keys() -> None:

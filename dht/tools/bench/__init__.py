@@ -2,6 +2,8 @@
 
 * :mod:`dht.tools.bench.command`: the CLI, the table and the JSON report;
 * :mod:`dht.tools.bench.workloads`: each workload against this project and Redis, interleaved;
+* :mod:`dht.tools.bench.syn`: the connection path (SYN, second chance, plain miss), one key
+  at a time, vs Redis SET NX and GET;
 * :mod:`dht.tools.bench.tls`: the cost of mutual TLS vs plaintext, interleaved (``--only tls``);
 * :mod:`dht.tools.bench.growth`: lookup cost and memory per record from 10k to 5M records;
 * :mod:`dht.tools.bench.procs`: a real redis-server on loopback, process RSS;

@@ -16,7 +16,7 @@ _V6_BYTES = np.arange(1, 38, dtype=np.intp)
 def synthetic_keys(n: int, seed: int, start: int = 0, family: str = "ipv4") -> bytes:
     """n distinct TCP flow keys, ids ``start .. start + n`` in an order shuffled by
     ``seed`` (same ``start``, same set). IPv4: client 10.x.y.z:port -> 192.0.2.1:443;
-    IPv6: client 2001:db8::/96 + id -> 2001:db8::1 port 443."""
+    IPv6: client 2001:db8:<id>::<id>, one /64 per client -> 2001:db8::1 port 443."""
     rng = np.random.default_rng(seed)
     arr = np.zeros(n, dtype=KEY_DTYPE)
     arr["kind"] = KIND_FLOW
@@ -32,6 +32,9 @@ def synthetic_keys(n: int, seed: int, start: int = 0, family: str = "ipv4") -> b
         arr["cport"] = 1024 + (ids >> np.uint64(24)) % np.uint64(60000)
     elif family == "ipv6":
         arr["caddr"][:, :4] = arr["saddr"][:, :4] = (0x20, 0x01, 0x0D, 0xB8)
+        # Each client in its own /64, as a home or a phone is: the embryonic quota is per
+        # /64 (docs/protocol.md#capacity-and-quota) and counts records confirms create.
+        arr["caddr"][:, 4:8] = id_bytes
         arr["caddr"][:, 12:16] = id_bytes
         arr["saddr"][:, 15] = 1
         arr["cport"] = 1024 + ids % np.uint64(60000)

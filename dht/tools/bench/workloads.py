@@ -53,6 +53,7 @@ class Settings:
     miss_samples: int  # per side, UDP and Redis GET
     grpc_miss_samples: int  # the gRPC single-key path, for reference
     growth_sizes: tuple[int, ...]
+    syn_samples: int = 150  # single-key calls per path and round (the connection path)
     batch: int = 1000
     in_flight: int = 4
     seed: int = 1
