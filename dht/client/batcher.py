@@ -1,7 +1,8 @@
 """Micro-batching of one kind of forwarder call (look-ups, claims, ...): concurrent
 requests for one key share one call (coalescing), and keys from every caller leave
-together, when a batch is full or ``window_s`` after its first key, with at most
-``max_in_flight`` batches of the kind at once (docs/api.md#forwarder)."""
+together: at once when no call of the kind is in flight, else when a batch is full or
+``window_s`` after its first key, with at most ``max_in_flight`` batches of the kind at
+once (docs/api.md#forwarder)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,10 @@ class Batcher:
     async def run(self) -> None:
         while True:
             await self._wake.wait()
-            if len(self._waiting) < self._max and self._window_s > 0:
+            # Nagle's rule: with no call of this kind in flight there is nobody to wait
+            # for, so a lone miss leaves at once; while one is in flight, keys gather for
+            # at most the window (or until the batch is full).
+            if len(self._waiting) < self._max and self._window_s > 0 and self._in_flight:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._window_s):
                         await self._full.wait()

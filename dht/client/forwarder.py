@@ -17,7 +17,8 @@ table every ``table_refresh_s`` too, so an idle forwarder is current when traffi
   an owner change to reach this forwarder) and never past the record's expiry, negative
   answers for ``negative_ttl_s``;
 - concurrent misses for one key share one look-up (coalescing), and misses from every
-  caller are micro-batched (``dht.client.batcher``): a batch leaves when it holds
+  caller are micro-batched (``dht.client.batcher``): a miss leaves at once when no call
+  of its kind is in flight (Nagle's rule), else with the others when the batch holds
   ``batch_max_keys`` keys or ``batch_window_ms`` after its first key, at most
   ``max_batches_in_flight`` at once. Claims, confirms, releases and refreshes are batched
   the same way;
@@ -77,8 +78,9 @@ __all__ = ["UNAVAILABLE", "Forwarder", "ForwarderConfig", "ForwarderStats", "Out
 @dataclass(frozen=True)
 class ForwarderConfig:
     cache: CacheLimits = field(default_factory=CacheLimits)
-    # A miss waits at most this long for others to share its batch: 2 ms is far below a
-    # TCP retransmission and turns a burst of misses into a few calls.
+    # While a call of its kind is in flight, a miss waits at most this long for others to
+    # share its batch (with none in flight it leaves at once): 2 ms is far below a TCP
+    # retransmission and turns a burst of misses into a few calls.
     batch_window_ms: float = 2.0
     batch_max_keys: int = 1_000
     # Per kind of call (look-up, claim, ...): bounds the load one forwarder puts on its PoP.
