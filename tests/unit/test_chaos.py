@@ -6,8 +6,12 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
+
+from dht.core.errors import ConfigError
 from dht.core.record import Status
 from dht.tools.chaos.history import History, Operation, check, outcome_of
+from dht.tools.chaos.run import check_args
 
 K = "tcp/198.51.100.7:1000/192.0.2.1:443"
 X = {"owner_pop": 1, "birth_hlc": 100, "birth_pop": 1, "generation": 1}
@@ -139,3 +143,19 @@ def test_the_nemesis_schedule_comes_from_the_seed() -> None:
     assert {f.kind for f in plan_faults(7, 60.0, 3, ("pause",))} == {"pause"}
     with pytest.raises(ValueError, match="unknown fault kinds"):
         plan_faults(7, 60.0, 3, ("flood",))
+
+
+def test_bad_arguments_and_files_are_usage_errors(tmp_path: Path) -> None:
+    """They used to end in tracebacks (a division by zero for --claims-per-s 0)."""
+    from dht.tools.cli import build_parser
+
+    parser = build_parser()
+    for bad in (["--claims-per-s", "0"], ["--duration", "-1"], ["--lookups-per-s", "0"]):
+        args = parser.parse_args(["chaos", *bad])
+        with pytest.raises(ConfigError, match=bad[0]):
+            check_args(args)
+    check_args(parser.parse_args(["chaos"]))
+    broken = tmp_path / "history.jsonl"
+    broken.write_text('{"key": "k"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"history\.jsonl:1"):
+        History.read(broken)

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dht.core.errors import ConfigError
 from dht.core.record import Status
 
 Claim = tuple[int, int, int]  # (owner_pop, birth_hlc, birth_pop)
@@ -130,8 +131,17 @@ class History:
 
     @classmethod
     def read(cls, path: str | Path) -> History:
+        """A history written by :meth:`write`; ConfigError naming the line if it is not one."""
+        ops = []
         with open(path) as f:
-            return cls(Operation(**json.loads(line)) for line in f if line.strip())
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ops.append(Operation(**json.loads(line)))
+                except (ValueError, TypeError) as e:
+                    raise ConfigError(f"{path}:{n}: not a history line: {e}") from None
+        return cls(ops)
 
 
 # The clocks of the nodes may be this far apart: an expiry is not trusted closer than this.

@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from dht.client import Client
+from dht.core.errors import ConfigError
 from dht.core.identity import Role
 from dht.core.record import Status
 from dht.core.wire import KEY_SIZE, FlowKey
@@ -236,9 +237,20 @@ def admin_session(certs: Path | None) -> tuple[aiohttp.ClientSession, str]:
     return aiohttp.ClientSession(timeout=timeout, connector=connector), scheme
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors as ConfigError (the CLI prints them and exits 2), not tracebacks."""
+    if not args.duration > 0:
+        raise ConfigError(f"--duration {args.duration}: want seconds > 0")
+    if not (args.claims_per_s > 0 and args.lookups_per_s > 0):
+        raise ConfigError("--claims-per-s and --lookups-per-s must be > 0")
+    if args.nodes < 1 or args.prefill < 0:
+        raise ConfigError("--nodes must be >= 1 and --prefill >= 0")
+
+
 async def run_chaos(args: argparse.Namespace) -> int:
     if args.check:
         return report(check(History.read(args.check)), None, None)
+    check_args(args)
     # SIGTERM ends the run like Ctrl-C: the faults are healed (hogs killed, paused nodes
     # resumed) and every node started is stopped.
     me = asyncio.current_task()
