@@ -40,10 +40,7 @@ class UndoWindows:
 
     def written_by(self, hashes: U64Array, writer: str) -> npt.NDArray[np.bool_]:
         """Per key: a copy ``writer`` wrote here is still open to its undo."""
-        theirs = self._hashes(self._open, writer)
-        if theirs is None:
-            return np.zeros(len(hashes), dtype=bool)
-        return np.isin(hashes, theirs)
+        return self._member(self._open, hashes, writer)
 
     def pin(self, hashes: U64Array) -> None:
         """These copies open to an undo are being pulled from here: they stand."""
@@ -51,7 +48,13 @@ class UndoWindows:
             self._add(self._pinned, hashes, "")
 
     def pinned(self, hashes: U64Array) -> npt.NDArray[np.bool_]:
-        got = self._hashes(self._pinned, None)
+        """Per key: a copy pulled from here while open to an undo."""
+        return self._member(self._pinned, hashes, None)
+
+    def _member(
+        self, batches: _Batches, hashes: U64Array, writer: str | None
+    ) -> npt.NDArray[np.bool_]:
+        got = self._hashes(batches, writer)
         if got is None:
             return np.zeros(len(hashes), dtype=bool)
         return np.isin(hashes, got)
