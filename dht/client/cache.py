@@ -4,8 +4,9 @@ Bounded (least recently used entries go first: a dropped entry only costs a look
 is not the table), aware of record expiry, with short-lived negative entries. The stated
 bound for an owner change reaching the cache: a positive entry is used for at most
 ``owner_ttl_s`` after it was read from the table (and never past the record's own
-expiry), a negative one for ``negative_ttl_s``. The forwarder re-reads live flows before
-their entries lapse, so a busy flow does not miss.
+expiry), an embryonic claim for at most ``embryonic_ttl_s``, a negative one for
+``negative_ttl_s``. The forwarder re-reads live flows before their entries lapse, so a
+busy flow does not miss.
 """
 
 from __future__ import annotations
@@ -56,12 +57,17 @@ class CacheLimits:
     owner_ttl_s: float = 5.0
     # "Nobody owns it" is kept briefly: the record may be on its way from another PoP.
     negative_ttl_s: float = 0.5
+    # An embryonic claim is kept at most this long: a completed copy from another PoP
+    # beats it at any moment (a SYN-ACK lost, the retransmitted SYN claimed and completed
+    # elsewhere). 1 s covers a handshake's round trip and ends when TCP first
+    # retransmits a SYN; the flow's next miss asks the table (and the other PoPs) again.
+    embryonic_ttl_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError("capacity must be >= 1")
-        if self.owner_ttl_s <= 0 or self.negative_ttl_s <= 0:
-            raise ValueError("owner_ttl_s and negative_ttl_s must be positive")
+        if self.owner_ttl_s <= 0 or self.negative_ttl_s <= 0 or self.embryonic_ttl_s <= 0:
+            raise ValueError("owner_ttl_s, negative_ttl_s and embryonic_ttl_s must be positive")
 
 
 class FlowCache:
@@ -96,6 +102,8 @@ class FlowCache:
         lim = self.limits
         if answer.owner:
             life = lim.owner_ttl_s
+            if answer.state == State.EMBRYONIC:
+                life = min(life, lim.embryonic_ttl_s)
             if answer.expiry_ms:
                 # Never past the record's own expiry.
                 life = min(life, (answer.expiry_ms - wall_ms) / 1000)

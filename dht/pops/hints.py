@@ -6,8 +6,9 @@
 * a Lookup that found nothing answers the client's preferred PoP, flagged
   FLAG_AFFINITY_FALLBACK, status still NOT_FOUND (``affinity_fallback``);
 * a Lookup with ``second_chance`` asks the other PoPs about the flows it found nothing
-  for (:mod:`dht.pops.second`), at the same time as the affinity read; a live copy found
-  there is answered OK, flagged FLAG_SECOND_CHANCE.
+  for, or only an embryonic claim of (:mod:`dht.pops.second`), at the same time as the
+  affinity read; a live copy found for an unknown flow, or a completed one for an
+  embryonic claim, is answered OK, flagged FLAG_SECOND_CHANCE.
 
 Hints only: a failure leaves the call's own results standing.
 """
@@ -22,7 +23,7 @@ import numpy.typing as npt
 
 from dht.core.errors import DhtError
 from dht.core.ops import BatchCall, Op
-from dht.core.record import Record, Status
+from dht.core.record import Record, State, Status, merge
 from dht.core.wire import (
     FLAG_AFFINITY_FALLBACK,
     FLAG_SECOND_CHANCE,
@@ -32,7 +33,7 @@ from dht.core.wire import (
 )
 from dht.node.node import Node
 from dht.pops.link import PeerPop
-from dht.pops.second import SecondChance
+from dht.pops.second import SecondChance, record_of
 
 log = logging.getLogger(__name__)
 
@@ -58,36 +59,58 @@ class Hints:
             if call.op is Op.CONFIRM and cfg.affinity_on_confirm:
                 await self._affinity_on_confirm(call, out)
             elif call.op is Op.LOOKUP:
-                miss = np.flatnonzero(out["status"] == Status.NOT_FOUND)
-                if not miss.size:
-                    return
-                second = None
-                if call.second_chance:
-                    second = asyncio.ensure_future(self._second_chance(call, miss))
-                try:
-                    if cfg.affinity_fallback:
-                        await self._affinity_fallback(call, out, miss)
-                finally:
-                    if second is not None:
-                        self._apply_second_chance(out, miss, await second)
+                await self._lookup_misses(call, out)
         except DhtError as e:
             # A hint only: the call's own results stand.
             log.info("affinity after %s failed: %s", call.op.value, e)
 
+    async def _lookup_misses(self, call: BatchCall, out: ResultArray) -> None:
+        """The affinity hint for keys this PoP does not know; with ``second_chance``, the
+        other PoPs are asked about those, and about the keys this PoP holds only an
+        embryonic claim of (the handshake may have completed at another PoP: a SYN-ACK
+        lost before a flap), both at once."""
+        cfg = self.node.config
+        miss = np.flatnonzero(out["status"] == Status.NOT_FOUND)
+        ask = miss
+        if call.second_chance:
+            embryo = (out["status"] == Status.OK) & (out["state"] == State.EMBRYONIC)
+            ask = np.flatnonzero((out["status"] == Status.NOT_FOUND) | embryo)
+        if not ask.size:
+            return
+        second = None
+        if call.second_chance:
+            second = asyncio.ensure_future(self._second_chance(call, ask))
+        try:
+            if cfg.affinity_fallback and miss.size:
+                await self._affinity_fallback(call, out, miss)
+        finally:
+            if second is not None:
+                self._apply_second_chance(out, ask, await second)
+
     async def _second_chance(
-        self, call: BatchCall, miss: npt.NDArray[np.intp]
+        self, call: BatchCall, ask: npt.NDArray[np.intp]
     ) -> list[Record | None]:
-        keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[miss]
+        keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[ask]
         now = self.node.clock.wall_ms()
         return await self.second.ask(self.links, keys.tobytes(), now)
 
     def _apply_second_chance(
-        self, out: ResultArray, miss: npt.NDArray[np.intp], found: list[Record | None]
+        self, out: ResultArray, ask: npt.NDArray[np.intp], found: list[Record | None]
     ) -> None:
-        for i, rec in zip(miss.tolist(), found, strict=True):
-            if rec is not None:
-                put_result(out, i, Status.OK, rec)
-                out["flags"][i] = FLAG_SECOND_CHANCE
+        """A key this PoP does not know takes any live copy found; a key it holds an
+        embryonic claim of takes only a completed one (merge rule 2: the handshake
+        finished there), never another PoP's embryonic claim (never shipped, so the
+        copies never meet, and the handshake may be completing here)."""
+        for i, theirs in zip(ask.tolist(), found, strict=True):
+            if theirs is None:
+                continue
+            rec = theirs
+            if out["status"][i] == Status.OK:
+                rec = merge(record_of(out[i]), theirs)
+                if rec.state < State.ESTABLISHED:
+                    continue  # our claim, or another PoP's embryonic one: ours stands
+            put_result(out, i, Status.OK, rec)
+            out["flags"][i] = FLAG_SECOND_CHANCE
 
     async def _affinity_on_confirm(self, call: BatchCall, out: ResultArray) -> None:
         pop = call.pop or self.node.pop_id

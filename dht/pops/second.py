@@ -105,7 +105,7 @@ class SecondChance:
             if not checked.all_ok:
                 self.peer_failures.labels(link.name, "bad_record").inc(checked.n_refused)
             for i, row in zip(idx[checked.ok], res[idx[checked.ok]], strict=True):
-                rec = _record(row)
+                rec = record_of(row)
                 prev = found[int(i)]
                 found[int(i)] = rec if prev is None else merge(prev, rec)
         hit = sum(r is not None for r in found)
@@ -132,7 +132,8 @@ class SecondChance:
         return np.frombuffer(got, dtype=RESULT_DTYPE)
 
 
-def _record(row: np.void) -> Record:
+def record_of(row: np.void) -> Record:
+    """A result row (with a record) as a Record."""
     return Record(
         owner_pop=int(row["owner_pop"]),
         owner_server=int(row["owner_server"]),

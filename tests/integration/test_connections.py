@@ -141,6 +141,35 @@ async def test_a_flap_mid_handshake_or_before_shipping_is_saved_by_the_second_ch
     assert (await ams.handle(handshaking, Packet.DATA, tunnelled=True)).action is Action.SERVE
 
 
+async def test_a_retransmitted_syn_that_completed_elsewhere_wins_over_the_abandoned_claim(
+    make_pops: MakePops, forwarders: Forwarders
+) -> None:
+    """ams claimed the SYN; its SYN-ACK was lost; the retransmitted SYN landed on fra,
+    which claimed it too (embryonic claims are not shipped) and completed the handshake.
+    When the route comes back to ams before fra's record was shipped, ams must not serve
+    the flow from its own abandoned claim (its cache, then its table, said "ams": a
+    reset in the lab). Its look-up asks the other PoPs, and fra's completed copy wins."""
+    pops = await make_pops(nodes=1, replicate_after_s=600)
+    t = [1_000.0]
+    ams = await forwarders(pops["ams"], "ams", clock=lambda: t[0])
+    fra = await forwarders(pops["fra"], "fra")
+    key = key_no(60)
+    assert (await ams.handle(key, Packet.SYN)).action is Action.SERVE
+    # The retransmitted SYN at fra: fra's handshake is under way, its own claim stands.
+    assert (await fra.handle(key, Packet.SYN)).action is Action.SERVE
+    fra.invalidate(key)
+    out = await fra.handle(key, Packet.DATA)
+    assert (out.action, out.reason) == (Action.SERVE, "owner")
+    await fra.established(key)
+    # Back at ams after TCP's first retransmission timeout: the embryonic entry is gone
+    # from the cache (it was good for owner_ttl_s: 5 s), and the table asks fra.
+    t[0] += 1.5
+    out = await ams.handle(key, Packet.DATA)
+    assert (out.action, out.target) == (Action.TUNNEL, POPS["fra"]), out
+    assert out.answer is not None and out.answer.second_chance
+    assert out.answer.state == State.ESTABLISHED
+
+
 async def test_a_down_or_silent_pop_never_holds_a_packet_past_the_deadline(
     make_pops: MakePops, forwarders: Forwarders
 ) -> None:

@@ -99,6 +99,20 @@ def test_cache_bounds_owner_lifetime_by_owner_ttl_and_record_expiry() -> None:
     assert cache.put(b"y", unavailable, now=100.0, wall_ms=wall) is None
 
 
+def test_an_embryonic_claim_is_cached_only_until_tcp_would_retransmit() -> None:
+    """A completed copy from another PoP may beat it at any moment (docs/protocol.md#merge-rule)."""
+    cache = FlowCache(CacheLimits(owner_ttl_s=5, embryonic_ttl_s=1.0))
+    wall = 1_000_000
+    claim = Answer(Status.CREATED, P, State.EMBRYONIC, 0, wall + 10_000)
+    cache.put(b"e", claim, now=100.0, wall_ms=wall)
+    cache.put(b"s", _answer(P, expiry_ms=wall + 600_000), now=100.0, wall_ms=wall)
+    assert cache.get(b"e", 100.9) is not None
+    assert cache.get(b"e", 101.0) is None
+    assert cache.get(b"s", 104.9) is not None
+    with pytest.raises(ValueError):
+        CacheLimits(embryonic_ttl_s=0)
+
+
 def test_cache_is_bounded_and_drops_the_least_recently_used() -> None:
     cache = FlowCache(CacheLimits(capacity=3, owner_ttl_s=5, negative_ttl_s=1))
     for k in (b"1", b"2", b"3"):
