@@ -6,13 +6,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 stamp="$VENV/.dht-installed"
-want="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
+# The forwarder extra (dht forwarder) builds NetfilterQueue from source: only where
+# libnetfilter-queue's headers are (.ci/run installs them as root); the core package
+# never needs it.
+extras="dev"
+if [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ]; then
+  extras="dev,forwarder"
+fi
+want="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')-$extras"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing dht and its dependencies into $VENV ..." >&2
   # Build-backend chatter goes to a log, shown only when the install fails.
   log="$VENV/pip-install.log"
   if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip &&
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"; } >"$log" 2>&1; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"; } >"$log" 2>&1; then
     cat "$log" >&2
     echo "installing into $VENV failed (log above, also in $log)" >&2
     exit 1

@@ -445,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     from dht.tools import certs
 
     certs.add_parser(sub)
+    from dht.tools.lab.run import add_lab_parser
+
+    add_lab_parser(sub)
+    from dht.tools.forwarder.cli import add_forwarder_parser
+
+    add_forwarder_parser(sub)
     return parser
 
 
@@ -473,6 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dht.tools.chaos.run import run_chaos
 
     runners["chaos"] = run_chaos
+    from dht.tools.lab.run import run_lab
+
+    runners["lab"] = run_lab
+    from dht.tools.forwarder.cli import run_forwarder
+
+    runners["forwarder"] = run_forwarder
     try:
         with contextlib.suppress(KeyboardInterrupt):
             if getattr(args, "event_loop", "asyncio") == "uvloop":

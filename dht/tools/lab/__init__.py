@@ -1,0 +1,1 @@
+"""``dht lab``: a real anycast lab in network namespaces (docs/lab.md)."""
