@@ -187,6 +187,9 @@ def test_sigterm_removes_everything(lab: Lab) -> None:
         assert not rules.startswith("0:")  # local delivery moved behind the fwmark rules
     assert f"{SERVICE4} via 10.99.0.2 dev bb0" in lab.run("ip", "route", "show", "table", "102")
     assert SERVICE6 in lab.run("ip", "-6", "route", "show", "table", "102")
+    # Early demux off: a socket here for a steered flow's 4-tuple (a half-open one) must
+    # not get the flow's packets dropped on their way to the owner (docs/forwarder.md).
+    assert lab.run("sysctl", "-n", "net.ipv4.ip_early_demux").strip() == "0"
     assert stop(agent) == 0
     assert lab.leftovers() == []
     for v in ("-4", "-6"):

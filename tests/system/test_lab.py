@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from dht.tools.lab.plan import SYN_RETRY, Schedule, make_schedule
+
 LAB_TOOLS = ("ip", "nft", "sysctl")
 pytestmark = [
     pytest.mark.system,
@@ -92,23 +94,45 @@ def test_without_forwarders_a_route_change_resets_the_moved_connections(tmp_path
 @needs_agent
 def test_with_forwarders_no_connection_breaks(tmp_path: Path) -> None:
     """The same kind of run with a dht node and a forwarder per PoP: every connection,
-    moved or not, the mid-handshake batch included, keeps its own server."""
+    moved or not, the mid-handshake batch and the SYN-retransmission pair included, keeps
+    its own server. This schedule (seed 2, 24 route changes on 2 routes) moves the
+    SYN-retransmission pair's route back to the PoP that took the first SYN 3.5 s later:
+    that PoP still holds its half-open connection (a request socket, a conntrack entry
+    in SYN_RECV) and must steer the flow to the PoP that completed the handshake
+    (docs/forwarder.md#sysctls: early demux)."""
+    assert _syn_retry_route_returns(
+        make_schedule(seed=2, pops=3, connections=6, flaps=24, routes=2)
+    )
     before = namespaces()
     report = run_report(
-        tmp_path, "--forwarders-only", "--pops", "3", "--connections", "12", "--flaps", "3",
-        "--seed", "4",
+        tmp_path, "--forwarders-only", "--pops", "3", "--connections", "6", "--flaps", "24",
+        "--routes", "2", "--seed", "2",
     )  # fmt: skip
     ph = report["phases"]["with"]
     assert ph["errors"] == []
     assert ph["moved"] > 0
-    # The SYN-retransmission case is left out: whether the client takes the first PoP's
-    # SYN-ACK sent again or the new PoP's is a race (docs/lab.md#handshake-cases), and
-    # the forwarder survives only one order of it so far (the new PoP claims the flow).
-    assert [c for c in ph["broken_connections"] if c["kind"] != "syn_retry"] == []
+    assert ph["broken_connections"] == []
     assert all(c["state"] == "closed" for c in ph["cases"]["handshake"])
+    # The retransmitted SYN completed at another PoP than the first SYN's, whose route
+    # came back while the connection lived.
+    assert [c["state"] for c in ph["cases"]["syn_retry"]] == ["closed", "closed"]
     assert set(ph["agents"]) == {"ams", "fra", "lon"}
     assert sum(a["upcalls"] for a in ph["agents"].values()) > 0
     assert namespaces() == before
+
+
+def _syn_retry_route_returns(s: Schedule) -> bool:
+    """Whether a later route change sends the SYN-retransmission case's route back to the
+    PoP its first SYN reached."""
+    current = list(s.initial)
+    first, route = -1, -1
+    for f in s.flaps:
+        if f.kind == SYN_RETRY:
+            first, route = current[f.route], f.route
+        elif route == f.route and f.pop == first:
+            return True
+        current[f.route] = f.pop
+    return False
 
 
 @needs_agent

@@ -12,6 +12,7 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from dht.client.forwarder import Outcome
 from dht.core.errors import ConfigError
 from dht.core.record import State, Status
 from dht.core.wire import FlowKey
-from dht.tools.forwarder import conntrack, rules
+from dht.tools.forwarder import conntrack, rules, system
 from dht.tools.forwarder.agent import Agent
 from dht.tools.forwarder.cli import add_forwarder_parser, config_from_args
 from dht.tools.forwarder.config import AgentConfig, NextHop
@@ -152,6 +153,28 @@ def test_owned_rules_and_tables() -> None:
     ]
     assert [r["priority"] for r in rules.owned_rules(listing)] == [500, 900]
     assert rules.owned_tables(listing) == {102}
+
+
+def test_setup_turns_forwarding_on_and_early_demux_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Early demux would attach a local socket for the 4-tuple (a half-open one, say) to a
+    packet before routing, and the forwarding path drops such a packet: setup turns it
+    off, as it turns forwarding on."""
+    files = {n: tmp_path / n for n in ("fwd4", "fwd6", "demux")}
+    for f in files.values():
+        f.write_text("1\n" if f.name == "demux" else "0\n")
+    monkeypatch.setattr(system, "SYSCTLS", {4: files["fwd4"], 6: files["fwd6"]})
+    monkeypatch.setattr(system, "EARLY_DEMUX", files["demux"])
+    ran: list[list[str]] = []
+    monkeypatch.setattr(system, "run", lambda args, **_: ran.append(list(args)) or "")
+    system.setup(config(), {"fra": 2, "lon": 3})
+    assert {n: f.read_text() for n, f in files.items()} == {
+        "fwd4": "1\n",
+        "fwd6": "1\n",
+        "demux": "0\n",
+    }
+    assert ["nft", "-f", "-"] in ran
 
 
 # --------------------------------------------------------------------------- verdicts

@@ -1,13 +1,16 @@
 """The lab's pure parts (dht.tools.lab): the schedule from a seed, the address plan, the
-report. No namespaces, no root."""
+report; and the echo server's shutdown, on loopback. No namespaces, no root."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from typing import Any
 
 import pytest
 
 from dht.core.errors import ConfigError
+from dht.tools.lab.echo import Echo
 from dht.tools.lab.plan import (
     HANDSHAKE,
     SPECIAL_PORT_BASE,
@@ -203,3 +206,33 @@ def test_report_counts_broken_moved_and_setup() -> None:
     text = format_report(report)
     assert "plain anycast" in text and "with the forwarders" in text
     assert "15 upcalls" in text
+
+
+# --------------------------------------------------------------------------- echo
+
+
+async def test_echo_ends_open_connections_quietly_at_shutdown() -> None:
+    """Stopping the server with connections still open ends their handlers as an end of
+    stream would: none is cancelled, so asyncio logs no CancelledError traceback."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    echo = Echo("ams")
+    server = await asyncio.start_server(echo.handle, host="127.0.0.1", port=0)
+    port = server.sockets[0].getsockname()[1]
+    clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    for i, (reader, writer) in enumerate(clients):
+        writer.write(f"{i}\n".encode())
+        assert await reader.readline() == f"ams/{i + 1} {i}\n".encode()
+    assert echo.open_connections == 3
+    handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    server.close()
+    await echo.close()
+    assert echo.open_connections == 0
+    assert handlers and all(t.done() and not t.cancelled() for t in handlers)
+    for reader, writer in clients:
+        assert await reader.read() == b""  # the server closed its end
+        writer.close()
+    await server.wait_closed()
+    await asyncio.sleep(0)
+    assert errors == []

@@ -33,6 +33,14 @@ SYSCTLS = {
     4: Path("/proc/sys/net/ipv4/ip_forward"),
     6: Path("/proc/sys/net/ipv6/conf/all/forwarding"),
 }
+# Early demux off (both families, TCP and UDP: net.ipv4.ip_early_demux governs IPv6 too).
+# Early demux looks a received packet's 4-tuple up among this host's sockets before the
+# routing decision and attaches the socket it finds (an established, half-open or
+# TIME_WAIT one) to the packet; a packet with a socket attached is then dropped by the
+# forwarding path (ip_forward, ip6_forward), silently. So a flow steered to another PoP
+# while this host still holds a socket for the same 4-tuple (its own half-open
+# connection after a SYN retransmitted to another PoP, say) would vanish here.
+EARLY_DEMUX = Path("/proc/sys/net/ipv4/ip_early_demux")
 
 
 class CommandFailed(DhtError):
@@ -49,7 +57,8 @@ def run(args: Sequence[str], *, stdin: str | None = None, check: bool = True) ->
 
 def setup(config: AgentConfig, pop_ids: dict[str, int]) -> None:
     """Everything the data plane needs, from a clean state: the nft table, the NFQUEUE
-    chains and their jumps, the routing tables and rules, forwarding on."""
+    chains and their jumps, the routing tables and rules, forwarding on, early demux off
+    (``EARLY_DEMUX``)."""
     cleanup()
     for v, path in SYSCTLS.items():
         if config.services_of(v):
@@ -57,6 +66,10 @@ def setup(config: AgentConfig, pop_ids: dict[str, int]) -> None:
                 path.write_text("1\n")
             except OSError as e:
                 raise CommandFailed(f"turning forwarding on ({path}): {e}") from None
+    try:
+        EARLY_DEMUX.write_text("0\n")
+    except OSError as e:
+        raise CommandFailed(f"turning early demux off ({EARLY_DEMUX}): {e}") from None
     run(["nft", "-f", "-"], stdin=rules.nft_ruleset(config))
     for v in (4, 6):
         if config.services_of(v):

@@ -24,6 +24,7 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,8 +119,8 @@ class LabClient:
         await self._run("ip", "-n", self.router_ns, "-batch", "-", stdin="\n".join(lines) + "\n")
         self.flaps_done.append({"at_s": round(self.now(), 3), **asdict(f)})
 
-    async def nft(self, verb: str, set_name: str, ports: list[int]) -> None:
-        elements = ", ".join(str(p) for p in ports)
+    async def nft(self, verb: str, set_name: str, elements_: Sequence[int | str]) -> None:
+        elements = ", ".join(str(p) for p in elements_)
         await self._run(
             "ip", "netns", "exec", self.router_ns, "nft",
             f"{verb} element inet {NFT_SETS_TABLE} {set_name} {{ {elements} }}",
@@ -218,12 +219,17 @@ class LabClient:
         """The first SYN-ACK is dropped at the router and the route moves before the
         client sends its SYN again: the retransmitted SYN reaches the new PoP."""
         ports = [c.port for c in conns]
+        pairs = [f'{p} . "{self.plan.pops[f.pop].router_if}"' for p in ports]
+        await self.nft("add", "newpop", pairs)
+        await self.nft("add", "newonly", ports)
         await self.nft("add", "armed", ports)
         await self._open_batch(conns)
         await self._until(self.now() + SYN_RETRY_LEAD_S)
         await self.move(f, spare=tuple(c.id for c in conns))
         await self._until(self.now() + CASE_HOLD_S)
         await self.nft("delete", "armed", ports)
+        await self.nft("delete", "newonly", ports)
+        await self.nft("delete", "newpop", pairs)
 
     # ------------------------------------------------------------------ the run
 

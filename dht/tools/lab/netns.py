@@ -278,15 +278,21 @@ def build(plan: AddressPlan, names: Names, state: LabState, initial: Sequence[in
 
 # The router's handshake cases (docs/lab.md#handshake-cases), keyed by the client's source
 # port: @armed drops SYN-ACKs to a port until the client has sent its SYN again
-# (@retried); @hold drops the client's SYNs from a port (its SYN-ACK comes again instead).
+# (@retried); @hold drops the client's SYNs from a port (its SYN-ACK comes again instead);
+# a port in @newonly gets SYN-ACKs only from the router interface @newpop names for it
+# (the SYN-retransmission case: the first PoP's own SYN-ACK sent again must not win the
+# race with the new PoP's, a known limit, docs/protocol.md#known-limits).
 _NFT_RULES = f"""
 table inet {NFT_SETS_TABLE} {{
   set armed {{ type inet_service; }}
   set hold {{ type inet_service; }}
   set synseen {{ type inet_service; flags dynamic; }}
   set retried {{ type inet_service; flags dynamic; }}
+  set newonly {{ type inet_service; }}
+  set newpop {{ type inet_service . ifname; }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
+    tcp flags & (syn | ack) == syn | ack tcp dport @newonly tcp dport . iifname != @newpop drop
     tcp flags & (syn | ack) == syn tcp sport @hold drop
     tcp flags & (syn | ack) == syn tcp sport @synseen add @retried {{ tcp sport }}
     tcp flags & (syn | ack) == syn tcp sport @armed add @synseen {{ tcp sport }}
