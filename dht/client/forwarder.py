@@ -195,6 +195,8 @@ class Forwarder:
         self._closed = False
         self._last_round = clock()
         self._behind: set[asyncio.Future[Answer]] = set()  # releases sent by handle()
+        # Flows served for a local socket that had no cache entry (kept by the next round).
+        self._local_unseen: set[bytes] = set()
 
         def batcher(name: str, send: Callable[[bytes], Awaitable[ResultArray]]) -> Batcher:
             return Batcher(
@@ -372,6 +374,11 @@ class Forwarder:
         owner = affinity = 0
         if local:
             st.local += 1
+            # No call, but the flow is live: the background round keeps its record (its
+            # cache entry, marked used, is re-read or refreshed before it lapses; a flow
+            # with no entry is looked up there).
+            if self.cache.get(k, self._clock()) is None:
+                self._local_unseen.add(k)
         elif tunnelled or (packet is Packet.SYN and not self.config.sticky_clients):
             # A SYN needs no look-up: its claim names the owner. Hop limit 1: no look-up
             # decides where a tunnelled-in packet goes. A cached owner spares the claim.
@@ -499,7 +506,13 @@ class Forwarder:
         now = self._clock()
         since, self._last_round = self._last_round, now
         keys = list(self.cache.live(now, since, now + 2 * cfg.refresh_interval_s))
-        return len(await self._keep(keys, reread_rest=True))
+        sent = len(await self._keep(keys, reread_rest=True))
+        if self._local_unseen:
+            # Served for a local socket with no cache entry: read, refreshed if due.
+            unseen, self._local_unseen = list(self._local_unseen), set()
+            await self.alive(unseen)
+            sent += len(unseen)
+        return sent
 
     async def _keep(self, keys: list[bytes], *, reread_rest: bool) -> dict[bytes, Answer]:
         """Refresh the keys this PoP owns whose records expire within ``refresh_ahead_s``;

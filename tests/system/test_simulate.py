@@ -1,6 +1,6 @@
 """``dht simulate`` end to end: it starts its own 3-PoP cluster of real node processes,
-runs a few seconds of traffic, writes the JSON report and the plot, and stops every node
-it started."""
+runs a few seconds of traffic (TCP and UDP, pinned flows kept alive), writes the JSON
+report and the plot, and stops every node it started."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ async def test_simulate_command_reports_and_plots(tmp_path: Path) -> None:
     text = stdout.decode()
     assert "broken, plain anycast" in text
     assert "broken, with the table" in text
+    assert "handshakes moved" in text and "second chance" in text
     report = json.loads(out.read_text())
     for key in ("connections", "broken_with_table", "broken_without_table", "tunnelled_packets"):
         assert isinstance(report[key], int), key
@@ -43,5 +44,9 @@ async def test_simulate_command_reports_and_plots(tmp_path: Path) -> None:
     assert set(report["shipped_records"]) == {"established", "refresh", "tombstone", "affinity"}
     assert report["shipped_records"]["established"] > 0
     assert report["settings"]["pops"] == ["ams", "fra", "lon"]
+    # The traffic's kinds all ran: UDP flows, pinned flows kept alive, every breakage listed.
+    assert report["udp"]["flows"] > 0
+    assert report["pinned"]["flows"] > 0 and report["keepalive"]["calls"] > 0
+    assert len(report["broken"]) == report["broken_with_table"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (certs / "forwarder-lon-fw.pem").exists(), "the forwarders used certificates"
