@@ -90,6 +90,7 @@ class Client:
         self._table: PartitionMap | None = None
         self._table_pb: pb.PartitionTable | None = None
         self.table_refreshes = 0
+        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -110,6 +111,9 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        """Close every channel at once: calls in flight end with Unavailable("client
+        closed"), and so does every call made after."""
+        self._closed = True
         channels = [c for c, _ in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
@@ -127,9 +131,18 @@ class Client:
         if entry is not None:
             close_later(entry[0], self.timeout_s + 1.0, self._closing)
 
+    def _closed_under(self, address: str) -> None:
+        """A call ended in CancelledError: when close() cancelled it (our task was not
+        cancelled), the caller gets Unavailable, not a cancellation it never asked for."""
+        task = asyncio.current_task()
+        if self._closed and (task is None or not task.cancelling()):
+            raise Unavailable(f"{address}: client closed") from None
+
     def _stub(self, address: str) -> pb_grpc.FlowTableAsyncStub:
         entry = self._channels.get(address)
         if entry is None:
+            if self._closed:
+                raise Unavailable("client closed")
             channel = open_channel(address, self._creds)
             entry = (channel, pb_grpc.FlowTableStub(channel))
             self._channels[address] = entry
@@ -169,6 +182,9 @@ class Client:
                 t = await self._stub(addr).GetPartitionTable(
                     pb.PartitionTableRequest(), timeout=self.timeout_s
                 )
+            except asyncio.CancelledError:
+                self._closed_under(addr)
+                raise
             except grpc.aio.AioRpcError as e:
                 last = e
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -392,6 +408,9 @@ class Client:
         req = request(idx, epoch)  # type: ignore[operator]
         try:
             resp = await getattr(self._stub(address), method)(req, timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            self._closed_under(address)
+            raise
         except grpc.aio.AioRpcError as e:
             err = from_grpc(e.code(), e.details() or "")
             if isinstance(err, Unavailable):

@@ -22,7 +22,7 @@ Example file (all keys optional except ``node_id`` and ``pop``)::
     peer_address = "127.0.0.1:9102"
     [pop_peers]          # peer-plane addresses of the other PoPs' nodes (shipping)
     fra = ["127.0.0.1:9201", "127.0.0.1:9202"]
-    [pop_via]            # dial this address instead of that one (a proxy in the path)
+    [dial_via]           # dial this address instead of that one (a proxy in the path)
     "127.0.0.1:9201" = "127.0.0.1:9901"
     [ttl]
     embryonic_s = 10
@@ -189,8 +189,9 @@ class NodeConfig:
     # ---- several PoPs (dht.pops.extension, docs/protocol.md#shipping-between-pops)
     # The other PoPs' nodes: PoP name -> peer-plane addresses. Empty = a PoP on its own.
     pop_peers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # Dial the value instead of the key (a proxy, a NAT): per-peer address overrides.
-    pop_via: Mapping[str, str] = field(default_factory=dict)
+    # Dial the value instead of the key (a proxy, a NAT): per-peer address overrides, for
+    # this PoP's other nodes and the other PoPs' nodes alike (peer-plane addresses).
+    dial_via: Mapping[str, str] = field(default_factory=dict)
     # An established record is shipped once it is this old (its birth): 0 ships every
     # confirmed flow at once; more keeps short flows in their PoP (less traffic) at the
     # price of a window in which another PoP cannot find the flow
@@ -400,7 +401,7 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
     v["peers"] = tuple(parse_peer(p) for p in v.get("peers", ()))
     v["seeds"] = tuple(str(a) for a in v.get("seeds", ()))
     v["pop_peers"] = parse_pop_peers(v.get("pop_peers", {}))
-    v["pop_via"] = parse_pop_via(v.get("pop_via", {}))
+    v["dial_via"] = parse_dial_via(v.get("dial_via", {}))
     max_offset = int(v.get("max_clock_offset_ms", 500))
     ttl_in = v.get("ttl", {})
     if isinstance(ttl_in, Mapping):
@@ -451,7 +452,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_pop_via(spec: Any) -> dict[str, str]:
+def parse_dial_via(spec: Any) -> dict[str, str]:
     """Address overrides: a table {"addr" = "via"} or "ADDR=VIA" strings."""
     if isinstance(spec, Mapping):
         return {str(k): str(v) for k, v in spec.items()}
@@ -459,7 +460,7 @@ def parse_pop_via(spec: Any) -> dict[str, str]:
     for text in spec:
         address, sep, via = str(text).partition("=")
         if not sep or ":" not in address or ":" not in via:
-            raise ConfigError(f"pop via {text!r}: want HOST:PORT=HOST:PORT")
+            raise ConfigError(f"dial via {text!r}: want HOST:PORT=HOST:PORT")
         out[address] = via
     return out
 

@@ -5,7 +5,7 @@ quorum reads, anti-entropy) and one-hop forwarding of client calls."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -52,8 +52,10 @@ class GrpcPeerTransport:
         rpc_timeout_s: float,
         forward_timeout_s: float,
         probe_timeout_s: float,
+        dial_via: Mapping[str, str] | None = None,
     ) -> None:
         self._node_id = node_id
+        self._via = dict(dial_via or {})  # peer address -> the address dialled instead
         self._creds = creds
         self._rpc_timeout_s = rpc_timeout_s
         self._forward_timeout_s = forward_timeout_s
@@ -68,7 +70,7 @@ class GrpcPeerTransport:
     ) -> tuple[pb_grpc.FlowTableAsyncStub, pb_grpc.NodeInternalAsyncStub]:
         entry = self._channels.get(member.peer)
         if entry is None:
-            channel = open_channel(member.peer, self._creds)
+            channel = open_channel(self._via.get(member.peer, member.peer), self._creds)
             entry = (channel, pb_grpc.FlowTableStub(channel), pb_grpc.NodeInternalStub(channel))
             self._channels[member.peer] = entry
         return entry[1], entry[2]

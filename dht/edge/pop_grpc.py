@@ -58,6 +58,17 @@ class PopLinkService(pb_grpc.PopLinkServicer):
     def __init__(self, pops: Pops, authz: Authorizer) -> None:
         self.pops = pops
         self.authz = authz
+        self._streams: set[asyncio.Task[Any]] = set()  # Ship calls being served
+        self._ending = False
+
+    def end_streams(self) -> None:
+        """End every Ship stream being served, and each one that starts from now on (a
+        stopping node): they never end on their own while the other PoP runs, and would
+        hold the server's stop for its whole grace. Each sender sees its stream end and
+        ships its unacknowledged batches again, later or to another node."""
+        self._ending = True
+        for t in list(self._streams):
+            t.cancel()
 
     async def _receive(self, b: pb.ShipBatch, context: Ctx) -> pb.ShipAck:
         self.authz.node_of_pop(context, b.from_pop)
@@ -70,12 +81,25 @@ class PopLinkService(pb_grpc.PopLinkServicer):
     async def Ship(
         self, request_iterator: AsyncIterator[pb.ShipBatch], context: Ctx
     ) -> AsyncIterator[pb.ShipAck]:
-        async for batch in request_iterator:
-            try:
-                ack = await self._receive(batch, context)
-            except DhtError as e:
-                await context.abort(grpc_status(e), str(e))
-            yield ack
+        me = asyncio.current_task()
+        if me is None or self._ending:
+            return
+        self._streams.add(me)
+        try:
+            async for batch in request_iterator:
+                try:
+                    ack = await self._receive(batch, context)
+                except DhtError as e:
+                    await context.abort(grpc_status(e), str(e))
+                yield ack
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise
+            # Ended by end_streams: finish the call with a status (a cancelled handler
+            # sends none, and the call would last the server's whole grace).
+            me.uncancel()
+        finally:
+            self._streams.discard(me)
 
     async def PopPush(self, request: pb.ShipBatch, context: Ctx) -> pb.ShipAck:
         try:

@@ -40,6 +40,7 @@ from dht.edge.servicers import (
 )
 from dht.edge.udp import UdpLookupProtocol, start_listener
 from dht.node.node import Node
+from dht.node.tasks import CANCEL_BOUND_S
 from dht.pops.extension import Pops
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class NodeServer:
             config.rpc_timeout_ms / 1000,
             config.forward_timeout_ms / 1000,
             config.probe_timeout_ms / 1000,
+            config.dial_via,
         )
         pop_transport = GrpcPopTransport(
             lambda address: open_channel(address, creds),
@@ -83,6 +85,7 @@ class NodeServer:
         )
         if self.authz.enabled:
             self.node.metrics.add_gauges(self.authz.gauges)
+        self._pop_service = PopLinkService(self.pops, self.authz)
         self._stopped = False
 
     @property
@@ -145,9 +148,7 @@ class NodeServer:
             NodeInternalService(self.node, self.authz),
             peer,
         )
-        add_checked(
-            pb_grpc.add_PopLinkServicer_to_server, PopLinkService(self.pops, self.authz), peer
-        )
+        add_checked(pb_grpc.add_PopLinkServicer_to_server, self._pop_service, peer)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, peer)
         reflection.enable_server_reflection(
             (
@@ -183,9 +184,20 @@ class NodeServer:
             self.admin_address,
         )
 
+    def stop_bound_s(self, leave: bool = True) -> float:
+        """How long :meth:`stop` may take at most, whatever is in flight
+        (docs/operations.md#stopping-a-node): the leave and its hand-off (with its writes'
+        drain), the servers' grace, the UDP listener's grace, the writes' drain, the
+        cancellation of the loops, and a second for closing channels."""
+        cfg = self.config
+        drain = 2 * cfg.rpc_timeout_ms / 1000
+        leaving = cfg.leave_timeout_s + drain if leave else 0.0
+        return leaving + 2 * cfg.shutdown_grace_s + drain + CANCEL_BOUND_S + 1.0
+
     async def stop(self, leave: bool = True) -> None:
         """Graceful stop: with ``leave``, announce the leave and hand the partitions off
-        (bounded by leave_timeout_s) while still serving; then stop serving."""
+        (bounded by leave_timeout_s) while still serving; then stop serving. Finishes
+        within :meth:`stop_bound_s`."""
         if self._stopped:
             return
         self._stopped = True
@@ -193,7 +205,9 @@ class NodeServer:
             await self.node.leave(self.config.leave_timeout_s)
         self.node.accepting = False
         await self._health.enter_graceful_shutdown()
-        # In-flight calls get the grace period, then are cancelled.
+        # In-flight calls get the grace period, then are cancelled; the other PoPs'
+        # Ship streams would hold it all (they end only when their sender stops).
+        self._pop_service.end_streams()
         grace = self.config.shutdown_grace_s
         await asyncio.gather(
             *(s.stop(grace) for s in (self._server, self._peer_server) if s is not None)

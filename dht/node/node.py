@@ -233,17 +233,19 @@ class Node:
         )
         live.start_resync()
 
+    @property
+    def writes_in_flight(self) -> int:  # coordinated writes of this node still running
+        return 0 if self._coordinator is None else len(self._coordinator.writes)
+
     async def stop_loops(self) -> None:
         """Stop every loop; writes in flight get two RPC timeouts to end (acknowledged
         or undone), then everything still running is cancelled."""
         self.tasks.stopping.set()
         coordinator = self._coordinator
-        writes: list[asyncio.Task[None]] = []
         if coordinator is not None:
             await coordinator.drain(2 * self.config.rpc_timeout_ms / 1000)
-            writes = list(coordinator.writes)
-        await self.tasks.cancel_all(*writes)
-        if self._coordinator is not None:
+        await self.tasks.cancel_all(*(coordinator.writes if coordinator is not None else ()))
+        if coordinator is not None:
             await self.replicator.close()
 
     async def leave(self, timeout_s: float) -> None:

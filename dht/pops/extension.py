@@ -100,7 +100,7 @@ class Pops:
         self.transport = transport
         self.links: dict[str, PeerPop] = {}
         for i, (name, addresses) in enumerate(sorted(cfg.pop_peers.items())):
-            dial = [cfg.pop_via.get(a, a) for a in addresses]
+            dial = [cfg.dial_via.get(a, a) for a in addresses]
             # Spread the PoP's nodes over the peer's nodes.
             first = (zlib.crc32(cfg.node_id.encode()) + i) % len(dial)
             self.links[name] = PeerPop(

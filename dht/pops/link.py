@@ -95,7 +95,7 @@ class PeerPop:
     ) -> None:
         self.name = name
         self.pop_id = pop_id
-        self.addresses = addresses  # dialled (pop_via applied)
+        self.addresses = addresses  # dialled (dial_via applied)
         self.first = first  # the address tried first (rotates on failure)
         self.config = config
         self.transport = transport

@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,7 +113,7 @@ def add_node_parser(sub: Any) -> None:
         help="the other PoPs' nodes (peer-plane addresses): writes are shipped to them",
     )
     p.add_argument(
-        "--pop-via",
+        "--dial-via",
         nargs="+",
         metavar="HOST:PORT=HOST:PORT",
         help="dial the second address instead of the first (a proxy in the path)",
@@ -141,6 +142,13 @@ def add_node_parser(sub: Any) -> None:
     )
     p.add_argument("--admin-token-file", help="file holding the token for mutating admin calls")
     p.add_argument("--announce", action="store_true", help="print a JSON line once ready")
+    p.add_argument(
+        "--clock-offset-ms",
+        type=int,
+        default=0,
+        help="run this node's wall clock this far ahead (or behind, < 0) of the machine's:"
+        " fault tests of clocks apart by less than max_clock_offset_ms (dht chaos)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--event-loop",
@@ -170,7 +178,7 @@ def node_config(args: argparse.Namespace) -> Any:
         "replication_factor": args.replication_factor,
         "num_partitions": args.num_partitions,
         "pop_peers": args.pop_peers,
-        "pop_via": args.pop_via,
+        "dial_via": args.dial_via,
         "replicate_after_s": args.replicate_after_s,
         "second_chance_timeout_s": args.second_chance_timeout_s,
         "insecure": args.insecure or None,
@@ -199,7 +207,14 @@ async def run_node(args: argparse.Namespace) -> int:
     from dht.edge.server import NodeServer
 
     cfg = node_config(args)
-    srv = NodeServer(cfg)
+    offset = args.clock_offset_ms
+    if abs(offset) > cfg.max_clock_offset_ms:
+        raise ConfigError(
+            f"--clock-offset-ms {offset}: beyond max_clock_offset_ms ({cfg.max_clock_offset_ms})"
+        )
+    srv = NodeServer(
+        cfg, wall_ms=(lambda: time.time_ns() // 1_000_000 + offset) if offset else None
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

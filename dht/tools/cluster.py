@@ -171,12 +171,15 @@ class LocalCluster:
         start_timeout_s: float = 30.0,
         pop_args: Mapping[str, Sequence[str]] | None = None,
         tls_dir: str | Path | None = None,
+        per_node_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.specs = list(specs)
         self.tls_dir = Path(tls_dir) if tls_dir is not None else None
         self.extra_args = list(extra_args)
-        # Extra `dht node` flags for the nodes of one PoP (say, its --pop-via proxies).
+        # Extra `dht node` flags for the nodes of one PoP (say, its --dial-via proxies).
         self.pop_args = {k: list(v) for k, v in (pop_args or {}).items()}
+        # ... and for one node, by node id (say, its clock offset or its --dial-via).
+        self.per_node_args = {k: list(v) for k, v in (per_node_args or {}).items()}
         self.start_timeout_s = start_timeout_s
         self.nodes: list[NodeProcess] = []
 
@@ -218,6 +221,7 @@ class LocalCluster:
         extra = [
             *self.extra_args,
             *self.pop_args.get(spec.pop, ()),
+            *self.per_node_args.get(spec.node_id, ()),
             *self.tls_args(spec),
             "--announce",
         ]

@@ -23,10 +23,10 @@ from dht.client import Client
 from dht.core.record import State, Status
 from dht.core.wire import KEY_DTYPE, KEY_SIZE, addr_from16
 from dht.tools.bench import synthetic_keys
+from dht.tools.chaos.proxy import Proxy
 from dht.tools.cluster import NodeProcess, plan
 
 from .conftest import TEST_NODE_ARGS, TrackedCluster, admin_url, connect, shutdown
-from .proxy import Proxy
 
 pytestmark = pytest.mark.system
 
@@ -76,7 +76,7 @@ async def make_pops() -> AsyncIterator[MakePops]:
                         p = await Proxy(s.peer).start()  # PoP links: the peer plane
                         proxies[(pop, s.node_id)] = p
                         via.append(f"{s.peer}={p.address}")
-                pop_args[pop] = ["--pop-via", *via]
+                pop_args[pop] = ["--dial-via", *via]
         cluster = TrackedCluster(specs, [*TEST_NODE_ARGS, *extra])
         cluster.pop_args = pop_args
         pops = Pops(cluster, proxies)

@@ -145,6 +145,19 @@ def test_the_nemesis_schedule_comes_from_the_seed() -> None:
         plan_faults(7, 60.0, 3, ("flood",))
 
 
+def test_link_faults_join_two_nodes_and_clock_offsets_stay_within_the_bound() -> None:
+    from dht.tools.chaos.nemesis import SLOW_S, plan_clocks, plan_faults
+
+    links = plan_faults(5, 600.0, 4, ("slow", "cut"))
+    assert {f.kind for f in links} == {"slow", "cut"}
+    assert all(0 <= f.node < 4 and 0 <= f.peer < 4 and f.node != f.peer for f in links)
+    assert all(SLOW_S[0] <= f.delay_s <= SLOW_S[1] for f in links if f.kind == "slow")
+    assert not plan_faults(5, 600.0, 1, ("slow", "cut"))  # one node has no links
+    clocks = plan_clocks(5, 50, 500)
+    assert clocks == plan_clocks(5, 50, 500) and len(set(clocks)) > 1
+    assert max(clocks) - min(clocks) < 500  # any two nodes within max_clock_offset_ms
+
+
 def test_bad_arguments_and_files_are_usage_errors(tmp_path: Path) -> None:
     """They used to end in tracebacks (a division by zero for --claims-per-s 0)."""
     from dht.tools.cli import build_parser

@@ -220,7 +220,7 @@ def test_pop_peer_configuration() -> None:
             "pop": "ams",
             "pops": {"ams": 1, "fra": 2, "lon": 3},
             "pop_peers": ["fra=127.0.0.1:7201,127.0.0.1:7202", "lon=127.0.0.1:7301"],
-            "pop_via": ["127.0.0.1:7201=127.0.0.1:9201"],
+            "dial_via": ["127.0.0.1:7201=127.0.0.1:9201"],
             "replicate_after_s": 5,
         }
     )
@@ -228,7 +228,7 @@ def test_pop_peer_configuration() -> None:
         "fra": ("127.0.0.1:7201", "127.0.0.1:7202"),
         "lon": ("127.0.0.1:7301",),
     }
-    assert cfg.pop_via == {"127.0.0.1:7201": "127.0.0.1:9201"}
+    assert cfg.dial_via == {"127.0.0.1:7201": "127.0.0.1:9201"}
     table = build_config(
         {"node_id": "a", "pop": "ams", "pops": {"ams": 1, "fra": 2}, "pop_peers": {"fra": ["h:1"]}}
     )
@@ -239,6 +239,6 @@ def test_pop_peer_configuration() -> None:
     with pytest.raises(ConfigError, match="own PoP"):
         build_config({**base, "pop_peers": ["ams=h:1"]})
     with pytest.raises(ConfigError, match="want HOST:PORT=HOST:PORT"):
-        build_config({**base, "pop_via": ["nonsense"]})
+        build_config({**base, "dial_via": ["nonsense"]})
     with pytest.raises(ConfigError, match="replicate_after_s"):
         build_config({**base, "replicate_after_s": -1})

@@ -10,7 +10,8 @@ like ``dht cluster`` unless ``--insecure``), then for ``--duration`` seconds run
   releases of some of them, and look-ups of flows claimed so far, as a forwarder of the
   PoP, every key's every call recorded (dht.tools.chaos.history);
 * the nemesis (dht.tools.chaos.nemesis): the faults of ``--faults`` on a schedule drawn
-  from ``--seed``.
+  from ``--seed``; with link faults, every link between two nodes runs through a proxy
+  of this process (dht.tools.chaos.proxy).
 
 Then it heals every fault, waits for the PoP to settle, looks every flow up once more, and
 checks the history. Exit status 0 when the history holds to the model, 1 when it does not
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import random
 import signal
 import ssl
@@ -35,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from dht.client import Client
+from dht.core.config import NodeConfig
 from dht.core.errors import ConfigError
 from dht.core.identity import Role
 from dht.core.record import Status
@@ -42,8 +45,9 @@ from dht.core.wire import KEY_SIZE, FlowKey
 from dht.tools.bench.keys import synthetic_keys
 from dht.tools.certs import add_certs_flags, certs_dir, client_tls
 from dht.tools.chaos.history import History, Operation, check, outcome_of
-from dht.tools.chaos.nemesis import KINDS, Nemesis, plan_faults
-from dht.tools.cluster import LocalCluster, plan
+from dht.tools.chaos.nemesis import CLOCK_SHARE, KINDS, Fault, Nemesis, plan_clocks, plan_faults
+from dht.tools.chaos.proxy import Proxy
+from dht.tools.cluster import LocalCluster, NodeSpec, plan
 
 TTL_S = 600  # every claim outlives the run: the checker needs no expiry
 POP = "ams"
@@ -263,16 +267,65 @@ async def run_chaos(args: argparse.Namespace) -> int:
         return 130
 
 
+async def start_links(specs: list[NodeSpec]) -> dict[tuple[int, int], Proxy]:
+    """A proxy on every link between two nodes: ``links[(i, j)]`` is the one node i dials
+    node j through (the nemesis delays and cuts them)."""
+    links: dict[tuple[int, int], Proxy] = {}
+    try:
+        for i, j in itertools.permutations(range(len(specs)), 2):
+            links[(i, j)] = await Proxy(specs[j].peer).start()
+    except BaseException:
+        await asyncio.gather(*(p.close() for p in links.values()))
+        raise
+    return links
+
+
+def node_flags(
+    specs: list[NodeSpec], links: dict[tuple[int, int], Proxy], clocks: list[int]
+) -> dict[str, list[str]]:
+    """Each node's own flags: its clock offset, and the proxies it dials its peers by."""
+    out: dict[str, list[str]] = {}
+    for i, spec in enumerate(specs):
+        flags = ["--clock-offset-ms", str(clocks[i])] if clocks else []
+        via = [f"{specs[j].peer}={p.address}" for (a, j), p in links.items() if a == i]
+        out[spec.node_id] = [*flags, *(["--dial-via", *via] if via else [])]
+    return out
+
+
 async def _run(args: argparse.Namespace) -> int:
     kinds = tuple(k for k in args.faults.split(",") if k)
     faults = plan_faults(args.seed, args.duration, args.nodes, kinds)
     certs = None if args.insecure else certs_dir(args)
     extra = ["--profile", "test", "--log-level", "error"]
-    cluster = LocalCluster(plan(1, args.nodes), extra, tls_dir=certs)
+    specs = plan(1, args.nodes)
+    bound = NodeConfig.max_clock_offset_ms
+    clocks = plan_clocks(args.seed, args.nodes, bound) if "clock" in kinds else []
+    links = await start_links(specs) if {"slow", "cut"} & set(kinds) else {}
+    cluster = LocalCluster(
+        specs, extra, tls_dir=certs, per_node_args=node_flags(specs, links, clocks)
+    )
     history = History()
     say(f"chaos seed {args.seed}: {args.nodes} nodes, {args.duration:.0f}s, faults:")
+    if clocks:
+        shown = (f"{s.node_id} {c:+d}ms" for s, c in zip(specs, clocks, strict=True))
+        say(f"  clocks: {', '.join(shown)}")
     for f in faults:
         say(f"  {f}")
+    try:
+        return await _run_with(args, cluster, certs, faults, links, clocks, history)
+    finally:
+        await asyncio.gather(*(p.close() for p in links.values()))
+
+
+async def _run_with(
+    args: argparse.Namespace,
+    cluster: LocalCluster,
+    certs: Path | None,
+    faults: list[Fault],
+    links: dict[tuple[int, int], Proxy],
+    clocks: list[int],
+    history: History,
+) -> int:
     async with cluster:
         http, scheme = admin_session(certs)
         async with http:
@@ -308,7 +361,17 @@ async def _run(args: argparse.Namespace) -> int:
                     t = time.monotonic()
                     await prefill(w, args.prefill, args.seed)
                     say(f"prefilled {args.prefill:,} flows in {time.monotonic() - t:.1f}s")
-                nemesis = Nemesis(cluster, faults, settled, say)
+                nemesis = Nemesis(
+                    cluster,
+                    faults,
+                    settled,
+                    say,
+                    links=links,
+                    clock_bound_ms=int(NodeConfig.max_clock_offset_ms * CLOCK_SHARE)
+                    if clocks
+                    else 0,
+                    rng=random.Random(args.seed + 1),
+                )
                 stop = asyncio.Event()
                 t0 = time.monotonic()
                 load = asyncio.create_task(w.run(stop))
