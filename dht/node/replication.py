@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -381,11 +382,13 @@ class Replicator:
         it, pulling each one's copies after its promise. Returns per partition whether
         this node now coordinates it under ``term``."""
         self.terms.proposing(parts, term)
+        why: Counter[str] = Counter()  # promises not counted, by reason (for the log)
 
         async def one(member: Member, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
             mine = parts[idx]
             no = np.zeros(len(idx), dtype=bool)
             if not self.view.is_up(member):
+                why[f"{member.node_id} down"] += len(idx)
                 return no
             started = self._now()
             try:
@@ -397,11 +400,14 @@ class Replicator:
                     await self.repair.sync_with(member, push=False, partitions=mine[granted])
             except PeerUnreachable as e:
                 self.view.mark_failed(member, e, started)
+                why[f"{member.node_id} unreachable"] += len(idx)
                 return no
             self.view.mark_ok(member)
             # A promise fences either way, but only a replica holding the partition's
             # data in full can show the writes this take-over must see.
             counted: npt.NDArray[np.bool_] = granted & ~incomplete
+            why[f"{member.node_id} promised higher"] += int(np.count_nonzero(~granted))
+            why[f"{member.node_id} incomplete"] += int(np.count_nonzero(granted & incomplete))
             return counted
 
         # RF - W + 1 intersects every write quorum. With W = 1 (configured, or a PoP
@@ -420,6 +426,14 @@ class Replicator:
         await self._until_quorum(plan, tally, one, self.config.rpc_timeout_ms / 1000)
         # Granted, and not promised to a higher term meanwhile.
         ok: npt.NDArray[np.bool_] = tally.ok() & self.terms.still_promised(parts, term)
+        if not ok.all():
+            log.warning(
+                "took over %d of %d partitions under term %d; not counted: %s",
+                int(ok.sum()),
+                len(ok),
+                term,
+                ", ".join(f"{k} {v}" for k, v in sorted(why.items()) if v) or "-",
+            )
         self.terms.took_over(parts[ok], term)
         self.stats.takeovers += int(np.count_nonzero(ok))
         self.stats.takeover_failures += int(np.count_nonzero(~ok))

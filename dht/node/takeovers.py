@@ -57,15 +57,7 @@ class TakeOvers:
             for p in mine.tolist():
                 self._acquiring[p] = fut
             try:
-                got = await self.replicator.acquire(
-                    mine, self.terms.next_term(mine, self.clock.now())
-                )
-                if not got.all():
-                    log.warning(
-                        "took over %d of %d partitions (no promise quorum for the rest)",
-                        int(got.sum()),
-                        mine.size,
-                    )
+                await self.replicator.acquire(mine, self.terms.next_term(mine, self.clock.now()))
             finally:
                 for p in mine.tolist():
                     if self._acquiring.get(p) is fut:

@@ -476,7 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(getattr(args, "log_level", "warning")).upper(), logging.INFO)
         if args.command == "node"
         else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # A node's lines name it: the nodes of a local cluster share one terminal.
+        format="%(asctime)s "
+        + (f"{args.node_id} " if args.command == "node" and args.node_id else "")
+        + "%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command == "certs":
