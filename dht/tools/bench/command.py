@@ -5,6 +5,7 @@ test suite.
     dht bench --quick           # under 5 minutes: fewer rounds, growth to 1M
     dht bench --json out.json --plot docs/bench-growth.png
     dht bench --only syn        # the connection path alone: SYN, second chance (~1.5 min)
+    dht bench --only lifecycle  # whole connections at stepped rates, 3 PoPs (~1-4 min)
 
 Starts this project's nodes (real processes, dht.tools.cluster.LocalCluster) and a real
 redis-server on loopback (apt-get installs it if missing), runs each workload on both,
@@ -23,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("bulk", "claims", "syn", "memory", "routing", "growth")
+WORKLOADS = ("bulk", "claims", "syn", "lifecycle", "memory", "routing", "growth")
 # Only with --only (not in the default run): the cost of mutual TLS, ~20-30 s.
 OPT_IN = ("tls",)
 # Goals that are not a ratio to meet: none, or a figure reported side by side only.
@@ -72,6 +73,19 @@ def settings(args: argparse.Namespace) -> Any:
 
         s = replace(s, **changes)
     return s
+
+
+def lifecycle_settings(args: argparse.Namespace) -> Any:
+    """The lifecycle's steps (docs/benchmarks.md#the-connection-lifecycle)."""
+    from dht.tools.bench.lifecycle import LifeSettings
+
+    if args.quick:
+        return LifeSettings(
+            rates=(50, 100, 250, 500, 1000, 2000, 3000, 4000), step_s=2.5, seed=args.seed
+        )
+    return LifeSettings(
+        rates=(50, 100, 250, 500, 1000, 1500, 2000, 3000, 4000, 5000), step_s=5.0, seed=args.seed
+    )
 
 
 def versions() -> dict[str, str]:
@@ -145,6 +159,12 @@ async def run_bench(args: argparse.Namespace) -> int:
         from dht.tools.bench.syn import connection_path
 
         rows += await connection_path(s, _log)
+    life_steps: list[dict[str, Any]] = []
+    if "lifecycle" in only:
+        from dht.tools.bench.lifecycle import lifecycle
+
+        got, life_steps = await lifecycle(lifecycle_settings(args), _log)
+        rows += got
     if "tls" in only:
         from dht.tools.bench.tls import tls_cost
 
@@ -158,6 +178,11 @@ async def run_bench(args: argparse.Namespace) -> int:
     print(table(rows))
     for line in notes(rows):
         print(line)
+    if life_steps:
+        from dht.tools.bench.lifecycle import step_table
+
+        print()
+        print(step_table(life_steps))
     if growth_rows:
         print()
         print(growth_table(growth_rows))
@@ -174,6 +199,7 @@ async def run_bench(args: argparse.Namespace) -> int:
             "ratios": {r["key"]: r["ratio"] for r in rows if "key" in r},
             "workloads": rows,
             "growth": growth_rows,
+            "lifecycle": life_steps,
         }
         await asyncio.to_thread(Path(args.json).write_text, json.dumps(doc, indent=2) + "\n")
     return 0

@@ -1,4 +1,5 @@
-"""Process helpers for the benchmarks: RSS of another process, a real redis-server."""
+"""Process helpers for the benchmarks: RSS and CPU time of another process, a real
+redis-server."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ def rss_bytes(pid: int) -> int:
     """Resident set size of process ``pid`` (Linux /proc)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time process ``pid`` has used so far (user + system), in seconds (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name (field 2) may hold spaces: count fields after its ")".
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15 (proc(5)).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ensure_redis_server() -> str:
