@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from dht.client.cache import Answer
-from dht.core.errors import DhtError, Unavailable
+from dht.core.errors import DhtError, LimitExceeded, Unavailable
 from dht.core.record import State, Status
 from dht.core.wire import FLAG_AFFINITY_FALLBACK, FLAG_SECOND_CHANCE, ResultArray
 
@@ -43,6 +43,7 @@ class Counters(Protocol):
 
     coalesced: int  # submissions that joined a key already waiting or in flight
     table_errors: int  # calls that failed whole (every key answered UNAVAILABLE)
+    shed_batches: int  # of which the node refused as overloaded (RESOURCE_EXHAUSTED)
 
 
 class Batcher:
@@ -114,9 +115,12 @@ class Batcher:
                 rows = await self._send(b"".join(keys))
                 answers = [answer_of(r) for r in rows]
             except DhtError as e:
-                # The table is unreachable: every key is "unknown" (not cached), so the
-                # packet still gets a decision.
-                log.warning("%s batch of %d keys failed: %s", self.name, len(keys), e)
+                # The table is unreachable or shedding: every key is "unknown" (not
+                # cached), so the packet still gets a decision (cache, affinity).
+                if isinstance(e, LimitExceeded):
+                    self._counters.shed_batches += 1  # overload: counted, not logged
+                else:
+                    log.warning("%s batch of %d keys failed: %s", self.name, len(keys), e)
                 self._counters.table_errors += 1
                 answers = [UNAVAILABLE] * len(keys)
             for f, a in zip(futs, answers, strict=True):

@@ -157,6 +157,7 @@ class ForwarderStats:
     unknown: int = 0  # packets served here with no owner known (SERVE_UNKNOWN)
     loop_guard: int = 0  # decisions the loop guard turned into SERVE
     table_errors: int = 0  # calls that failed whole, and failed background rounds
+    shed_batches: int = 0  # of those, calls the node refused as overloaded
     # Seconds from a cache miss to the table's answer (the last 100,000 misses).
     miss_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 

@@ -184,6 +184,10 @@ class NodeConfig:
     # An event-loop gap this long means this process was paused (SIGSTOP, VM stall): it
     # may have missed writes, so it resyncs before answering from its own copy again.
     pause_threshold_ms: int = 1_500
+    # Shed calls from the client plane (RESOURCE_EXHAUSTED, "overloaded") while the event
+    # loop runs more than this far behind: admitted work keeps a bounded latency instead
+    # of every call waiting in a queue (dht.node.overload). 0 = never shed.
+    overload_lag_ms: int = 500
     # Graceful stop: in-flight calls get this long before they are cancelled.
     shutdown_grace_s: float = 5.0
     # ---- several PoPs (dht.pops.extension, docs/protocol.md#shipping-between-pops)
@@ -284,6 +288,8 @@ def validate(cfg: NodeConfig) -> None:
         bad("udp_lookup_port cannot be combined with TLS: the UDP listener is plaintext")
     if cfg.udp_max_inflight < 1:
         bad("udp_max_inflight must be >= 1")
+    if cfg.overload_lag_ms < 0:
+        bad("overload_lag_ms must be >= 0 (0: never shed)")
     if cfg.replication_factor < 1:
         bad("replication_factor must be >= 1")
     if not 1 <= cfg.num_partitions <= 65535:
@@ -364,6 +370,9 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
             "failure_timeout_s": 2.0,
             "anti_entropy_interval_s": 1.0,
             "pause_threshold_ms": 1_000,
+            # Tests assert availability through stalls of a few hundred ms: no shedding
+            # (tests/integration/test_overload.py turns it on).
+            "overload_lag_ms": 0,
             "suspicion_timeout_s": 2.0,
             "leave_timeout_s": 10.0,
             "handoff_grace_s": 10.0,

@@ -59,6 +59,7 @@ class FlowTableService(pb_grpc.FlowTableServicer):
             self.authz.node_of_my_pop(context)
         else:
             self.authz.public(context, op, pop)
+            self.node.overload.admit()  # shed while overloaded (never between nodes)
 
     async def _run(
         self,

@@ -96,6 +96,7 @@ class UdpLookupProtocol(asyncio.DatagramProtocol):
         version, op, count, rid = HEADER.unpack_from(data)
         try:
             keys = self._validate(data, version, op, count)
+            self.node.overload.admit()  # shed while overloaded (docs/operations.md#overload)
             answers = [self.node.lookup_local(k) for k in keys]
         except DhtError as e:
             self._error(addr, rid, len(data), grpc_status(e), str(e))

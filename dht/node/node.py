@@ -48,6 +48,7 @@ from dht.node.gauges import (
 )
 from dht.node.inflight import InFlight
 from dht.node.liveness import Liveness, membership_of, table_of
+from dht.node.overload import Overload
 from dht.node.peerview import PeerView
 from dht.node.repair import Repair
 from dht.node.replica import Replica
@@ -94,6 +95,7 @@ class Node:
         self.affinity = AffinityStore(lim.max_affinity_records, lim.hard_max_affinity_records)
         self.state = NodeState(config.num_partitions, joined=not config.seeds)
         self.tasks = Tasks(config.node_id)
+        self.overload = Overload(config.overload_lag_ms, mono_ms)
         self.inflight = InFlight()
         self.stats = Stats()
         # Terms are HLC stamps. A restart forgets the promises it made; terms handed out
@@ -124,6 +126,7 @@ class Node:
         )
         self.extension: NodeExtension | None = None
         self.metrics.add_gauges(self._gauges)
+        self.metrics.add_gauges(self.overload.gauges)
         if extension is not None:
             self.extension = extension(self)
 
@@ -226,16 +229,13 @@ class Node:
         every = self.tasks.every
         self.tasks.spawn("purge", every(cfg.purge_interval_s, self.purge_step, "purge"))
         self.tasks.spawn("pause-detector", every(0.1, live.tick, "pause-detector"))
+        self.tasks.spawn("overload", self.overload.watch())
         self.tasks.spawn("probe", every(cfg.probe_interval_s, live.probe_step, "probe"))
         self.tasks.spawn(
             "anti-entropy",
             every(cfg.anti_entropy_interval_s, live.anti_entropy_step, "anti-entropy"),
         )
         live.start_resync()
-
-    @property
-    def writes_in_flight(self) -> int:  # coordinated writes of this node still running
-        return 0 if self._coordinator is None else len(self._coordinator.writes)
 
     async def stop_loops(self) -> None:
         """Stop every loop; writes in flight get two RPC timeouts to end (acknowledged

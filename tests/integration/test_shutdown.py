@@ -93,7 +93,8 @@ async def test_a_node_with_writes_to_stalled_replicas_stops_within_its_bound(
 
             load = [asyncio.create_task(keep_busy(claim, stop)) for _ in range(8)]
             await wait_for(
-                lambda: servers[0].node.writes_in_flight > 0, what="writes in flight at ams-1"
+                lambda: len(servers[0].node.coordinator.writes) > 0,
+                what="writes in flight at ams-1",
             )
             took = await timed_stop(servers[0], leave)
             stop.set()
