@@ -29,6 +29,7 @@ from dht.core.wire import (
     FLAG_SECOND_CHANCE,
     KEY_DTYPE,
     ResultArray,
+    prefix_mask,
     put_result,
 )
 from dht.node.node import Node
@@ -119,7 +120,29 @@ class Hints:
             return
         keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[ok]
         clients = np.unique(np.ascontiguousarray(keys["caddr"]), axis=0)
-        await self.node.batch(BatchCall(Op.SET_AFFINITY, clients.tobytes(), pop=pop))
+        clients = clients[~self._affinity_fresh(clients, pop)]
+        if len(clients):
+            await self.node.batch(BatchCall(Op.SET_AFFINITY, clients.tobytes(), pop=pop))
+
+    def _affinity_fresh(self, clients: npt.NDArray[np.uint8], pop: int) -> npt.NDArray[np.bool_]:
+        """Per client: does this node's copy already name ``pop``, with more than half of
+        an affinity's TTL left? Its confirm then writes nothing: a client's every
+        connection used to rewrite (and replicate) the same affinity, a third of a
+        confirm's cost. A hint, so a copy that is behind costs at most one skipped
+        refresh; a client that moved to another PoP is always written."""
+        node = self.node
+        cfg = node.config
+        now = node.clock.wall_ms()
+        have = node.affinity.get(
+            prefix_mask(cfg.limits.prefix_v4, cfg.limits.prefix_v6, clients), now
+        )
+        left = have["expiry_ms"].astype(np.int64) - now
+        fresh: npt.NDArray[np.bool_] = (
+            (have["status"] == Status.OK)
+            & (have["owner_pop"] == pop)
+            & (left > cfg.ttl.max_ms // 2)
+        )
+        return fresh
 
     async def _affinity_fallback(
         self, call: BatchCall, out: ResultArray, miss: npt.NDArray[np.intp]

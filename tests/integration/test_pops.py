@@ -13,8 +13,9 @@ import pytest
 from dht._proto.dht.v1 import dht_pb2 as pb
 from dht._proto.dht.v1 import dht_pb2_grpc as pb_grpc
 from dht.client import Client
+from dht.core.ops import BatchCall, Op
 from dht.core.record import State, Status
-from dht.core.wire import ENTRY_DTYPE, FLAG_AFFINITY_FALLBACK, KEY_DTYPE, KEY_SIZE
+from dht.core.wire import ENTRY_DTYPE, FLAG_AFFINITY_FALLBACK, KEY_DTYPE, KEY_SIZE, FlowKey
 from dht.edge.server import NodeServer
 from dht.pops.shipping import Kind
 from dht.tools.bench import synthetic_keys
@@ -204,3 +205,44 @@ async def test_a_flow_released_before_its_record_shipped_ships_no_tombstone(
         assert set((await a.flow_packed("Release", raw, pop="ams"))["status"]) == {Status.OK}
         await wait_for(lambda: shipped(ams, Kind.TOMBSTONE) == 30, what="tombstones acked")
         assert ams[0].pops.skipped.get("Release", 0) == 20
+
+
+async def test_a_confirm_writes_the_affinity_only_when_it_would_change(
+    make_pops: MakePops,
+) -> None:
+    """A client's every connection used to rewrite its affinity (a quorum write, a third
+    of a confirm's cost); now a confirm writes it only when this PoP's copy names another
+    PoP (or is old)."""
+    pops = await make_pops(pops=2, nodes=1)
+    ams, fra = pops["ams"][0], pops["fra"][0]
+    keys = np.frombuffer(synthetic_keys(3, seed=31), dtype=KEY_DTYPE).copy()
+    keys["caddr"] = keys["caddr"][0]  # three connections of one client
+    keys["cport"] = [40001, 40002, 40003]
+    k = [keys[i : i + 1].tobytes() for i in range(3)]
+    writes: list[int] = []
+    batch = ams.node.batch
+
+    async def counted(call: BatchCall) -> bytes:
+        if call.op is Op.SET_AFFINITY:
+            writes.append(len(call.payload))
+        return await batch(call)
+
+    ams.node.batch = counted  # type: ignore[method-assign]
+    async with (
+        Client([ams.grpc_address], timeout_s=10) as a,
+        Client([fra.grpc_address], timeout_s=10) as f,
+    ):
+
+        async def preferred(pop: str) -> bool:
+            (got,) = await a.get_affinity([FlowKey.from_bytes(k[0]).client])
+            return got.owner_pop == POPS[pop]
+
+        for key in k[:2]:
+            await a.flow_packed("Claim", key, pop="ams")
+            await a.flow_packed("Confirm", key, pop="ams")
+        assert len(writes) == 1 and await preferred("ams")  # the second wrote nothing
+        await f.flow_packed("Claim", k[2], pop="fra")
+        await f.flow_packed("Confirm", k[2], pop="fra")  # the client moved to fra
+        await until(lambda: preferred("fra"), "fra's affinity shipped to ams")
+        await a.flow_packed("Confirm", k[1], pop="ams")  # and back: written again
+        assert len(writes) == 2 and await preferred("ams")
