@@ -3,8 +3,7 @@
 # generated code current, lint, types, compose file valid, unit + in-memory network
 # scenarios (virtual time) + integration tests, then system tests (real processes and
 # faults), one at a time, and the fault, membership and PoP system tests once more with
-# mutual TLS on every plane (DHT_TEST_TLS=1, tests/system/conftest.py), then the fault and
-# membership tests under a CPU hog (scripts/with_hog.py).
+# mutual TLS on every plane (DHT_TEST_TLS=1, tests/system/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
@@ -18,10 +17,3 @@ python -m pytest -q tests/unit tests/sim tests/integration
 python -m pytest -q -p no:randomly tests/system
 DHT_TEST_TLS=1 python -m pytest -q -p no:randomly \
   tests/system/test_faults.py tests/system/test_membership.py tests/system/test_pops.py
-# The fault and membership tests once more with a CPU hog on every core (the races they
-# hunt for show on a busy machine). The 4-node rolling restart is left out of this run:
-# under the hog it still loses availability and, rarely, the identity of a claim
-# (docs/architecture.md#tests-and-chores).
-python scripts/with_hog.py python -m pytest -q -p no:randomly \
-  tests/system/test_faults.py tests/system/test_membership.py \
-  --deselect "tests/system/test_membership.py::test_graceful_rolling_restart_under_load[4]"

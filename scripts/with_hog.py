@@ -4,8 +4,8 @@ whatever happens. Exits with the command's status.
 
     python scripts/with_hog.py python -m pytest -q tests/system/test_membership.py
 
-scripts/test.sh runs the membership and fault system tests this way: the races they hunt
-for show on a busy machine (docs/architecture.md#tests-and-chores).
+The races the membership and fault system tests hunt for show on a busy machine
+(docs/architecture.md#tests-and-chores).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 requests for one key share one call (coalescing), and keys from every caller leave
 together: at once when no call of the kind is in flight, else when a batch is full or
 ``window_s`` after its first key, with at most ``max_in_flight`` batches of the kind at
-once (docs/api.md#forwarder)."""
+once (docs/api.md#forwarder). A lingering batcher (calls no packet waits on) always
+waits the window."""
 
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ class Batcher:
         max_in_flight: int,
         spawn: Callable[[Awaitable[None], str], None],
         counters: Counters,
+        linger: bool = False,
     ) -> None:
         self.name = name
+        self._linger = linger  # wait the window even with nothing in flight
         self._send = send
         self._window_s = window_ms / 1000
         self._max = max_keys
@@ -90,8 +93,10 @@ class Batcher:
             await self._wake.wait()
             # Nagle's rule: with no call of this kind in flight there is nobody to wait
             # for, so a lone miss leaves at once; while one is in flight, keys gather for
-            # at most the window (or until the batch is full).
-            if len(self._waiting) < self._max and self._window_s > 0 and self._in_flight:
+            # at most the window (or until the batch is full). Calls no packet waits on
+            # (``linger``) always gather for the window: fewer, larger calls.
+            busy = self._in_flight or self._linger
+            if len(self._waiting) < self._max and self._window_s > 0 and busy:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._window_s):
                         await self._full.wait()

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 from dht.client.batcher import UNAVAILABLE, Batcher
 from dht.client.cache import Answer, CacheLimits, FlowCache
 from dht.client.decision import Action, Decision, Packet, decide
+from dht.client.udp import UdpLookups, udp_first
 from dht.core.config import TlsConfig
 from dht.core.errors import DhtError, InvalidArgument, Unavailable
 from dht.core.record import Status
@@ -82,6 +83,10 @@ class ForwarderConfig:
     # share its batch (with none in flight it leaves at once): 2 ms is far below a TCP
     # retransmission and turns a burst of misses into a few calls.
     batch_window_ms: float = 2.0
+    # Confirms, releases and refreshes (no packet waits on them) always gather this long:
+    # a connection's calls share RPCs with others' (node CPU per connection), at the
+    # price of the record being established and shipped that much later.
+    background_window_ms: float = 20.0
     batch_max_keys: int = 1_000
     # Per kind of call (look-up, claim, ...): bounds the load one forwarder puts on its PoP.
     max_batches_in_flight: int = 4
@@ -106,9 +111,15 @@ class ForwarderConfig:
     # Look-ups for packets that are not a flow's first ask the other PoPs about flows this
     # PoP does not know (docs/protocol.md#second-chance); off: this PoP's table only.
     second_chance: bool = True
+    # Ask look-ups over the nodes' UDP listeners (docs/api.md#udp-lookup; plaintext
+    # deployments, nodes with udp_lookup_port = 0), gRPC when no answer comes within
+    # udp_timeout_s (it covers the node's second chance, 0.15 s by default).
+    udp_lookups: bool = False
+    udp_timeout_s: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.batch_window_ms < 0 or not 1 <= self.batch_max_keys <= 10_000:
+        windows = (self.batch_window_ms, self.background_window_ms)
+        if min(windows) < 0 or not 1 <= self.batch_max_keys <= 10_000:
             raise InvalidArgument("batch", "want batch_window_ms >= 0, batch_max_keys 1..10000")
         if self.max_batches_in_flight < 1 or self.refresh_interval_s <= 0:
             raise InvalidArgument(
@@ -158,6 +169,8 @@ class ForwarderStats:
     loop_guard: int = 0  # decisions the loop guard turned into SERVE
     table_errors: int = 0  # calls that failed whole, and failed background rounds
     shed_batches: int = 0  # of those, calls the node refused as overloaded
+    udp_lookups: int = 0  # keys looked up over UDP (udp_lookups on)
+    udp_fallbacks: int = 0  # UDP look-up batches that got no answer and went to gRPC
     # Seconds from a cache miss to the table's answer (the last 100,000 misses).
     miss_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
@@ -198,48 +211,36 @@ class Forwarder:
         self._behind: set[asyncio.Future[Answer]] = set()  # releases sent by handle()
         # Flows served for a local socket that had no cache entry (kept by the next round).
         self._local_unseen: set[bytes] = set()
+        self.udp = (
+            UdpLookups(lambda: self.client.table, timeout_s=cfg.udp_timeout_s)
+            if cfg.udp_lookups
+            else None
+        )
 
-        def batcher(name: str, send: Callable[[bytes], Awaitable[ResultArray]]) -> Batcher:
+        def batcher(
+            name: str, send: Callable[[bytes], Awaitable[ResultArray]], linger: bool = False
+        ) -> Batcher:
             return Batcher(
                 name,
                 send,
-                window_ms=cfg.batch_window_ms,
+                window_ms=cfg.background_window_ms if linger else cfg.batch_window_ms,
+                linger=linger,
                 max_keys=cfg.batch_max_keys,
                 max_in_flight=cfg.max_batches_in_flight,
                 spawn=self._spawn,
                 counters=self.stats,
             )
 
-        self._lookups = batcher("lookup", self._send("Lookup"))
-        self._asks = batcher("lookup-second-chance", self._send("Lookup", second_chance=True))
-        self._claims = batcher("claim", self._send("Claim", cfg.claim_ttl_s))
-        self._confirms = batcher("confirm", self._send("Confirm", cfg.confirm_ttl_s))
-        self._releases = batcher("release", self._send("Release"))
-        self._refreshes = batcher("refresh", self._send("Refresh", cfg.confirm_ttl_s))
+        self._lookups = batcher("lookup", _sender(self, "Lookup"))
+        self._asks = batcher("lookup-second-chance", _sender(self, "Lookup", second_chance=True))
+        self._claims = batcher("claim", _sender(self, "Claim", cfg.claim_ttl_s))
+        self._confirms = batcher("confirm", _sender(self, "Confirm", cfg.confirm_ttl_s), True)
+        self._releases = batcher("release", _sender(self, "Release"), True)
+        self._refreshes = batcher("refresh", _sender(self, "Refresh", cfg.confirm_ttl_s), True)
         self._batchers = (
             self._lookups, self._asks, self._claims, self._confirms, self._releases,
             self._refreshes,
         )  # fmt: skip
-
-    def _send(
-        self, method: str, ttl_s: int = 0, *, second_chance: bool = False
-    ) -> Callable[[bytes], Awaitable[ResultArray]]:
-        """One kind of call, counted; acting calls act for this PoP."""
-        stats = self.stats
-
-        async def send(raw: bytes) -> ResultArray:
-            n = len(raw) // KEY_SIZE
-            if method == "Lookup":
-                stats.lookups_sent += n
-                stats.lookup_batches += 1
-                if second_chance:
-                    stats.second_chance_sent += n
-                return await self.client.flow_packed(method, raw, second_chance=second_chance)
-            if method == "Claim":
-                stats.claim_batches += 1
-            return await self.client.flow_packed(method, raw, pop=self.here, ttl_s=ttl_s)
-
-        return send
 
     @classmethod
     async def open(
@@ -291,6 +292,8 @@ class Forwarder:
         for b in self._batchers:
             b.fail_all(Unavailable("forwarder closed"))
         self.cache.clear()
+        if self.udp is not None:
+            self.udp.close()
         if self._owns_client:
             await self.client.close()
 
@@ -572,3 +575,25 @@ def _raw(key: FlowKey | bytes) -> bytes:
     if len(raw) != KEY_SIZE:
         raise InvalidArgument("key", f"length {len(raw)}: want one {KEY_SIZE}-byte flow key")
     return raw
+
+
+def _sender(
+    fw: Forwarder, method: str, ttl_s: int = 0, *, second_chance: bool = False
+) -> Callable[[bytes], Awaitable[ResultArray]]:
+    """One kind of call of ``fw``, counted; acting calls act for its PoP; look-ups go
+    over UDP first when ``udp_lookups`` is on."""
+    stats = fw.stats
+
+    async def send(raw: bytes) -> ResultArray:
+        n = len(raw) // KEY_SIZE
+        if method == "Lookup":
+            stats.lookups_sent += n
+            stats.lookup_batches += 1
+            if second_chance:
+                stats.second_chance_sent += n
+            return await udp_first(fw.udp, fw.client, raw, second_chance, stats)
+        if method == "Claim":
+            stats.claim_batches += 1
+        return await fw.client.flow_packed(method, raw, pop=fw.here, ttl_s=ttl_s)
+
+    return send

@@ -65,3 +65,11 @@ def from_grpc(code: grpc.StatusCode, details: str) -> DhtError:
     ):
         return Unavailable(f"{code.name}: {details}")
     return DhtError(f"{code.name}: {details}")
+
+
+def code_of_number(number: int) -> grpc.StatusCode:
+    """A gRPC status from its number (the UDP lookup's answers carry the number)."""
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN

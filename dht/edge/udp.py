@@ -39,7 +39,6 @@ import asyncio
 import itertools
 import logging
 import socket
-import struct
 import time
 from typing import cast
 
@@ -49,6 +48,8 @@ import numpy as np
 from dht.core.errors import DhtError, InvalidArgument, Unavailable
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import PartitionMap
+from dht.core.record import State, Status
+from dht.core.udp_wire import HEADER, MAX_KEYS, OP_LOOKUP, OP_LOOKUP_SECOND_CHANCE, OPS, VERSION
 from dht.core.wire import (
     KEY_SIZE,
     RESULT_DTYPE,
@@ -58,15 +59,11 @@ from dht.core.wire import (
     key_hash,
     key_hashes,
 )
-from dht.edge.status import from_grpc, grpc_status
+from dht.edge.status import code_of_number, from_grpc, grpc_status
 from dht.node.node import Node
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
-OP_LOOKUP = 1
-HEADER = struct.Struct(">BBHI")  # version, op (request) or code (answer), count, request id
-MAX_KEYS = 32
 METHOD = "UdpLookup"
 
 
@@ -105,7 +102,9 @@ class UdpLookupProtocol(asyncio.DatagramProtocol):
             log.exception("UDP lookup failed")
             self._error(addr, rid, len(data), grpc.StatusCode.INTERNAL, "internal error")
             return
-        if all(a is not None for a in answers):
+        if all(a is not None for a in answers) and (
+            op == OP_LOOKUP or not any(_asks_elsewhere(a) for a in answers if a is not None)
+        ):
             self._send(addr, 0, rid, b"".join(a for a in answers if a is not None), count)
             return
         # Some key is not this node's to answer alone: the full path, off the fast path.
@@ -113,7 +112,7 @@ class UdpLookupProtocol(asyncio.DatagramProtocol):
             self._count.labels(METHOD, "DROPPED").inc()
             return
         task = asyncio.get_running_loop().create_task(
-            self._full_path(addr, rid, data[HEADER.size :], count, len(data))
+            self._full_path(addr, rid, data[HEADER.size :], count, len(data), op)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -121,8 +120,10 @@ class UdpLookupProtocol(asyncio.DatagramProtocol):
     def _validate(self, data: bytes, version: int, op: int, count: int) -> list[bytes]:
         if version != VERSION:
             raise InvalidArgument("version", f"{version} is not supported (want {VERSION})")
-        if op != OP_LOOKUP:
-            raise InvalidArgument("op", f"{op} is not a known operation (lookup=1)")
+        if op not in OPS:
+            raise InvalidArgument(
+                "op", f"{op} is not a known operation (lookup=1, lookup with second chance=2)"
+            )
         if not 1 <= count <= MAX_KEYS:
             raise InvalidArgument("count", f"{count} outside 1..{MAX_KEYS}")
         body = len(data) - HEADER.size
@@ -136,9 +137,10 @@ class UdpLookupProtocol(asyncio.DatagramProtocol):
         return keys
 
     async def _full_path(self, addr: tuple[str | object, ...], rid: int, keys: bytes, count: int,
-                         size: int) -> None:  # fmt: skip
+                         size: int, op: int) -> None:  # fmt: skip
         try:
-            results = await self.node.batch(BatchCall(Op.LOOKUP, keys))
+            call = BatchCall(Op.LOOKUP, keys, second_chance=op == OP_LOOKUP_SECOND_CHANCE)
+            results = await self.node.batch(call)
         except DhtError as e:
             self._error(addr, rid, size, grpc_status(e), str(e))
             return
@@ -269,15 +271,16 @@ class UdpLookupClient:
                     continue  # a late answer to an earlier request
                 if code:
                     text = data[HEADER.size :].decode(errors="replace")
-                    raise from_grpc(_status_by_number(code), text)
+                    raise from_grpc(code_of_number(code), text)
                 if n != count or len(data) - HEADER.size != count * RESULT_SIZE:
                     raise DhtError(f"{addr}: answered {n} results for {count} keys")
                 return data[HEADER.size :]
         raise Unavailable(f"no answer from {addr[0]}:{addr[1]} after {self.retries + 1} tries")
 
 
-def _status_by_number(number: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if _grpc_number(code) == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
+def _asks_elsewhere(answer: bytes) -> bool:
+    """A local answer a second chance would ask the other PoPs about: nothing found, or
+    only an embryonic claim (as over gRPC, dht.pops.hints)."""
+    return answer[0] == Status.NOT_FOUND or (
+        answer[0] == Status.OK and answer[1] == State.EMBRYONIC
+    )

@@ -10,6 +10,9 @@ import grpc
 import numpy as np
 import pytest
 
+from dht.client import Client, Forwarder
+from dht.client.decision import Action, Packet
+from dht.client.forwarder import ForwarderConfig
 from dht.core.config import build_config
 from dht.core.errors import ConfigError, InvalidArgument
 from dht.core.wire import KEY_SIZE, RESULT_DTYPE, RESULT_SIZE, parse_flow
@@ -17,7 +20,7 @@ from dht.edge.server import NodeServer
 from dht.edge.udp import HEADER, MAX_KEYS, OP_LOOKUP, VERSION, UdpLookupClient
 from dht.tools.bench import synthetic_keys
 
-from .conftest import MakePop
+from .conftest import POP_IDS, MakePop, MakePops
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
@@ -171,3 +174,57 @@ def test_config_refuses_udp_with_tls_and_bad_ports() -> None:
                 "tls": {"cert_file": "c", "key_file": "k", "ca_file": "a"},
             }
         )
+
+
+# --------------------------------------------------------------------------- the forwarder
+
+
+async def test_a_forwarder_asks_its_misses_over_udp_with_the_second_chance(
+    make_pops: MakePops,
+) -> None:
+    """With udp_lookups on, a miss is one datagram: a flow this PoP knows comes back from
+    its table, one only fra knows (an embryonic claim, never shipped) from the second
+    chance the node runs for op 2, exactly as over gRPC."""
+    pops = await make_pops(pops=2, nodes=1, udp_lookup_port=0)
+    ams, fra = pops["ams"][0], pops["fra"][0]
+    here, there = synthetic_keys(2, seed=51)[:KEY_SIZE], synthetic_keys(2, seed=51)[KEY_SIZE:]
+    async with Client([ams.grpc_address]) as a, Client([fra.grpc_address]) as f:
+        await a.flow_packed("Claim", here, pop="ams")
+        await a.flow_packed("Confirm", here, pop="ams")
+        await f.flow_packed("Claim", there, pop="fra")
+    fw = Forwarder(
+        Client([ams.grpc_address]), "ams", ForwarderConfig(udp_lookups=True), owns_client=True
+    )
+    await fw.start()
+    try:
+        out = await fw.handle(here, Packet.DATA)
+        assert out.action is Action.SERVE and not out.cached
+        out = await fw.handle(there, Packet.DATA)
+        assert (out.action, out.target) == (Action.TUNNEL, POP_IDS["fra"])
+        assert out.answer is not None and out.answer.second_chance
+        assert fw.stats.udp_lookups == 2 and fw.stats.udp_fallbacks == 0
+        assert fw.stats.second_chance_found == 1
+    finally:
+        await fw.close()
+
+
+async def test_a_forwarder_falls_back_to_grpc_when_udp_gets_no_answer(
+    make_pop: MakePop,
+) -> None:
+    """No listener on the node (udp_lookup_port off): the datagram goes unanswered, and
+    after udp_timeout_s the miss is asked over gRPC; the packet still gets its owner."""
+    (srv,) = await make_pop(1)
+    key = synthetic_keys(1, seed=52)
+    async with Client([srv.grpc_address]) as c:
+        await c.flow_packed("Claim", key, pop="ams")
+        await c.flow_packed("Confirm", key, pop="ams")
+    cfg = ForwarderConfig(udp_lookups=True, udp_timeout_s=0.05)
+    fw = Forwarder(Client([srv.grpc_address]), "ams", cfg, owns_client=True)
+    await fw.start()
+    try:
+        out = await fw.handle(key, Packet.DATA)
+        assert out.action is Action.SERVE and out.answer is not None
+        assert out.answer.owner == POP_IDS["ams"]
+        assert fw.stats.udp_fallbacks == 1 and fw.stats.udp_lookups == 0
+    finally:
+        await fw.close()

@@ -3,9 +3,11 @@ connections at a fixed offered rate, stepped up, side by side with what a user w
 otherwise build (one Redis per PoP), steps interleaved (dht, Redis, dht, ...).
 
 Three PoPs of one node each (plaintext, ``--replicate-after-s 0``: a confirmed flow is
-shipped at once) and one ``dht.client.Forwarder`` per PoP (its default configuration),
-all in this process. Connection ``i`` starts at PoP A = ``i % 3``; its events are at
-fixed offsets after its scheduled SYN (open loop: a late answer delays nothing else):
+shipped at once; ``--udp-lookup-port 0``) and one ``dht.client.Forwarder`` per PoP (its
+default configuration, plus ``udp_lookups``: misses are asked over UDP, as a plaintext
+deployment would, docs/api.md#udp-lookup), all in this process. Connection ``i`` starts
+at PoP A = ``i % 3``; its events are at fixed offsets after its scheduled SYN (open
+loop: a late answer delays nothing else):
 
 * **SYN** (+0): ``handle(key, Packet.SYN)`` at A, one claim; must be SERVE by A.
 * **confirm** (+``confirm_ms``): ``established(key)`` at A (the record is shipped).
@@ -48,6 +50,7 @@ from redis.exceptions import RedisError
 
 from dht.client import Client, Forwarder
 from dht.client.decision import Action, Packet
+from dht.client.forwarder import ForwarderConfig
 from dht.core.errors import DhtError
 from dht.core.record import Status
 from dht.core.wire import KEY_SIZE
@@ -376,14 +379,17 @@ async def lifecycle(
     ls: LifeSettings, log: Callable[[str], None]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The lifecycle, dht and Redis per PoP (module doc): the goal rows, the steps."""
-    cluster = LocalCluster(plan(POPS, 1), [*NODE_ARGS, "--replicate-after-s", "0"])
+    cluster = LocalCluster(
+        plan(POPS, 1), [*NODE_ARGS, "--replicate-after-s", "0", "--udp-lookup-port", "0"]
+    )
     async with cluster, RedisServer() as r1, RedisServer() as r2, RedisServer() as r3:
         servers = [r1, r2, r3]
         fws: list[Forwarder] = []
         clients: list[aredis.Redis] = []
         try:
             for node in cluster.nodes:
-                fw = Forwarder(Client([node.spec.grpc]), node.spec.pop, owns_client=True)
+                cfg = ForwarderConfig(udp_lookups=True)
+                fw = Forwarder(Client([node.spec.grpc]), node.spec.pop, cfg, owns_client=True)
                 await fw.start()
                 fws.append(fw)
             for _ in range(POPS):
