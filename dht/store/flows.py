@@ -54,6 +54,9 @@ from dht.store.table import EMPTY, MAPPED_KEY_PREFIX, RECORD_FIELDS, STATES, fam
 
 __all__ = ["FlowStore", "MergeStats"]
 
+# Look-ups and copies of at most this many keys go key by key in pure Python.
+SMALL_LOOKUP = 4
+
 # One key's change under an op: (stored copy, who acts, policy, birth stamp) -> Change.
 Decide = Callable[[Record | None, Acting, TtlPolicy, int], Change]
 
@@ -102,7 +105,15 @@ class FlowStore:
     # ------------------------------------------------------------------ reads
 
     def lookup(self, keys: KeyArray, hashes: U64Array, now_ms: int) -> ResultArray:
-        """Vectorised ``decide_lookup``: OK with the record if live, else NOT_FOUND."""
+        """Vectorised ``decide_lookup``: OK with the record if live, else NOT_FOUND. A
+        handful of keys (a forwarder's miss) take :meth:`lookup_one` each: the
+        vectorised path's fixed cost (tens of numpy calls) is ~20x one key's."""
+        if len(keys) <= SMALL_LOOKUP:
+            raw = b"".join(
+                self.lookup_one(k.tobytes(), int(h), now_ms)
+                for k, h in zip(keys, hashes, strict=True)
+            )
+            return np.frombuffer(raw, dtype=wire.RESULT_DTYPE).copy()
         out = wire.new_results(len(keys))
         out["status"] = Status.NOT_FOUND
         for t, sel, compact, h in split(self._tables, keys, hashes):
@@ -120,6 +131,29 @@ class FlowStore:
         """:meth:`lookup` of one validated 40-byte key, as one packed result record, in
         pure Python: a vectorised lookup costs tens of numpy calls whatever the batch
         size, ~20x this for a single key (the UDP miss path, dht.edge.udp)."""
+        got = self._find_one(key, key_hash)
+        if got is not None:
+            birth, expiry, gen, owner, server, birth_pop, state = got
+            if state != State.RELEASED and expiry > now_ms:
+                return wire.RESULT_STRUCT.pack(
+                    Status.OK, state, owner, server, birth_pop, gen, partition, 0, birth, expiry
+                )
+        return wire.RESULT_STRUCT.pack(Status.NOT_FOUND, 0, 0, 0, 0, 0, partition, 0, 0, 0)
+
+    def _copy_one(self, key: bytes, key_hash: int) -> bytes:
+        """:meth:`copies` of one key, packed: OK with the stored copy whatever its
+        liveness, or NOT_FOUND with no fields."""
+        got = self._find_one(key, key_hash)
+        if got is None:
+            return wire.RESULT_STRUCT.pack(Status.NOT_FOUND, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        birth, expiry, gen, owner, server, birth_pop, state = got
+        return wire.RESULT_STRUCT.pack(
+            Status.OK, state, owner, server, birth_pop, gen, 0, 0, birth, expiry
+        )
+
+    def _find_one(self, key: bytes, key_hash: int) -> tuple[int, ...] | None:
+        """The stored row of one key (birth, expiry, generation, owner, server, birth
+        PoP, state), probing the index in pure Python; None when none is stored."""
         if key[2:14] == MAPPED_KEY_PREFIX:
             t = self._tables[0]
             compact = key[1:2] + key[14:20] + key[32:38]
@@ -133,18 +167,13 @@ class FlowStore:
         for _ in range(len(index)):  # bounded: the index always has EMPTY slots
             row = int(index[pos])
             if row == EMPTY:
-                break
+                return None
             if row >= 0:
                 h, birth, expiry, gen, owner, server, birth_pop, state, k = entries[row].item()
                 if h == key_hash and k == compact:
-                    if state == State.RELEASED or expiry <= now_ms:
-                        break
-                    return wire.RESULT_STRUCT.pack(
-                        Status.OK, state, owner, server, birth_pop, gen, partition, 0, birth,
-                        expiry,
-                    )  # fmt: skip
+                    return birth, expiry, gen, owner, server, birth_pop, state
             pos = (pos + 1) & mask
-        return wire.RESULT_STRUCT.pack(Status.NOT_FOUND, 0, 0, 0, 0, 0, partition, 0, 0, 0)
+        return None
 
     def get(self, key: bytes, now_ms: int | None = None) -> Record | None:
         """The stored copy of one 40-byte key, tombstones and expired copies included;
@@ -162,6 +191,11 @@ class FlowStore:
         """The stored copy of each key whatever its liveness (expired copies and tombstones
         included): OK with the record, or NOT_FOUND (no fields) when none is stored. For
         quorum reads and read repair, which merge the replicas' raw copies."""
+        if len(keys) <= SMALL_LOOKUP:
+            raw = b"".join(
+                self._copy_one(k.tobytes(), int(h)) for k, h in zip(keys, hashes, strict=True)
+            )
+            return np.frombuffer(raw, dtype=wire.RESULT_DTYPE).copy()
         out = wire.new_results(len(keys))
         out["status"] = Status.NOT_FOUND
         for t, sel, compact, h in split(self._tables, keys, hashes):

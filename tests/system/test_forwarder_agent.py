@@ -124,6 +124,19 @@ def stop(p: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout_s: float =
     return p.wait(timeout_s)
 
 
+def teardown(lab: Lab, namespaces: list[str]) -> None:
+    """Stop every process the lab started (SIGTERM, then SIGKILL by PID), newest first,
+    then delete the namespaces it made."""
+    for p in reversed(lab.procs):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            stop(p, timeout_s=10)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for ns in namespaces:
+        sh("ip", "netns", "del", ns, check=False)
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     tag = secrets.token_hex(3)
@@ -161,14 +174,7 @@ def lab() -> Iterator[Lab]:
         assert json.loads(readline(node, 30))["grpc"] == f"127.0.0.1:{GRPC}"
         yield lab
     finally:
-        for p in reversed(lab.procs):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                stop(p, timeout_s=10)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for ns in made:
-            sh("ip", "netns", "del", ns, check=False)
+        teardown(lab, made)
         for f in made_files:
             os.unlink(f)
 
@@ -291,6 +297,7 @@ def test_connections_are_claimed_confirmed_and_pinned_here(lab: Lab) -> None:
     assert "dht_forwarder_confirms_total 2.0" in metrics
     assert 'dht_forwarder_verdicts_total{action="serve"}' in metrics
     assert "dht_forwarder_decision_seconds_count" in metrics
+    assert 'dht_forwarder_stats{stat="confirms"} 2.0' in metrics  # the library's own
     for p in (client, server):
         stop(p)
     assert stop(agent) == 0
@@ -391,14 +398,7 @@ def two_pops() -> Iterator[TwoPops]:
             assert readline(server, 10) == "LISTENING"
         yield lab
     finally:
-        for p in reversed(lab.procs):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                stop(p, timeout_s=10)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for n in made:
-            sh("ip", "netns", "del", n, check=False)
+        teardown(lab, made)
 
 
 MOVING_CLIENT = f"""

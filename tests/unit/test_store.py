@@ -1195,3 +1195,29 @@ def test_drop_partitions_keeps_only_what_is_kept() -> None:
     found = store.copies(keys, hashes)["status"] == Status.OK
     assert np.array_equal(found, kept)
     assert store.counts()[("ipv4", "established")] == int(kept.sum())
+
+
+def test_a_small_lookup_answers_as_the_vectorised_one() -> None:
+    """Up to SMALL_LOOKUP keys are looked up (and their copies read) one by one in pure
+    Python: the same rows as the vectorised path for live, released, expired and missing
+    keys of both families."""
+    from dht.store.flows import SMALL_LOOKUP
+
+    env = Env()
+    env.claim(A4, B4, A6)
+    env.confirm(A4)
+    env.release(B4)
+    env.claim(C6, ttl=1_000)
+    env.now += 2_000  # C6's claim has expired
+    flows = [A4, B4, C4, A6, B6, C6]
+    together = env.lookup(*flows)  # vectorised (more than SMALL_LOOKUP keys)
+    assert len(flows) > SMALL_LOOKUP
+    copies = env.store.copies(*keys(*flows))  # stored copies, liveness aside
+    for i, f in enumerate(flows):
+        alone = env.lookup(f)
+        assert alone.tobytes() == together[i : i + 1].tobytes(), f
+        assert env.store.copies(*keys(f)).tobytes() == copies[i : i + 1].tobytes(), f
+    assert statuses(copies) == [Status.OK, Status.OK, Status.NOT_FOUND, Status.OK,
+                                Status.NOT_FOUND, Status.OK]  # fmt: skip
+    assert statuses(together) == [Status.OK, Status.NOT_FOUND, Status.NOT_FOUND, Status.OK,
+                                  Status.NOT_FOUND, Status.NOT_FOUND]  # fmt: skip

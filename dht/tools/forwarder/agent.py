@@ -17,10 +17,12 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
+from dataclasses import fields
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dht.client.decision import Action, Packet
 from dht.client.forwarder import Forwarder
@@ -97,6 +99,24 @@ class Metrics:
         )  # fmt: skip
 
 
+class StatsCollector:
+    """The forwarder library's counters (``fw.stats``, docs/api.md#forwarder-statistics)
+    as one gauge family, ``dht_forwarder_stats{stat}``, read at scrape time."""
+
+    def __init__(self, fw: Forwarder) -> None:
+        self.fw = fw
+
+    def collect(self) -> Iterable[Metric]:
+        fam = GaugeMetricFamily(
+            "dht_forwarder_stats", "The forwarder library's counters (fw.stats)", labels=["stat"]
+        )
+        for f in fields(self.fw.stats):
+            value = getattr(self.fw.stats, f.name)
+            if isinstance(value, int):
+                fam.add_metric([f.name], float(value))
+        yield fam
+
+
 class Agent:
     """One PoP's forwarder agent. ``fw`` is a started Forwarder for this PoP; ``start``
     sets up the kernel (idempotent) and begins; ``stop`` tears everything down (safe
@@ -106,6 +126,7 @@ class Agent:
         self.config = config
         self.fw = fw
         self.metrics = metrics or Metrics()
+        self.metrics.registry.register(StatsCollector(fw))
         self.pins = PinTable()
         self._pin_wakeup = asyncio.Event()
         self._local: set[bytes] = set()  # flows this host's stack holds (conntrack)
