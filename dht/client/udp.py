@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from dht.core.errors import DhtError, Unavailable
+from dht.core.errors import InvalidArgument, Unavailable
 from dht.core.placement import PartitionMap
 from dht.core.udp_wire import HEADER, MAX_KEYS, OP_LOOKUP, OP_LOOKUP_SECOND_CHANCE, VERSION
-from dht.core.wire import KEY_SIZE, RESULT_DTYPE, RESULT_SIZE, ResultArray, key_hashes
-from dht.edge.status import code_of_number, from_grpc
+from dht.core.wire import KEY_SIZE, RESULT_DTYPE, ResultArray, key_hashes
+from dht.edge.status import udp_answer
 
 if TYPE_CHECKING:
     from dht.client.client import Client
@@ -75,6 +75,8 @@ class UdpLookups:
         port_of: Callable[[str], Address] = same_port,
         timeout_s: float = 0.3,
     ) -> None:
+        if not timeout_s > 0:
+            raise InvalidArgument("udp_timeout_s", f"{timeout_s}: want seconds > 0")
         self._table = table
         self._port_of = port_of
         self.timeout_s = timeout_s
@@ -136,12 +138,7 @@ class UdpLookups:
             raise Unavailable(f"UDP lookup to {addr[0]}:{addr[1]}: {e}") from None
         finally:
             self._waiting.pop(rid, None)
-        _, code, n, _ = HEADER.unpack_from(data)
-        if code:
-            raise from_grpc(code_of_number(code), data[HEADER.size :].decode(errors="replace"))
-        if n != count or len(data) - HEADER.size != count * RESULT_SIZE:
-            raise DhtError(f"{addr[0]}:{addr[1]} answered {n} results for {count} keys")
-        return data[HEADER.size :]
+        return udp_answer(data, count, f"{addr[0]}:{addr[1]}")
 
     def close(self) -> None:
         for t in self._transports.values():

@@ -16,6 +16,8 @@ from dht.core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from dht.core.udp_wire import HEADER
+from dht.core.wire import RESULT_SIZE
 
 
 def grpc_status(err: DhtError) -> grpc.StatusCode:
@@ -73,3 +75,15 @@ def code_of_number(number: int) -> grpc.StatusCode:
         if code.value[0] == number:
             return code
     return grpc.StatusCode.UNKNOWN
+
+
+def udp_answer(data: bytes, count: int, where: str) -> bytes:
+    """The result records of a UDP lookup answer to ``count`` keys (dht.core.udp_wire),
+    or its error as the DhtError of the same gRPC status; an answer of the wrong size is
+    a DhtError naming ``where`` it came from. The header is checked by the caller."""
+    _, code, n, _ = HEADER.unpack_from(data)
+    if code:
+        raise from_grpc(code_of_number(code), data[HEADER.size :].decode(errors="replace"))
+    if n != count or len(data) - HEADER.size != count * RESULT_SIZE:
+        raise DhtError(f"{where}: answered {n} results for {count} keys")
+    return data[HEADER.size :]

@@ -53,13 +53,12 @@ from dht.core.udp_wire import HEADER, MAX_KEYS, OP_LOOKUP, OP_LOOKUP_SECOND_CHAN
 from dht.core.wire import (
     KEY_SIZE,
     RESULT_DTYPE,
-    RESULT_SIZE,
     ResultArray,
     check_key,
     key_hash,
     key_hashes,
 )
-from dht.edge.status import code_of_number, from_grpc, grpc_status
+from dht.edge.status import grpc_status, udp_answer
 from dht.node.node import Node
 
 log = logging.getLogger(__name__)
@@ -266,15 +265,10 @@ class UdpLookupClient:
                     break
                 if len(data) < HEADER.size:
                     continue
-                version, code, n, got = HEADER.unpack_from(data)
+                version, _, _, got = HEADER.unpack_from(data)
                 if got != rid or version != VERSION:
                     continue  # a late answer to an earlier request
-                if code:
-                    text = data[HEADER.size :].decode(errors="replace")
-                    raise from_grpc(code_of_number(code), text)
-                if n != count or len(data) - HEADER.size != count * RESULT_SIZE:
-                    raise DhtError(f"{addr}: answered {n} results for {count} keys")
-                return data[HEADER.size :]
+                return udp_answer(data, count, f"{addr[0]}:{addr[1]}")
         raise Unavailable(f"no answer from {addr[0]}:{addr[1]} after {self.retries + 1} tries")
 
 

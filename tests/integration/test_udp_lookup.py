@@ -228,3 +228,10 @@ async def test_a_forwarder_falls_back_to_grpc_when_udp_gets_no_answer(
         assert fw.stats.udp_fallbacks == 1 and fw.stats.udp_lookups == 0
     finally:
         await fw.close()
+
+
+def test_a_forwarder_refuses_a_udp_timeout_that_is_not_positive() -> None:
+    with pytest.raises(InvalidArgument, match="udp_timeout_s"):
+        Forwarder(
+            Client(["127.0.0.1:1"]), "ams", ForwarderConfig(udp_lookups=True, udp_timeout_s=0)
+        )
