@@ -20,7 +20,6 @@ class Proxy:
         self.target = (host, int(port))
         self.is_cut = False
         self.delay_s = 0.0
-        self.held = 0  # chunks waiting for their time (a delayed link)
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -63,11 +62,7 @@ class Proxy:
                     return
                 wait = due - time.monotonic()
                 if wait > 0:
-                    self.held += 1
-                    try:
-                        await asyncio.sleep(wait)
-                    finally:
-                        self.held -= 1
+                    await asyncio.sleep(wait)
                 writer.write(data)
                 await writer.drain()
 
