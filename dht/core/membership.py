@@ -110,6 +110,10 @@ class Membership:
         self.forgotten = 0
         self.suspicions = 0  # members this node started suspecting
         self.refutations = 0  # rumours about this node it refuted
+        # Rumours that this node was declared dead in this process's life (one per
+        # incarnation): the others acknowledged writes in a table without it.
+        self.declared_dead = 0
+        self._dead_inc = self._start_inc - 1
         self.declared_dead = 0
 
     @property
@@ -160,6 +164,10 @@ class Membership:
         mine = self.self_state
         if mine.status == MemberStatus.LEFT:
             return
+        if rumour.status == MemberStatus.DEAD and self._dead_inc < rumour.incarnation < bound:
+            # Counted even when already refuted (a suspicion of the same incarnation).
+            self._dead_inc = rumour.incarnation
+            self.declared_dead += 1
         if rumour.status != MemberStatus.ALIVE and rumour.incarnation >= mine.incarnation:
             if rumour.incarnation >= bound:
                 self.refused["incarnation"] += 1

@@ -64,6 +64,8 @@ class Liveness:
         self._mono = mono_ms
         self.extension = extension
         self._resync: asyncio.Task[None] | None = None
+        # The others declared this node dead since (see start_resync).
+        self._declared = False
         self._last_tick_ms = mono_ms()
         self._epoch_since_ms = mono_ms()
         self._dropped_since_epoch = False
@@ -128,13 +130,14 @@ class Liveness:
 
     def gossip_in(self, states: list[MemberState]) -> None:
         """Merge a peer's membership view (every probe carries one each way)."""
-        refuted = self.membership.refutations
-        if self.membership.apply(states, self._mono()):
+        m = self.membership
+        refuted, dead = m.refutations, m.declared_dead
+        if m.apply(states, self._mono()):
             self.rebuild()
-        if self.membership.refutations != refuted and self.state.first_sync.is_set():
+        if (m.refutations, m.declared_dead) != (refuted, dead) and self.state.first_sync.is_set():
             # Others took us for suspect or dead: they may have acknowledged writes
             # without us. Resync before answering alone again.
-            self.start_resync()
+            self.start_resync(declared=m.declared_dead != dead)
 
     async def _join(self) -> None:
         """Ask the configured seeds for their view until one answers."""
@@ -183,7 +186,7 @@ class Liveness:
             if not any(oks) and self.membership.suspect(target.node_id, self._mono()):
                 log.warning("suspecting %s", target.node_id)
         if self.membership.tick(self._mono()):
-            log.warning("declared dead: %s", sorted(self._dead()))
+            log.warning("declared dead: %s", sorted(inactive(self.membership)))
             self.rebuild()
         for member in self.view.pmap.members:
             if self.repair.hints.count(member.node_id) and self.view.is_up(member):
@@ -265,13 +268,9 @@ class Liveness:
         try:
             async with asyncio.timeout(timeout_s):
                 await handoff()
-            log.info("left after handing off to %s in %.2f s", pushed, self._since(started))
+            log.info("left after handing off to %s in %.2f s", pushed, _since(started))
         except TimeoutError:
-            log.warning("leave hand-off incomplete after %.2f s", self._since(started))
-
-    @staticmethod
-    def _since(started: float) -> float:
-        return time.perf_counter() - started
+            log.warning("leave hand-off incomplete after %.2f s", _since(started))
 
     async def _announce(self, member: Member) -> None:
         with contextlib.suppress(PeerUnreachable):
@@ -323,46 +322,45 @@ class Liveness:
             log.warning("event loop was paused for %d ms: resyncing", gap)
             self.start_resync()
 
-    def start_resync(self) -> None:
-        """Distrust the local copy until a resync round got through (start, pause). The
-        terms this node held may have been taken over meanwhile: take them over again
-        before the next write rather than learn it from a refused one."""
+    def start_resync(self, declared: bool = False) -> None:
+        """Distrust the local copy until a resync round got through (start, pause, or
+        ``declared``: the others declared this node dead). The terms it held may have been
+        taken over meanwhile: take them over again before the next write rather than
+        learn it from a refused one. A resync already running (after the pause that got
+        this node declared dead, say) goes on, counting replicas again from this moment
+        with the count ``declared`` needs (see replicas_to_reach)."""
+        if declared:
+            # Its copy lacks writes acknowledged in a table without it: until the resync
+            # is done it counts in no quorum (nor answers alone, docs/protocol.md#quorums).
+            self._declared = True
+            self.state.part_ready[self.state.replicas] = False
         self.state.resyncing = True
         self.terms.forget_held()
         if self._resync is None or self._resync.done():
             self._resync = self.tasks.start("resync", self._resync_loop())
 
     def _need(self, lost_data: bool) -> int:
-        """Replicas of a partition a (re)sync must reach to see every acknowledged write
-        this node may lack. An acknowledged write is on W replicas. A node that kept its
-        data but missed writes (a pause) finds each one on RF - W of the others; a node
-        that lost or never had the data (a restart, a hand-off) may itself have been one
-        of the W, so it needs RF - W + 1."""
-        rf = self.state.table.replication_factor
-        w = self.view.write_quorum
-        return min(rf - 1, rf - w + 1 if lost_data else rf - w)
-
-    def _dead(self, *tables: PartitionMap) -> set[str]:
-        """Members of the view, or of ``tables``, that are not active (a DEAD or LEFT
-        state, or one forgotten since: docs/protocol.md#membership)."""
-        active = {m.node_id for m in self.membership.active()}
-        ids = {s.node_id for s in self.membership.view()}
-        for t in tables:
-            ids |= {m.node_id for m in t.members}
-        return ids - active
+        return replicas_to_reach(
+            self.state.table.replication_factor, self.view.write_quorum, lost_data
+        )
 
     async def _resync_loop(self) -> None:
         """Pull every partition that differs from the peers until enough replicas of each
-        partition took part (see _need); then the whole local copy counts again."""
+        partition took part (see replicas_to_reach); then the whole local copy counts again."""
         self.repair.stats.resyncs += 1
         lost_data = not self.state.first_sync.is_set()
         started = time.perf_counter()
         took_part: set[str] = set()
         while not self.tasks.stopping.is_set():
+            if self._declared:
+                # Declared dead (before this resync or while it ran): more replicas must
+                # take part, all after it (writes were acknowledged without this node).
+                self._declared, lost_data = False, True
+                took_part.clear()
             try:
                 done = await self._resync_round(took_part, lost_data)
                 self.tasks.succeeded("resync")
-                if done:
+                if done and not self._declared:
                     break
             except Exception as e:  # one bad round (a peer's answer, a copy): try again
                 self.tasks.error("resync", e)
@@ -396,7 +394,7 @@ class Liveness:
             mine,
             took_part,
             self._need(lost_data),
-            self._dead(self.state.table),
+            inactive(self.membership, self.state.table),
         )
 
     async def _handoff(self, acquired: npt.NDArray[np.intp], old: PartitionMap) -> None:
@@ -425,7 +423,12 @@ class Liveness:
                     continue
                 took_part.add(member.node_id)
             if covered(
-                old, self.config.node_id, acquired, took_part, self._need(True), self._dead(old)
+                old,
+                self.config.node_id,
+                acquired,
+                took_part,
+                self._need(True),
+                inactive(self.membership, old),
             ):
                 self.state.part_ready[acquired] = True
                 break
@@ -434,6 +437,33 @@ class Liveness:
         log.info(
             "hand-off of %d partitions done in %.2f s", acquired.size, time.perf_counter() - started
         )
+
+
+def replicas_to_reach(rf: int, w: int, lost_data: bool) -> int:
+    """Replicas of a partition (``rf`` of them, write quorum ``w``) a (re)sync must reach
+    to see every acknowledged write this node may lack. An acknowledged write is on W
+    replicas. A node that kept its data but missed writes (a pause) finds each one on
+    RF - W of the others; a node that lost or never had the data (a restart, a hand-off)
+    may itself have been one of the W, so it needs RF - W + 1. So does a node the others
+    declared dead: they acknowledged writes on W replicas of a table without it; its
+    replicas in the table it is back in may include all RF - W of that table's replicas
+    that missed a write (the others were handed everything), so only RF - W + 1 of them
+    are sure to include a holder."""
+    return min(rf - 1, rf - w + 1 if lost_data else rf - w)
+
+
+def inactive(membership: Membership, *tables: PartitionMap) -> set[str]:
+    """Members of the view, or of ``tables``, that are not active (a DEAD or LEFT state,
+    or one forgotten since: docs/protocol.md#membership)."""
+    active = {m.node_id for m in membership.active()}
+    ids = {s.node_id for s in membership.view()}
+    for t in tables:
+        ids |= {m.node_id for m in t.members}
+    return ids - active
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
 
 
 def membership_of(config: NodeConfig, me: MemberState, now_ms: int) -> Membership:

@@ -484,3 +484,66 @@ async def test_a_leaving_coordinators_writes_in_flight_end_before_its_hand_off()
         got = held_by(d, raw)
         assert got["status"][0] == Status.OK, "the hand-off did not carry the write"
         assert got["birth_hlc"][0] == acked["birth_hlc"]
+
+
+async def test_a_node_declared_dead_resyncs_from_enough_replicas_before_it_counts() -> None:
+    """V, the partition's primary, is paused until the others declare it dead. In the
+    table without V, a claim is acknowledged while Y, one of V's fellow replicas, misses
+    it (the link from the coordinator to Y is cut). V resumes and refutes; its link to X,
+    the other fellow replica that holds the claim, is cut. V kept its data, but the claim
+    was acknowledged in a table without it, so Y alone is not enough: V must not count
+    its own copy nor answer NOT_FOUND (a reset) until X took part in its resync."""
+    async with Network(seed=11) as net:
+        # No anti-entropy during the test: Y stays without the claim.
+        nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
+        members = nodes[0].node.table.members
+        cfg = nodes[0].node.config
+        for i in range(2_000):
+            raw = synthetic_keys(1, seed=62, start=62_000_000 + i)
+            part, (v, x, y) = net.replicas(raw)
+            without_v = PartitionMap.build(
+                [m for m in members if m.node_id != v.node_id],
+                cfg.num_partitions,
+                3,
+                cfg.vnodes,
+            )
+            coord = net.by_id[without_v.members[int(without_v.replicas[part][0])].node_id]
+            if coord is not y:
+                break
+        else:
+            raise AssertionError("no key whose coordinator without V is not Y")
+        others = [n for n in nodes if n is not v]
+
+        net.pause(v.node_id)
+        await net.until(
+            lambda: all(
+                v.node_id not in {m.node_id for m in n.node.table.members}
+                and len(n.node.view.tables()) == 1
+                for n in others
+            ),
+            what="V declared dead and the change settled",
+        )
+        net.cut(coord.node_id, y.node_id, both=False)
+        acked = (await net.call(coord.node_id, claim(raw, pop=1)))[0]
+        assert acked["status"] == Status.CREATED
+        assert held_by(y, raw)["status"][0] == Status.NOT_FOUND, "Y missed the write"
+        assert held_by(v, raw)["status"][0] == Status.NOT_FOUND, "V was paused"
+
+        net.cut(v.node_id, x.node_id)
+        net.resume(v.node_id)
+        await net.until(
+            lambda: (
+                all(v.node_id in {m.node_id for m in n.node.table.members} for n in nodes)
+                and v.node.view.epochs_agree()
+            ),
+            what="V refuted and is back in every table",
+        )
+        await net.run_for(3 * cfg.probe_interval_s)
+        seen = (await net.call(v.node_id, BatchCall(Op.LOOKUP, raw, no_forward=True)))[0]
+        assert seen["status"] != Status.NOT_FOUND, "an acknowledged claim answered NOT_FOUND"
+        assert not v.node.in_sync, "V's resync waits for X"
+
+        net.heal()
+        await net.until(lambda: v.node.in_sync, what="V in sync once X answers")
+        found = (await net.call(v.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert found["status"] == Status.OK and found["birth_hlc"] == acked["birth_hlc"]

@@ -213,3 +213,18 @@ def test_gossip_with_addresses_that_are_no_host_port_is_dropped() -> None:
         state("10.0.0.1:7000", admin="10.0.0.1:x"),
     ]
     assert [s.peer_address for s in members_from_pb([good, *bad])] == ["10.0.0.1:9000"]
+
+
+def test_a_death_in_this_life_is_counted_once_per_incarnation() -> None:
+    """A rumour that this node was declared dead counts even when a suspicion of the
+    same incarnation was refuted first (the node must resync as one declared dead), once
+    per incarnation, and never for an incarnation from before this process started."""
+    ms = view()
+    ms.apply([state("a", 100, MemberStatus.SUSPECT)], 0)
+    assert (ms.refutations, ms.declared_dead) == (1, 0)
+    ms.apply([state("a", 100, MemberStatus.DEAD)], 0)  # already refuted, still a death
+    assert (ms.refutations, ms.declared_dead) == (1, 1)
+    ms.apply([state("a", 100, MemberStatus.DEAD)], 0)
+    assert ms.declared_dead == 1
+    ms.apply([state("a", 99, MemberStatus.DEAD)], 0)  # before this process started
+    assert ms.declared_dead == 1
