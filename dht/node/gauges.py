@@ -208,8 +208,16 @@ def membership_gauges(membership: Membership, ping_req_refused: int) -> Iterable
     )
 
 
-def undo_gauges(refused: Mapping[str, int]) -> Iterable[Metric]:
-    """Undo entries this replica left standing because the caller may not undo them."""
+def undo_gauges(refused: Mapping[str, int], replaced: int) -> Iterable[Metric]:
+    """Undo entries this replica left standing because the caller may not undo them, and
+    failed writes' copies a later write replaced here."""
+    yield m.counter(
+        "dht_replaced_failed_copies",
+        "claims a failed coordinated write left here (still open to its undo) that a "
+        "later coordinated write of another claim replaced (docs/protocol.md#undo)",
+        [],
+        {(): float(replaced)},
+    )
     yield m.counter(
         "dht_undo_refused",
         "undo entries refused and left standing, by reason (not_member: the caller is "

@@ -461,7 +461,7 @@ class Node:
         yield from ingress_gauges(self.replica.ingress_refused)
         if self.state.pmap is not None:
             yield from membership_gauges(self.membership, self.liveness.ping_req_refused)
-        yield from undo_gauges(self.replica.undo_refused)
+        yield from undo_gauges(self.replica.undo_refused, self.replica.replaced_failed)
         if self._coordinator is None or self.state.pmap is None:
             return
         yield from replication_gauges(

@@ -24,7 +24,7 @@ from dht.core.config import NodeConfig
 from dht.core.errors import InvalidArgument
 from dht.core.ingress import Bounds, Checked, check_entries, term_bound
 from dht.core.placement import PartitionMap
-from dht.core.record import HybridClock, Status, hlc_physical_ms
+from dht.core.record import HybridClock, State, Status, hlc_physical_ms
 from dht.core.wire import (
     ENTRY_DTYPE,
     ENTRY_SIZE,
@@ -44,7 +44,7 @@ from dht.node.inflight import InFlight
 from dht.node.state import NodeState
 from dht.node.terms import Terms
 from dht.node.transport import MergeResult
-from dht.node.undo import UndoWindows
+from dht.node.undo import UndoWindows, undo_window_ms
 from dht.store.affinity import AffinityStore
 from dht.store.flows import FlowStore
 
@@ -69,6 +69,29 @@ def _unchanged(now: ResultArray, wrote: ResultArray) -> npt.NDArray[np.bool_]:
         & (now["expiry_ms"] == wrote["expiry_ms"])
     )
     return same
+
+
+def failed_copies(
+    windows: UndoWindows,
+    store: FlowStore,
+    entries: EntryArray,
+    hashes: U64Array,
+    terms: npt.NDArray[np.uint64],
+    lost: npt.NDArray[np.intp],
+) -> tuple[npt.NDArray[np.intp], ResultArray]:
+    """Of coordinated-write entries at ``lost`` (their claim lost the merge to another):
+    those (positions into ``lost``, and the copies held) whose winner is an embryonic
+    copy that an earlier coordinated write left here, as written, still open to its undo
+    and not pulled from here since (docs/protocol.md#undo). That write was not
+    acknowledged: its coordinator, under the same term, decided this one without it, and
+    a coordinator under a higher term would have pulled it in its take-over had a write
+    quorum taken it."""
+    found, open_terms, written = windows.last_written(hashes[lost])
+    can = np.flatnonzero(found & (open_terms <= terms[lost]) & ~windows.pinned(hashes[lost]))
+    idx = lost[can]
+    held = store.copies(entries["key"][idx], hashes[idx])
+    failed = _unchanged(held, written[can]) & (held["state"] == State.EMBRYONIC)
+    return can[failed], held[failed]
 
 
 class Replica:
@@ -97,11 +120,12 @@ class Replica:
         self.inflight = inflight
         self._mono = mono_ms
         self._prev_table = prev_table
-        # Other coordinators' writes taken here lately, each open to an undo by its
-        # writer for two RPC timeouts (its write, then its undo) and a second of slack;
-        # left out of settled-only exchanges till then.
-        self.windows = UndoWindows(2 * config.rpc_timeout_ms + 1000, mono_ms)
+        # Other coordinators' writes taken here lately, open to an undo (two RPC timeouts
+        # and a second) and to a later write replacing them (the failure timeout more),
+        # left out of settled-only exchanges till then (docs/protocol.md#undo).
+        self.windows = UndoWindows(undo_window_ms(config), mono_ms)
         self.undone_for_others = 0  # copies put back here at a coordinator's request
+        self.replaced_failed = 0  # failed writes' copies a later write replaced here
         # Undo entries refused (left standing): caller not a member, term not promised,
         # copy not written here by the caller (or no longer open to an undo).
         self.undo_refused = {"not_member": 0, "term": 0, "not_writer": 0}
@@ -287,11 +311,32 @@ class Replica:
         if fenced.size:
             return MergeResult(fenced=fenced, fenced_by=by)
         merged = self._merge(entries)
-        self.windows.wrote(hashes, from_node)
         lost = self._superseded(entries, hashes)
+        if lost.size:
+            lost = self._in_place_of_failed(entries, hashes, terms, lost)
+        self.windows.wrote(hashes, from_node, terms, entries["rec"].copy())
         if lost.size:
             return replace(merged, superseded=lost)
         return merged
+
+    def _in_place_of_failed(
+        self,
+        entries: EntryArray,
+        hashes: U64Array,
+        terms: npt.NDArray[np.uint64],
+        lost: npt.NDArray[np.intp],
+    ) -> npt.NDArray[np.intp]:
+        """Of the flow entries at ``lost`` (their claim lost the merge here to another
+        claim): put the incoming claim in place of the winner where that is a failed
+        write's copy (see failed_copies). Returns the positions still lost."""
+        at, held = failed_copies(self.windows, self.store, entries, hashes, terms, lost)
+        if not at.size:
+            return lost
+        sel = lost[at]
+        done = self.put_back(entries["key"][sel], hashes[sel], held, entries["rec"][sel])
+        self.replaced_failed += int(np.count_nonzero(done))
+        still: npt.NDArray[np.intp] = np.delete(lost, at[done])
+        return still
 
     def undo(
         self,

@@ -723,7 +723,10 @@ async def test_promises_fence_lower_terms_and_bad_input_is_refused(make_pop: Mak
     res = node.internal_replicate(entry.tobytes(), 0, t_hi, peer)
     assert not res.fenced.size and res.applied == 1 and not res.superseded.size
     # Another claim of the key (a later birth) loses to the one held here: merged, but
-    # reported as not held, so it does not count toward its coordinator's quorum.
+    # reported as not held, so it does not count toward its coordinator's quorum. (Once
+    # a quorum read pulled it: a write still open and never pulled would be a failed one,
+    # which the later write replaces, tests/sim/test_replication.py.)
+    node.replica.read_copies(raw)
     other = entry.copy()
     other["rec"]["birth_hlc"], other["rec"]["owner_pop"] = node.clock.now(), 2
     res = node.internal_replicate(other.tobytes(), 0, t_hi, peer)

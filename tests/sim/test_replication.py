@@ -10,8 +10,8 @@ import numpy as np
 
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import PartitionMap
-from dht.core.record import Status
-from dht.core.wire import KEY_DTYPE, ResultArray, key_hashes
+from dht.core.record import State, Status
+from dht.core.wire import ENTRY_DTYPE, KEY_DTYPE, ResultArray, key_hashes
 from dht.tools.bench.keys import synthetic_keys
 
 from .memnet import Network, SimNode
@@ -547,3 +547,39 @@ async def test_a_node_declared_dead_resyncs_from_enough_replicas_before_it_count
         await net.until(lambda: v.node.in_sync, what="V in sync once X answers")
         found = (await net.call(v.node_id, BatchCall(Op.LOOKUP, raw)))[0]
         assert found["status"] == Status.OK and found["birth_hlc"] == acked["birth_hlc"]
+
+
+async def test_a_later_write_replaces_a_failed_claim_its_undo_missed() -> None:
+    """Replica Z took coordinator X's claim A of a flow, and X's undo of it never came (Z
+    was starved past the RPC timeout, say). X, under the same term, then writes claim
+    A2 of the flow (a retry, decided without A): A2 loses the merge to A's earlier birth,
+    but Z puts it in A's place rather than answer superseded after the quorum was
+    reached and keep A, which anti-entropy would later spread over the acknowledged A2.
+    Where a quorum read pulled A from Z meanwhile (someone may have decided on it), A
+    stands and the later write is answered superseded."""
+    async with Network(seed=8) as net:
+        await net.start_pop(3)
+        raw, pulled = same_partition(net, 2, seed=63)
+        part, (x, _, z) = net.replicas(raw)
+        term = np.full(1, int(z.node.terms.promised[part]) + 1, dtype=np.uint64)
+
+        def write(key: bytes, birth: int) -> tuple[int, int]:
+            entry = np.zeros(1, dtype=ENTRY_DTYPE)
+            entry["key"] = np.frombuffer(key, dtype=KEY_DTYPE)
+            rec = entry["rec"]
+            rec["status"], rec["state"], rec["generation"] = Status.OK, State.EMBRYONIC, 1
+            rec["owner_pop"] = rec["birth_pop"] = 1
+            rec["birth_hlc"], rec["partition"] = birth, part
+            rec["expiry_ms"] = z.node.clock.wall_ms() + 60_000
+            res = z.node.replica.replicate(entry.tobytes(), 0, term, x.node_id)
+            return len(res.superseded), int(held_by(z, key)["birth_hlc"][0])
+
+        first, later = z.node.clock.now(), z.node.clock.now() + 10
+        assert write(raw, first) == (0, first)
+        assert write(raw, later) == (0, later), "the failed claim replaced, not superseded"
+        assert z.node.replica.replaced_failed == 1
+
+        assert write(pulled, first) == (0, first)
+        z.node.replica.read_copies(pulled)  # a quorum read pulls it: it stands
+        assert write(pulled, later) == (1, first)
+        assert z.node.replica.replaced_failed == 1
