@@ -135,8 +135,7 @@ class Liveness:
         if m.apply(states, self._mono()):
             self.rebuild()
         if (m.refutations, m.declared_dead) != (refuted, dead) and self.state.first_sync.is_set():
-            # Others took us for suspect or dead: they may have acknowledged writes
-            # without us. Resync before answering alone again.
+            # Suspected or declared dead: resync before answering alone (start_resync).
             self.start_resync(declared=m.declared_dead != dead)
 
     async def _join(self) -> None:
@@ -407,8 +406,10 @@ class Liveness:
             acquired = acquired[~self.state.part_ready[acquired]]
             if not acquired.size:
                 break
-            holders = {m.node_id: m for m in self.state.table.members}
-            holders.update({m.node_id: m for m in old.members})
+            # Pulls count once the change settled, not before a late write of the old
+            # table lands (docs/protocol.md#epochs-and-hand-off).
+            settled = len(self.view.tables()) == 1
+            holders = {m.node_id: m for m in (*old.members, *self.state.table.members)}
             holders.pop(self.config.node_id, None)
             for member in holders.values():
                 if member.node_id in took_part or not self.view.is_up(member):
@@ -421,7 +422,8 @@ class Liveness:
                 except Exception as e:  # one peer's copies: skipped, the others go on
                     self.tasks.error("handoff", e)
                     continue
-                took_part.add(member.node_id)
+                if settled:
+                    took_part.add(member.node_id)
             if covered(
                 old,
                 self.config.node_id,
@@ -434,9 +436,7 @@ class Liveness:
                 break
             await self.tasks.pause(self.config.probe_interval_s)
         self.transfers -= int(acquired.size)
-        log.info(
-            "hand-off of %d partitions done in %.2f s", acquired.size, time.perf_counter() - started
-        )
+        log.info("hand-off of %d partitions done in %.2f s", acquired.size, _since(started))
 
 
 def replicas_to_reach(rf: int, w: int, lost_data: bool) -> int:

@@ -519,9 +519,10 @@ async def test_a_node_declared_dead_resyncs_from_enough_replicas_before_it_count
             lambda: all(
                 v.node_id not in {m.node_id for m in n.node.table.members}
                 and len(n.node.view.tables()) == 1
+                and n.node.in_sync
                 for n in others
             ),
-            what="V declared dead and the change settled",
+            what="V declared dead, the change settled and handed off",
         )
         net.cut(coord.node_id, y.node_id, both=False)
         acked = (await net.call(coord.node_id, claim(raw, pop=1)))[0]
