@@ -486,6 +486,73 @@ async def test_a_leaving_coordinators_writes_in_flight_end_before_its_hand_off()
         assert got["birth_hlc"][0] == acked["birth_hlc"]
 
 
+async def test_a_hand_off_counts_only_pulls_made_after_the_change_settled() -> None:
+    """V coordinates a claim and starts leaving while it is in flight: V's link to A is
+    slow, its link to B cut, so the write reaches A late and B never. D, a replica of
+    the key in the table without V, hears of the leave at once and pulls the partition
+    from V (which hides the write in flight), A and B, all before the write lands on A.
+    The write is then acknowledged under the previous table, on V and A, and V's own
+    push to D fails (their link is cut now, as when a node starved past its SIGTERM
+    runs out of leave time). D counted those early pulls, took its copy for complete,
+    and a read quorum of B and D answered NOT_FOUND for the acknowledged claim. Only
+    pulls made once the change has settled count now (docs/protocol.md#epochs-and-hand-off):
+    D goes on pulling till then, and gets the claim from A."""
+    async with Network(seed=13) as net:
+        # No anti-entropy during the test: B and D get the claim from nowhere else.
+        nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
+        warm, raw = same_partition(net, 2, seed=94)
+        part, (v, a, b) = net.replicas(raw)
+        d = next(n for n in nodes if n.node_id not in (v.node_id, a.node_id, b.node_id))
+        # V takes the partition over while its links are fast.
+        warmed = (await net.call(v.node_id, claim(warm, pop=1, no_forward=True)))[0]
+        assert warmed["status"] == Status.CREATED
+
+        def pulled(frm: SimNode, since_ms: int) -> bool:
+            """D's hand-off got through to ``frm`` (compared digests, fetched if need be)."""
+            return any(
+                (e.src, e.dst, e.kind) == (d.node_id, frm.node_id, "PartitionDigests")
+                and e.sent_ms >= since_ms
+                for e in net.trace
+            )
+
+        net.set_delay(v.node_id, a.node_id, 500, both=False)
+        net.cut(v.node_id, b.node_id, both=False)
+        write = asyncio.ensure_future(net.call(v.node_id, claim(raw, pop=1, no_forward=True)))
+        await net.until(lambda: bool(v.node.inflight), what="the write in flight at V")
+        left_ms = net.now_ms()
+        leaving = asyncio.ensure_future(net.stop(v.node_id, leave=True))
+        await net.until(
+            lambda: pulled(a, left_ms) and pulled(b, left_ms), what="D's first pulls from A and B"
+        )
+        assert v.node_id not in {m.node_id for m in d.node.table.members}
+        assert len(d.node.view.tables()) == 2, "the change has not settled at D"
+        assert held_by(a, raw)["status"][0] == Status.NOT_FOUND, "the write not at A yet"
+        net.cut(v.node_id, d.node_id)  # V's push to D will fail
+
+        acked = (await write)[0]
+        assert acked["status"] == Status.CREATED, acked
+        assert held_by(a, raw)["status"][0] == Status.OK
+        assert held_by(b, raw)["status"][0] == Status.NOT_FOUND, "B missed the write"
+        await net.wait(leaving, what="V's leave")
+        pushed = [
+            e.outcome
+            for e in net.trace
+            if (e.src, e.dst, e.kind) == (v.node_id, d.node_id, "PartitionDigests")
+            and e.sent_ms >= left_ms
+        ]
+        assert pushed == ["timeout:cut"], "V's hand-off did not reach D"
+
+        await net.until(
+            lambda: len(d.node.view.tables()) == 1 and bool(d.node.part_ready[part]),
+            what="the change settled at D and its hand-off done",
+        )
+        net.set_delay(b.node_id, a.node_id, 300)  # A answers B last: B reads {B, D}
+        seen = (await net.call(b.node_id, BatchCall(Op.LOOKUP, raw, no_forward=True)))[0]
+        assert seen["status"] != Status.NOT_FOUND, "an acknowledged claim answered NOT_FOUND"
+        assert seen["status"] == Status.OK and seen["birth_hlc"] == acked["birth_hlc"], seen
+        assert held_by(d, raw)["birth_hlc"][0] == acked["birth_hlc"], "D's hand-off got it"
+
+
 async def test_a_node_declared_dead_resyncs_from_enough_replicas_before_it_counts() -> None:
     """V, the partition's primary, is paused until the others declare it dead. In the
     table without V, a claim is acknowledged while Y, one of V's fellow replicas, misses
