@@ -58,17 +58,14 @@ class PopLinkService(pb_grpc.PopLinkServicer):
     def __init__(self, pops: Pops, authz: Authorizer) -> None:
         self.pops = pops
         self.authz = authz
-        self._streams: set[asyncio.Task[Any]] = set()  # Ship calls being served
-        self._ending = False
+        self._ending = asyncio.Event()  # a stopping node: Ship streams end
 
     def end_streams(self) -> None:
         """End every Ship stream being served, and each one that starts from now on (a
         stopping node): they never end on their own while the other PoP runs, and would
         hold the server's stop for its whole grace. Each sender sees its stream end and
         ships its unacknowledged batches again, later or to another node."""
-        self._ending = True
-        for t in list(self._streams):
-            t.cancel()
+        self._ending.set()
 
     async def _receive(self, b: pb.ShipBatch, context: Ctx) -> pb.ShipAck:
         self.authz.node_of_pop(context, b.from_pop)
@@ -81,25 +78,29 @@ class PopLinkService(pb_grpc.PopLinkServicer):
     async def Ship(
         self, request_iterator: AsyncIterator[pb.ShipBatch], context: Ctx
     ) -> AsyncIterator[pb.ShipAck]:
-        me = asyncio.current_task()
-        if me is None or self._ending:
-            return
-        self._streams.add(me)
+        # The stream ends (OK, no more acks) between batches once end_streams is called:
+        # a batch being applied is finished and acknowledged first. Not by cancelling the
+        # call's task: a cancel landing while gRPC sends an ack ends the handler without
+        # a status, and the call would then last the server's whole grace. Batches are
+        # read with context.read (the request iterator is left alone: not both).
+        ending = asyncio.ensure_future(self._ending.wait())
         try:
-            async for batch in request_iterator:
+            while not self._ending.is_set():
+                nxt = asyncio.ensure_future(context.read())
+                await asyncio.wait((nxt, ending), return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    return
+                batch = nxt.result()
+                if not isinstance(batch, pb.ShipBatch):  # grpc.aio.EOF: the sender ended
+                    return
                 try:
                     ack = await self._receive(batch, context)
                 except DhtError as e:
                     await context.abort(grpc_status(e), str(e))
                 yield ack
-        except asyncio.CancelledError:
-            if not self._ending:
-                raise
-            # Ended by end_streams: finish the call with a status (a cancelled handler
-            # sends none, and the call would last the server's whole grace).
-            me.uncancel()
         finally:
-            self._streams.discard(me)
+            ending.cancel()
 
     async def PopPush(self, request: pb.ShipBatch, context: Ctx) -> pb.ShipAck:
         try:
