@@ -52,6 +52,11 @@ def _check_version(version: int) -> None:
         )
 
 
+async def _next(batches: AsyncIterator[pb.ShipBatch]) -> pb.ShipBatch | None:
+    """The next batch of a Ship stream, None at its end."""
+    return await anext(batches, None)
+
+
 class PopLinkService(pb_grpc.PopLinkServicer):
     """Calls from other PoPs' nodes."""
 
@@ -81,18 +86,18 @@ class PopLinkService(pb_grpc.PopLinkServicer):
         # The stream ends (OK, no more acks) between batches once end_streams is called:
         # a batch being applied is finished and acknowledged first. Not by cancelling the
         # call's task: a cancel landing while gRPC sends an ack ends the handler without
-        # a status, and the call would then last the server's whole grace. Batches are
-        # read with context.read (the request iterator is left alone: not both).
+        # a status, and the call would then last the server's whole grace.
         ending = asyncio.ensure_future(self._ending.wait())
+        batches = aiter(request_iterator)
         try:
             while not self._ending.is_set():
-                nxt = asyncio.ensure_future(context.read())
+                nxt = asyncio.ensure_future(_next(batches))
                 await asyncio.wait((nxt, ending), return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():
                     nxt.cancel()
                     return
                 batch = nxt.result()
-                if not isinstance(batch, pb.ShipBatch):  # grpc.aio.EOF: the sender ended
+                if batch is None:  # the sender ended the stream
                     return
                 try:
                     ack = await self._receive(batch, context)
