@@ -406,10 +406,8 @@ class Liveness:
             acquired = acquired[~self.state.part_ready[acquired]]
             if not acquired.size:
                 break
-            # Pulls count once the change settled, not before a late write of the old
-            # table lands (docs/protocol.md#epochs-and-hand-off).
-            settled = len(self.view.tables()) == 1
-            holders = {m.node_id: m for m in (*old.members, *self.state.table.members)}
+            holders = {m.node_id: m for m in self.state.table.members}
+            holders.update({m.node_id: m for m in old.members})
             holders.pop(self.config.node_id, None)
             for member in holders.values():
                 if member.node_id in took_part or not self.view.is_up(member):
@@ -422,8 +420,7 @@ class Liveness:
                 except Exception as e:  # one peer's copies: skipped, the others go on
                     self.tasks.error("handoff", e)
                     continue
-                if settled:
-                    took_part.add(member.node_id)
+                took_part.add(member.node_id)
             if covered(
                 old,
                 self.config.node_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import PartitionMap
@@ -486,6 +487,11 @@ async def test_a_leaving_coordinators_writes_in_flight_end_before_its_hand_off()
         assert got["birth_hlc"][0] == acked["birth_hlc"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit: the hand-off counts pulls made before the change settled "
+    "(docs/protocol.md#known-limits); the fix cost rolling restarts their availability",
+)
 async def test_a_hand_off_counts_only_pulls_made_after_the_change_settled() -> None:
     """V coordinates a claim and starts leaving while it is in flight: V's link to A is
     slow, its link to B cut, so the write reaches A late and B never. D, a replica of
@@ -495,8 +501,8 @@ async def test_a_hand_off_counts_only_pulls_made_after_the_change_settled() -> N
     push to D fails (their link is cut now, as when a node starved past its SIGTERM
     runs out of leave time). D counted those early pulls, took its copy for complete,
     and a read quorum of B and D answered NOT_FOUND for the acknowledged claim. Only
-    pulls made once the change has settled count now (docs/protocol.md#epochs-and-hand-off):
-    D goes on pulling till then, and gets the claim from A."""
+    pulls made once the change has settled would count (docs/protocol.md#known-limits):
+    D would go on pulling till then, and get the claim from A."""
     async with Network(seed=13) as net:
         # No anti-entropy during the test: B and D get the claim from nowhere else.
         nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
