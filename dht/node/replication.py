@@ -275,6 +275,7 @@ class Replicator:
                     # Refused whole, for every partition of the call.
                     self.stats.fenced_writes += 1
                     self.terms.fenced(res.fenced, res.fenced_by)
+                    self._fenced_by(member, res.fenced_by)
                     fenced[idx] = True
                 if res.stale:
                     self.stats.stale_writes += 1
@@ -334,6 +335,24 @@ class Replicator:
         if failed:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
         return WriteOutcome(ok, tally.holders, took, superseded, fenced)
+
+    def _fenced_by(self, member: Member, term: int) -> None:
+        """``member`` refused a write of ours as fenced by ``term``: end this node's terms
+        below it in every partition ``member`` replicates, not only those of the write.
+        Most often the refusal is a restarted replica's floor (above every term handed out
+        before it started, docs/protocol.md#terms-and-fencing), which fences them all;
+        learning it one write at a time cost a refused write, its undo and a take-over
+        per partition, a storm of them after each restart. Ended here, the next write
+        takes them over together (dht.node.takeovers). Where the refusal was another
+        coordinator's take-over of a few partitions, the rest cost one take-over more."""
+        mask = np.zeros(len(self.terms.held), dtype=bool)
+        for table, _ in self.view.tables():
+            ids = [m.node_id for m in table.members]
+            if member.node_id in ids:
+                mask |= (table.replicas == ids.index(member.node_id)).any(axis=1)
+        mask &= (self.terms.held > 0) & (self.terms.held < np.uint64(term))
+        if mask.any():
+            self.terms.fenced(np.flatnonzero(mask), term)
 
     async def undo(
         self,
@@ -400,7 +419,7 @@ class Replicator:
                     await self.repair.sync_with(member, push=False, partitions=mine[granted])
             except PeerUnreachable as e:
                 self.view.mark_failed(member, e, started)
-                why[f"{member.node_id} unreachable"] += len(idx)
+                why[f"unreachable ({e})"] += len(idx)
                 return no
             self.view.mark_ok(member)
             # A promise fences either way, but only a replica holding the partition's

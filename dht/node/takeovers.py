@@ -51,7 +51,16 @@ class TakeOvers:
             return np.ones(len(parts), dtype=bool)
         need = np.unique(parts[self.terms.held[parts] == 0]).astype(np.intp)
         waiting = {self._acquiring[p] for p in need.tolist() if p in self._acquiring}
-        mine = np.array([p for p in need.tolist() if p not in self._acquiring], dtype=np.intp)
+        # With them, every other partition this node coordinates without a term: after a
+        # membership change or a peer's restart (whose floor fences every earlier term)
+        # each would otherwise be taken over at its own next write, a promise, digest and
+        # fetch call per replica each time; one take-over costs those calls once.
+        unheld = (self.view.coordinators() == self.view.self_index) & (self.terms.held == 0)
+        unheld[need] = True
+        mine = np.array(
+            [p for p in np.flatnonzero(unheld).tolist() if p not in self._acquiring],
+            dtype=np.intp,
+        )
         if mine.size:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             for p in mine.tolist():

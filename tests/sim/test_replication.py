@@ -352,6 +352,43 @@ async def test_a_write_one_replica_refuses_by_its_floor_is_acknowledged_by_the_o
         assert int(x.node.terms.held[part]) > floor, "taken over above Z's floor"
 
 
+async def test_a_replicas_floor_ends_every_term_below_it_at_once() -> None:
+    """X holds terms for five partitions; Z restarts, and its floor fences every term
+    handed out before it. X's first write after that is refused by Z: X ends its terms
+    below the floor in every partition Z replicates, not only in that write's, and the
+    take-over its retry runs covers them all. So its writes to the other four partitions
+    are not refused again (each was once: a refused write, its undo and a take-over per
+    partition, a storm of them after every restart)."""
+    async with Network(seed=9) as net:
+        await net.start_pop(3)
+        pool = synthetic_keys(2_000, seed=91, start=91_000_000)
+        keys = [pool[i * 40 : (i + 1) * 40] for i in range(2_000)]
+        _, (x, _, z) = net.replicas(keys[0])
+        by_part: dict[int, list[bytes]] = {}
+        for k in keys:
+            p, reps = net.replicas(k)
+            if reps[0] is x:
+                by_part.setdefault(p, []).append(k)
+        parts = [p for p, ks in by_part.items() if len(ks) >= 2][:5]
+        assert len(parts) == 5
+        for p in parts:
+            res = await net.call(x.node_id, claim(by_part[p][0], pop=1))
+            assert res[0]["status"] == Status.CREATED
+        assert (x.node.terms.held[parts] > 0).all()
+        floor = int(x.node.terms.held[parts].max()) + 1_000
+        z.node.terms.promised[:] = np.maximum(z.node.terms.promised, floor)  # Z restarted
+
+        stats = x.node.replicator.stats
+        fenced, seen = stats.fenced_writes, len(net.trace)
+        for p in parts:
+            res = await net.call(x.node_id, claim(by_part[p][1], pop=1))
+            assert res[0]["status"] == Status.CREATED, res
+        assert stats.fenced_writes - fenced == 1, "refused by the floor once, not per partition"
+        assert (x.node.terms.held[parts] > floor).all()
+        promises = [e for e in net.trace[seen:] if e.src == x.node_id and e.kind == "Promise"]
+        assert len(promises) == 2, f"one take-over (a promise from Y and Z): {promises}"
+
+
 async def test_keys_of_a_call_refused_whole_as_fenced_are_retried_too() -> None:
     """X coordinates a claim of two keys of two partitions, P (X holds its term) and Q
     (Y and Z promised a higher term for Q since). Each replica refuses a coordinated
