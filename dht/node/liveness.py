@@ -312,14 +312,16 @@ class Liveness:
     def check_pause(self) -> None:
         """A long gap since the last tick means this process was paused: peers may have
         coordinated our partitions meanwhile, so resync before trusting our copy. Called
-        by the ticker and by every batch (after a SIGCONT a call may run before a tick)."""
+        by the ticker and by every batch (after a SIGCONT a call may run before a tick).
+        A gap as long as the suspicion timeout may have got it declared dead: its copy
+        then counts in no quorum until the resync, not only once gossip tells it."""
         now = self._mono()
         gap = now - self._last_tick_ms
         if gap > self.config.pause_threshold_ms:
             self._last_tick_ms = now
             self.pauses += 1
             log.warning("event loop was paused for %d ms: resyncing", gap)
-            self.start_resync()
+            self.start_resync(declared=gap >= self.config.suspicion_timeout_s * 1000)
 
     def start_resync(self, declared: bool = False) -> None:
         """Distrust the local copy until a resync round got through (start, pause, or

@@ -99,6 +99,15 @@ class _Tally:
     def met(self) -> bool:
         return bool(self.ok().all())
 
+    def recount_own(self, ready: npt.NDArray[np.bool_]) -> None:
+        """Take back this node's part where its copy no longer counts (``ready`` per key,
+        now): it learned meanwhile that the others declared it dead (dht.node.liveness
+        start_resync), and a quorum planned before must not count a copy that lacks
+        writes acknowledged in a table without it."""
+        gone = self.own[:-1] & ~ready
+        self.counts[:-1] -= gone
+        self.own[:-1] -= gone
+
     def ok_without_own(self) -> npt.NDArray[np.bool_]:
         """Per key: a quorum in every table from the other replicas alone."""
         return np.asarray((self.counts - self.own >= self.needs).all(axis=0), dtype=bool)
@@ -443,6 +452,7 @@ class Replicator:
         # there (its undo refused or unanswered, see undo), and a claim decided without
         # seeing it could later lose to it by earliest birth.
         await self._until_quorum(plan, tally, one, self.config.rpc_timeout_ms / 1000)
+        tally.recount_own(self.ready[parts])
         # Granted, and not promised to a higher term meanwhile.
         ok: npt.NDArray[np.bool_] = tally.ok() & self.terms.still_promised(parts, term)
         if not ok.all():
@@ -479,6 +489,7 @@ class Replicator:
         )
         if not tally.met():
             await self._until_quorum(plan, tally, one)
+            tally.recount_own(self.ready[parts])
         ok = tally.ok()
         self.stats.read_quorum_failures += int(np.count_nonzero(~ok))
         return ok

@@ -5,6 +5,7 @@ Ported from tests/integration/test_replication.py (which keeps the real-socket c
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
@@ -604,40 +605,9 @@ async def test_a_node_declared_dead_resyncs_from_enough_replicas_before_it_count
     was acknowledged in a table without it, so Y alone is not enough: V must not count
     its own copy nor answer NOT_FOUND (a reset) until X took part in its resync."""
     async with Network(seed=11) as net:
-        # No anti-entropy during the test: Y stays without the claim.
-        nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
-        members = nodes[0].node.table.members
-        cfg = nodes[0].node.config
-        for i in range(2_000):
-            raw = synthetic_keys(1, seed=62, start=62_000_000 + i)
-            part, (v, x, y) = net.replicas(raw)
-            without_v = PartitionMap.build(
-                [m for m in members if m.node_id != v.node_id],
-                cfg.num_partitions,
-                3,
-                cfg.vnodes,
-            )
-            coord = net.by_id[without_v.members[int(without_v.replicas[part][0])].node_id]
-            if coord is not y:
-                break
-        else:
-            raise AssertionError("no key whose coordinator without V is not Y")
-        others = [n for n in nodes if n is not v]
-
-        net.pause(v.node_id)
-        await net.until(
-            lambda: all(
-                v.node_id not in {m.node_id for m in n.node.table.members}
-                and len(n.node.view.tables()) == 1
-                and n.node.in_sync
-                for n in others
-            ),
-            what="V declared dead, the change settled and handed off",
-        )
-        net.cut(coord.node_id, y.node_id, both=False)
-        acked = (await net.call(coord.node_id, claim(raw, pop=1)))[0]
-        assert acked["status"] == Status.CREATED
-        assert held_by(y, raw)["status"][0] == Status.NOT_FOUND, "Y missed the write"
+        raw, acked, v, x = await declared_dead_with_a_claim_it_missed(net, seed=62)
+        nodes = list(net.by_id.values())
+        cfg = v.node.config
         assert held_by(v, raw)["status"][0] == Status.NOT_FOUND, "V was paused"
 
         net.cut(v.node_id, x.node_id)
@@ -658,6 +628,97 @@ async def test_a_node_declared_dead_resyncs_from_enough_replicas_before_it_count
         await net.until(lambda: v.node.in_sync, what="V in sync once X answers")
         found = (await net.call(v.node_id, BatchCall(Op.LOOKUP, raw)))[0]
         assert found["status"] == Status.OK and found["birth_hlc"] == acked["birth_hlc"]
+
+
+async def declared_dead_with_a_claim_it_missed(
+    net: Network, seed: int
+) -> tuple[bytes, ResultArray, SimNode, SimNode]:
+    """Four nodes; V, a key's primary, paused until the others declare it dead, and a
+    claim of the key acknowledged in the table without V while Y, V's other fellow
+    replica, missed it. Returns the key, the acknowledged answer, V and X (the fellow
+    replica that holds the claim). V is still paused."""
+    # No anti-entropy during the test: Y stays without the claim.
+    nodes = await net.start_pop(4, anti_entropy_interval_s=600.0)
+    members = nodes[0].node.table.members
+    cfg = nodes[0].node.config
+    for i in range(2_000):
+        raw = synthetic_keys(1, seed=seed, start=seed * 1_000_000 + i)
+        part, (v, x, y) = net.replicas(raw)
+        without_v = PartitionMap.build(
+            [m for m in members if m.node_id != v.node_id], cfg.num_partitions, 3, cfg.vnodes
+        )
+        coord = net.by_id[without_v.members[int(without_v.replicas[part][0])].node_id]
+        if coord is not y:
+            break
+    else:
+        raise AssertionError("no key whose coordinator without V is not Y")
+    others = [n for n in nodes if n is not v]
+    net.pause(v.node_id)
+    await net.until(
+        lambda: all(
+            v.node_id not in {m.node_id for m in n.node.table.members}
+            and len(n.node.view.tables()) == 1
+            and n.node.in_sync
+            for n in others
+        ),
+        what="V declared dead, the change settled and handed off",
+    )
+    net.cut(coord.node_id, y.node_id, both=False)
+    acked = (await net.call(coord.node_id, claim(raw, pop=1)))[0]
+    assert acked["status"] == Status.CREATED
+    assert held_by(y, raw)["status"][0] == Status.NOT_FOUND, "Y missed the write"
+    return raw, acked, v, x
+
+
+async def test_a_node_paused_past_the_suspicion_timeout_distrusts_its_copy_at_once() -> None:
+    """V was paused long enough to be declared dead, and a claim was acknowledged without
+    it that Y, its fellow replica, missed. V hears that it was declared dead only from
+    the next gossip; a take-over or quorum read it starts before counts its own copy,
+    and with Y's promise or answer misses the claim (in a rolling test a confirm then
+    created the flow anew). So the pause alone, as long as the suspicion timeout, makes V
+    distrust its copy at once, before any gossip; and it trusts it again once X, which
+    holds the claim, took part in its resync."""
+    async with Network(seed=12) as net:
+        raw, acked, v, x = await declared_dead_with_a_claim_it_missed(net, seed=63)
+        part = int(v.node.table.partitions_of(key_hashes(raw))[0])
+        rumours = v.node.membership.declared_dead
+        assert v.node.state.part_ready[part]
+        net.cut(v.node_id, x.node_id)
+        net.resume(v.node_id)
+        v.node.liveness.check_pause()  # what V's first call or tick does on resuming
+        assert v.node.membership.declared_dead == rumours, "no gossip heard yet"
+        assert not v.node.state.part_ready[part], "V's own copy still counts"
+        seen = (await net.call(v.node_id, BatchCall(Op.LOOKUP, raw, no_forward=True)))[0]
+        assert seen["status"] != Status.NOT_FOUND, "an acknowledged claim answered NOT_FOUND"
+        net.heal()
+        await net.until(lambda: v.node.in_sync, what="V in sync once X answers")
+        found = (await net.call(v.node_id, BatchCall(Op.LOOKUP, raw)))[0]
+        assert found["status"] == Status.OK and found["birth_hlc"] == acked["birth_hlc"]
+
+
+async def test_a_take_over_does_not_count_a_copy_that_stopped_counting_meanwhile() -> None:
+    """V takes a partition over counting its own copy, and while its promises are out it
+    learns that the others had declared it dead (its copy may lack writes acknowledged
+    without it; gossip can come after a take-over was planned, and promises can reach
+    replicas after they re-admitted V). With X cut off, Y's promise alone is not a
+    quorum once V's copy no longer counts: the take-over fails."""
+    async with Network(seed=13) as net:
+        await net.start_pop(3)
+        raw = synthetic_keys(1, seed=64, start=64_000_000)
+        part, (v, x, _) = net.replicas(raw)
+        net.cut(v.node_id, x.node_id)
+        transport = v.node.replicator.transport
+        promise = transport.promise
+
+        async def gossip_arrives(*args: Any, **kwargs: Any) -> Any:
+            v.node.liveness.start_resync(declared=True)
+            return await promise(*args, **kwargs)
+
+        transport.promise = gossip_arrives  # type: ignore[method-assign]
+        parts = np.array([part], dtype=np.intp)
+        term = v.node.terms.next_term(parts, v.node.clock.now())
+        ok = await v.node.replicator.acquire(parts, term)
+        assert not ok.any(), "a copy that stopped counting was counted"
 
 
 async def test_a_later_write_replaces_a_failed_claim_its_undo_missed() -> None:
