@@ -139,6 +139,7 @@ class GrpcPeerTransport:
             unpack_partitions(resp.fenced, "fenced"),
             resp.fenced_by,
             unpack_positions(resp.superseded, "superseded"),
+            resp.fenced_by_floor,
         )
 
     async def promise(

@@ -201,6 +201,7 @@ class NodeInternalService(pb_grpc.NodeInternalServicer):
                 stale=res.stale,
                 fenced=pack_partitions(res.fenced),
                 fenced_by=res.fenced_by,
+                fenced_by_floor=res.fenced_by_floor,
                 superseded=pack_positions(res.superseded),
             )
 

@@ -309,7 +309,7 @@ class Replica:
             )
         fenced, by = self.terms.fence(parts, terms)
         if fenced.size:
-            return MergeResult(fenced=fenced, fenced_by=by)
+            return MergeResult(fenced=fenced, fenced_by=by, fenced_by_floor=by == self.terms.floor)
         merged = self._merge(entries)
         lost = self._superseded(entries, hashes)
         if lost.size:

@@ -284,7 +284,8 @@ class Replicator:
                     # Refused whole, for every partition of the call.
                     self.stats.fenced_writes += 1
                     self.terms.fenced(res.fenced, res.fenced_by)
-                    self._fenced_by(member, res.fenced_by)
+                    if res.fenced_by_floor:
+                        self._floor_of(member, res.fenced_by)
                     fenced[idx] = True
                 if res.stale:
                     self.stats.stale_writes += 1
@@ -345,15 +346,15 @@ class Replicator:
             self.stats.quorum_failures[op] = self.stats.quorum_failures.get(op, 0) + failed
         return WriteOutcome(ok, tally.holders, took, superseded, fenced)
 
-    def _fenced_by(self, member: Member, term: int) -> None:
-        """``member`` refused a write of ours as fenced by ``term``: end this node's terms
-        below it in every partition ``member`` replicates, not only those of the write.
-        Most often the refusal is a restarted replica's floor (above every term handed out
-        before it started, docs/protocol.md#terms-and-fencing), which fences them all;
-        learning it one write at a time cost a refused write, its undo and a take-over
-        per partition, a storm of them after each restart. Ended here, the next write
-        takes them over together (dht.node.takeovers). Where the refusal was another
-        coordinator's take-over of a few partitions, the rest cost one take-over more."""
+    def _floor_of(self, member: Member, term: int) -> None:
+        """``member`` refused a write of ours by its floor ``term`` (above every term
+        handed out before it started, docs/protocol.md#terms-and-fencing), which fences
+        every partition it replicates: end this node's terms below it in all of them, not
+        only in the write's. Learning it one write at a time cost a refused write, its
+        undo and a take-over per partition, a storm of them after each restart; ended
+        here, the next write takes them over together (dht.node.takeovers). (A refusal
+        for another coordinator's promise ends only the partitions refused: ending more
+        would turn each duel of a membership change into a take-over of hundreds.)"""
         mask = np.zeros(len(self.terms.held), dtype=bool)
         for table, _ in self.view.tables():
             ids = [m.node_id for m in table.members]

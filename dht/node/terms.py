@@ -37,6 +37,7 @@ class Terms:
     def __init__(self, num_partitions: int, floor: int) -> None:
         # The floor (set at start from the clock) fences every term handed out before
         # this process started: a restart forgets its promises.
+        self.floor = floor  # a refusal at the floor alone says so (fenced_by_floor)
         self.promised = np.full(num_partitions, floor, dtype=np.uint64)
         self.seen = np.zeros(num_partitions, dtype=np.uint64)
         self.held = np.zeros(num_partitions, dtype=np.uint64)

@@ -49,6 +49,9 @@ class MergeResult:
     # Positions of a coordinated write's entries that lost to a different claim held by
     # the replica: not held there, so not acknowledgements.
     superseded: npt.NDArray[np.intp] = field(default_factory=lambda: _NONE)
+    # Fenced by the replica's floor alone (no promise since it started): it refuses
+    # every term from before its start, in every partition it replicates.
+    fenced_by_floor: bool = False
 
 
 class PeerTransport(Protocol):

@@ -815,6 +815,7 @@ class MemPeerTransport:
             res.fenced.copy(),
             res.fenced_by,
             res.superseded.copy(),
+            res.fenced_by_floor,
         )
 
     async def promise(

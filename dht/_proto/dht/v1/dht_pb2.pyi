@@ -679,6 +679,7 @@ class ReplicateResponse(_message.Message):
     FENCED_FIELD_NUMBER: _builtins.int
     FENCED_BY_FIELD_NUMBER: _builtins.int
     SUPERSEDED_FIELD_NUMBER: _builtins.int
+    FENCED_BY_FLOOR_FIELD_NUMBER: _builtins.int
     applied: _builtins.int
     """Copies that changed the receiver's store, and copies refused at its hard ceiling."""
     refused: _builtins.int
@@ -696,6 +697,11 @@ class ReplicateResponse(_message.Message):
     different claim of the key held here (another generation or birth). Applied through
     the merge all the same, but not held: they do not count toward the write quorum.
     """
+    fenced_by_floor: _builtins.bool
+    """Of a refusal as fenced: every partition refused was refused by this node's floor
+    alone (no promise made since it started), which fences every term handed out before
+    its start: the coordinator ends its lower terms in all partitions shared with it.
+    """
     def __init__(
         self,
         *,
@@ -705,10 +711,11 @@ class ReplicateResponse(_message.Message):
         fenced: _builtins.bytes = ...,
         fenced_by: _builtins.int = ...,
         superseded: _builtins.bytes = ...,
+        fenced_by_floor: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "fenced", b"fenced", "fenced_by", b"fenced_by", "refused", b"refused", "stale", b"stale", "superseded", b"superseded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "fenced", b"fenced", "fenced_by", b"fenced_by", "fenced_by_floor", b"fenced_by_floor", "refused", b"refused", "stale", b"stale", "superseded", b"superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
