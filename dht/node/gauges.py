@@ -102,8 +102,18 @@ def replication_gauges(
             ("replica",): float(state.replicas.sum()),
         },
     )
-    peers: dict[tuple[str, ...], float] = {(n,): float(h.up) for n, h in view.health.items()}
-    yield m.gauge("dht_peer_up", "1 if the peer answers (this node's view)", ["peer"], peers)
+    # A peer that left this node's table (declared dead, or left) is no longer probed:
+    # its health is the last seen, so it shows as down rather than up for ever.
+    members = {mb.node_id for mb in view.pmap.members}
+    peers: dict[tuple[str, ...], float] = {
+        (n,): float(h.up and n in members) for n, h in view.health.items()
+    }
+    yield m.gauge(
+        "dht_peer_up",
+        "1 if the peer answers and is in this node's table (this node's view)",
+        ["peer"],
+        peers,
+    )
     yield m.counter(
         "dht_peer_transitions",
         "peer up/down changes seen",

@@ -136,3 +136,34 @@ async def test_a_joiner_takes_its_partitions_and_hands_them_back_on_leave() -> N
         found = await net.call(nodes[1].node_id, BatchCall(Op.LOOKUP, raw))
         assert set(found["status"].tolist()) == {Status.OK}
         assert sum(len(n.node.store) for n in nodes) >= 2 * 300
+
+
+def peer_up(sim: SimNode, peer: str) -> float | None:
+    """``dht_peer_up{peer}`` as ``sim`` exports it (None: not exported)."""
+    for metric in sim.node._gauges():
+        if metric.name == "dht_peer_up":
+            for sample in metric.samples:
+                if sample.labels.get("peer") == peer:
+                    return float(sample.value)
+    return None
+
+
+async def test_a_peer_declared_dead_shows_as_down() -> None:
+    """V is paused until the others declare it dead. They stop probing it, so their view
+    of its health stays what it last was; dht_peer_up must say 0 for it, not its stale
+    1 (under a CPU hog the death was declared before the health timed out, and a fault
+    test waiting for V to show as down waited for ever)."""
+    async with Network(seed=21) as net:
+        nodes = await net.start_pop(3)
+        v, others = nodes[0], nodes[1:]
+        assert all(peer_up(n, v.node_id) == 1.0 for n in others)
+        net.pause(v.node_id)
+        await net.until(
+            lambda: all(v.node_id not in {m.node_id for m in n.node.table.members} for n in others),
+            what="V declared dead",
+        )
+        for n in others:
+            health = n.node.view.health.get(v.node_id)
+            if health is not None:
+                health.up = True  # as if the death came before the health timed out
+        assert all(peer_up(n, v.node_id) in (0.0, None) for n in others)
