@@ -186,6 +186,7 @@ class Node:
                 max_clock_offset_ms=cfg.max_clock_offset_ms,
             ),
             self.state.part_ready,
+            leaving=lambda: self.state.leaving,
         )
         self.liveness = Liveness(
             cfg,

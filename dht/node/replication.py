@@ -103,7 +103,7 @@ class _Tally:
         """Take back this node's part where its copy no longer counts (``ready`` per key,
         now): it learned meanwhile that the others declared it dead (dht.node.liveness
         start_resync), and a quorum planned before must not count a copy that lacks
-        writes acknowledged in a table without it."""
+        writes acknowledged in a table without it; or it started leaving."""
         gone = self.own[:-1] & ~ready
         self.counts[:-1] -= gone
         self.own[:-1] -= gone
@@ -117,6 +117,51 @@ class _Tally:
         """Per key: replicas known to hold it (this node included)."""
         held: npt.NDArray[np.int32] = self.counts[-1]
         return held
+
+
+def quorum_plan(
+    view: PeerView,
+    parts: npt.NDArray[np.uint16],
+    need: Callable[[int, int, bool], int],
+    own_data: npt.NDArray[np.bool_] | None = None,
+) -> tuple[list[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]], _Tally]:
+    """Per other replica of ``parts`` in any of the tables in force: the positions it
+    replicates and, per table, whether it counts there. Plus the tally to fill, where
+    this node already counts wherever it is a replica, and each table needs
+    ``need(rf, W, ours)`` answers (a last row counts every holder, needing none).
+    ``own_data`` (per partition: does this node hold its data?): this node counts only
+    where it holds the partition's data (a quorum read or a take-over counts copies seen;
+    a partition still being refilled or handed to this node has an incomplete copy
+    here)."""
+    tables = view.tables()
+    n = len(parts)
+    counts = np.zeros((len(tables) + 1, n), dtype=np.int32)
+    needs = np.zeros((len(tables) + 1, 1), dtype=np.int32)
+    rows: dict[str, tuple[Member, npt.NDArray[np.bool_]]] = {}
+    for t, (table, me) in enumerate(tables):
+        rf = table.replication_factor
+        needs[t] = need(rf, view.write_quorum if t == 0 else view.default_w(rf), t == 0)
+        reps = table.replicas[parts]  # (n, rf)
+        if me >= 0:
+            counts[t] = (reps == me).any(axis=1)
+            if own_data is not None:
+                counts[t] &= own_data[parts]
+        for m in np.unique(reps):
+            if m == me:
+                continue
+            member = table.members[int(m)]
+            row = rows.setdefault(
+                member.node_id, (member, np.zeros((len(tables) + 1, n), dtype=bool))
+            )[1]
+            row[t] |= (reps == m).any(axis=1)
+    counts[-1] = 1
+    own = counts.copy()
+    plan = []
+    for member, row in rows.values():
+        row[-1] = row[:-1].any(axis=0)
+        idx = np.flatnonzero(row[-1])
+        plan.append((member, idx, row[:, idx]))
+    return plan, _Tally(counts, needs, own)
 
 
 class Replicator:
@@ -133,6 +178,7 @@ class Replicator:
         stats: Stats,
         config: ReplicationConfig,
         ready: npt.NDArray[np.bool_],
+        leaving: Callable[[], bool] = lambda: False,
     ) -> None:
         self.view = view
         self.terms = terms
@@ -145,53 +191,11 @@ class Replicator:
         # Per partition: does this node hold the partition's data (refilled, or handed
         # off)? Shared with the node, which flips it.
         self.ready = ready
+        # Is this node leaving (dht.node.liveness leave)? From then on its own copy
+        # counts in no write quorum: it leaves with the node.
+        self.leaving = leaving
         self._now = view.now_ms
         self._background: set[asyncio.Future[Any]] = set()
-
-    def _quorum_plan(
-        self,
-        parts: npt.NDArray[np.uint16],
-        need: Callable[[int, int, bool], int],
-        own_data: bool = False,
-    ) -> tuple[list[tuple[Member, npt.NDArray[np.intp], npt.NDArray[np.bool_]]], _Tally]:
-        """Per other replica of ``parts`` in any of the tables in force: the positions it
-        replicates and, per table, whether it counts there. Plus the tally to fill, where
-        this node already counts wherever it is a replica, and each table needs
-        ``need(rf, W, ours)`` answers (a last row counts every holder, needing none).
-        ``own_data``: this node counts only where it holds the partition's data (a quorum
-        read or a take-over counts copies seen; a partition still being refilled or handed
-        to this node has an incomplete copy here)."""
-        tables = self.view.tables()
-        n = len(parts)
-        counts = np.zeros((len(tables) + 1, n), dtype=np.int32)
-        needs = np.zeros((len(tables) + 1, 1), dtype=np.int32)
-        rows: dict[str, tuple[Member, npt.NDArray[np.bool_]]] = {}
-        for t, (table, me) in enumerate(tables):
-            rf = table.replication_factor
-            needs[t] = need(
-                rf, self.view.write_quorum if t == 0 else self.view.default_w(rf), t == 0
-            )
-            reps = table.replicas[parts]  # (n, rf)
-            if me >= 0:
-                counts[t] = (reps == me).any(axis=1)
-                if own_data:
-                    counts[t] &= self.ready[parts]
-            for m in np.unique(reps):
-                if m == me:
-                    continue
-                member = table.members[int(m)]
-                row = rows.setdefault(
-                    member.node_id, (member, np.zeros((len(tables) + 1, n), dtype=bool))
-                )[1]
-                row[t] |= (reps == m).any(axis=1)
-        counts[-1] = 1
-        own = counts.copy()
-        plan = []
-        for member, row in rows.values():
-            row[-1] = row[:-1].any(axis=0)
-            idx = np.flatnonzero(row[-1])
-            plan.append((member, idx, row[:, idx]))
-        return plan, _Tally(counts, needs, own)
 
     async def _until_quorum(
         self,
@@ -199,21 +203,30 @@ class Replicator:
         tally: _Tally,
         call: Callable[[Member, npt.NDArray[np.intp]], Awaitable[npt.NDArray[np.bool_] | bool]],
         linger_s: float = 0.0,
+        recount: Callable[[], None] | None = None,
     ) -> set[asyncio.Future[Any]]:
         """Run ``call(member, idx)`` for each replica of ``plan`` concurrently until every
         key has its quorum in every table or every call is done, then for up to
         ``linger_s`` more for the rest. A call answers for its keys (``rows``: where it
-        counts, per table) as a whole or per key. Calls still running then finish in the
-        background (a slow replica does not hold up a quorum that is already there);
-        they are owned and cancelled on close(), and returned."""
+        counts, per table) as a whole or per key. ``recount`` runs before each look at
+        the tally (to take back this node's part when its copy stops counting). Calls
+        still running then finish in the background (a slow replica does not hold up a
+        quorum that is already there); they are owned and cancelled on close(), and
+        returned."""
         tasks: dict[asyncio.Future[Any], tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]] = {
             asyncio.ensure_future(call(member, idx)): (idx, rows) for member, idx, rows in plan
         }
         pending: set[asyncio.Future[Any]] = set(tasks)
-        while pending and not tally.met():
+        while pending:
+            if recount is not None:
+                recount()
+            if tally.met():
+                break
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 tally.add(*tasks[t], t.result())
+        if recount is not None:
+            recount()
         if pending and linger_s > 0:
             done, pending = await asyncio.wait(pending, timeout=linger_s)
             for t in done:
@@ -309,8 +322,16 @@ class Replicator:
                 missed.append((member, idx))
             return False
 
-        plan, tally = self._quorum_plan(parts, lambda rf, w, _: w)
-        stragglers = await self._until_quorum(plan, tally, one)
+        plan, tally = quorum_plan(self.view, parts, lambda rf, w, _: w)
+
+        def recount() -> None:
+            # A write still in flight when this node started leaving counts only the
+            # other replicas' copies: this one leaves with the node, and its hand-off
+            # push may not get through (docs/protocol.md#leave).
+            if self.leaving():
+                tally.recount_own(np.zeros(len(entries), dtype=bool))
+
+        stragglers = await self._until_quorum(plan, tally, one, recount=recount)
         ok = tally.ok()
         superseded = np.zeros(len(entries), dtype=bool)
         for t in lost_to:
@@ -444,8 +465,11 @@ class Replicator:
         # on one replica and a take-over could only see it there: no quorum of promises
         # helps, and waiting for one would stop writes when a replica dies, so the
         # take-over needs only this node (and W = 1 promises no fencing).
-        plan, tally = self._quorum_plan(
-            parts.astype(np.uint16), lambda rf, w, _: 1 if w == 1 else rf - w + 1, own_data=True
+        plan, tally = quorum_plan(
+            self.view,
+            parts.astype(np.uint16),
+            lambda rf, w, _: 1 if w == 1 else rf - w + 1,
+            own_data=self.ready,
         )
         # Past the quorum, every replica that answers within the RPC timeout is pulled
         # from too: a write that was answered as failed but reached some replicas
@@ -483,10 +507,11 @@ class Replicator:
             return await self._pull_copies(member, rows[idx].tobytes())
 
         # In our own table R as set for it (a PoP sized down may run R = 1, dht.core.sizing).
-        plan, tally = self._quorum_plan(
+        plan, tally = quorum_plan(
+            self.view,
             parts,
             lambda rf, w, ours: self.view.read_quorum if ours else read_quorum(rf, w),
-            own_data=True,
+            own_data=self.ready,
         )
         if not tally.met():
             await self._until_quorum(plan, tally, one)
