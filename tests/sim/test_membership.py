@@ -167,3 +167,85 @@ async def test_a_peer_declared_dead_shows_as_down() -> None:
             if health is not None:
                 health.up = True  # as if the death came before the health timed out
         assert all(peer_up(n, v.node_id) in (0.0, None) for n in others)
+
+
+async def test_a_primary_again_does_not_read_under_a_term_from_before() -> None:
+    """X is the primary of K's partition and holds a term for it. J joins and becomes
+    the partition's primary; J takes it over with the promises of J and Y (X's link from
+    J is cut, so X neither promises nor gets J's writes), and a claim of K is
+    acknowledged on J and Y. J leaves; its push to X fails; X is the primary again.
+    X's term is from before J's: answering from its own copy under it, X would say
+    NOT_FOUND for the acknowledged claim. A node drops its terms for the partitions it
+    is no longer the primary of when it adopts a table (docs/protocol.md#routing), so X
+    reads a quorum."""
+    async with Network(seed=21) as net:
+        # No anti-entropy: X gets the claim from nowhere else.
+        nodes = await net.start_pop(3, anti_entropy_interval_s=600.0)
+        old = nodes[0].node.table
+        j_address = f"sim:{JOINER_PORT}"
+        new = PartitionMap.build(
+            [*old.members, Member("ams-4", j_address)],
+            old.num_partitions,
+            old.replication_factor,
+            nodes[0].config.vnodes,
+        )
+        j = len(new.members) - 1
+        pool = synthetic_keys(4_000, seed=70)
+        parts = old.partitions_of(key_hashes(pool))
+        # K's partition: J its primary once it joins, the old primary X still a replica.
+        x_index = old.replicas[parts, 0]
+        ok = (new.replicas[parts, 0] == j) & (new.replicas[parts, 1:] == x_index[:, None]).any(
+            axis=1
+        )
+        k = int(np.flatnonzero(ok)[0])
+        raw = pool[k * KEY_SIZE : (k + 1) * KEY_SIZE]
+        same = np.flatnonzero(parts == parts[k])
+        w = int(same[same != k][0])
+        warm = pool[w * KEY_SIZE : (w + 1) * KEY_SIZE]
+        part, (x, *_) = net.replicas(raw)
+
+        warmed = (await net.call(x.node_id, BatchCall(Op.CLAIM, warm, pop=1, no_forward=True)))[0]
+        assert warmed["status"] == Status.CREATED
+        assert x.node.terms.held[part] > 0, "X holds a term for the partition"
+
+        joiner = net.add_node(net.config("ams-4", "ams", JOINER_PORT, seeds=[nodes[1].address]))
+        everyone = [*nodes, joiner]
+
+        def settled() -> bool:
+            return all(
+                len(n.node.table.members) == 4 and len(n.node.view.tables()) == 1 for n in everyone
+            ) and all(n.node.view.epochs_agree() for n in everyone)
+
+        await net.until(settled, what="the join settled everywhere")
+        await net.until(lambda: bool(joiner.node.part_ready[part]), what="J's hand-off")
+        assert int(joiner.node.table.primaries[part]) == joiner.node.self_index
+
+        net.cut(joiner.node_id, x.node_id, both=False)  # J's calls to X fail
+        acked = (await net.call(joiner.node_id, BatchCall(Op.CLAIM, raw, pop=1, no_forward=True)))[
+            0
+        ]
+        assert acked["status"] == Status.CREATED, acked
+        assert held_status(x, raw) == Status.NOT_FOUND, "X missed the claim"
+
+        await net.stop(joiner.node_id, leave=True)
+        net.heal()
+
+        def primary_again() -> bool:
+            return (
+                len(x.node.table.members) == 3
+                and len(x.node.view.tables()) == 1
+                and x.node.view.epochs_agree()
+                and bool(x.node.view.all_replicas_up()[part])
+            )
+
+        await net.until(primary_again, what="X the primary again, every replica up")
+        assert int(x.node.table.primaries[part]) == x.node.self_index
+        assert held_status(x, raw) == Status.NOT_FOUND, "X still lacks the claim"
+        seen = (await net.call(x.node_id, BatchCall(Op.LOOKUP, raw, no_forward=True)))[0]
+        assert seen["status"] == Status.OK, "an acknowledged claim answered NOT_FOUND"
+        assert seen["birth_hlc"] == acked["birth_hlc"]
+
+
+def held_status(sim: SimNode, raw: bytes) -> int:
+    got = sim.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
+    return int(got["status"][0])
