@@ -248,6 +248,7 @@ class Load:
     timeline: Timeline = field(default_factory=Timeline)
     acked: dict[bytes, Ack] = field(default_factory=dict)
     acked_keys: list[bytes] = field(default_factory=list)
+    acked_at: dict[bytes, float] = field(default_factory=dict)  # monotonic, load's claims
     statuses: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)  # UNAVAILABLE and other non-successes
     wrong: list[str] = field(default_factory=list)  # lookups contradicting an acknowledgement
@@ -280,6 +281,7 @@ class Load:
             ):
                 self.acked[key] = (int(r["owner_pop"]), int(r["birth_hlc"]), int(r["birth_pop"]))
                 self.acked_keys.append(key)
+                self.acked_at[key] = time.monotonic()
             else:
                 bad[status.name] += 1
         if bad:
@@ -333,9 +335,11 @@ class Load:
             # No answer (UNAVAILABLE, or MOVED once the client's retries ran out) is a
             # failed call; any other answer than the acknowledged one is wrong.
             if status not in (Status.UNAVAILABLE, Status.MOVED):
+                acked = self.acked_at.get(key)
                 self.wrong.append(
-                    f"{self._when(started)} {flow_text(key)}: acknowledged {w}, lookup "
-                    f"{status.name} {got}"
+                    f"{self._when(started)} {flow_text(key)}: acknowledged {w} (born "
+                    f"{self.timeline.birth(w[1])}, answered "
+                    f"{self._when(acked) if acked else 'at prefill'}), lookup {status.name} {got}"
                 )
         if bad:
             took = time.monotonic() - started
