@@ -107,6 +107,32 @@ def test_two_acknowledged_claims_and_a_changed_claim_are_caught() -> None:
     ) == ["changed"]
 
 
+def test_a_look_up_beside_a_claim_may_show_its_first_attempt() -> None:
+    # The claim call [0, 3] was retried at another coordinator and acknowledged with Y; a
+    # look-up beside it showed the first attempt's X (same owner): not a violation.
+    assert (
+        kinds(
+            op("lookup", 0.5, 1, "OK", X),
+            op("claim", 0, 3, "CREATED", Y),
+            op("lookup", 4, 5, "OK", Y),
+        )
+        == []
+    )
+    # Another owner, an acknowledged X, or a look-up after the call ended: still caught.
+    other = {**X, "owner_pop": 2}
+    assert "changed" in kinds(
+        op("lookup", 0.5, 1, "OK", other),
+        op("claim", 0, 3, "CREATED", Y),
+        op("claim", 0, 0.2, "UNAVAILABLE", pop=2),
+        op("lookup", 4, 5, "OK", Y),
+    )
+    assert "changed" in kinds(
+        op("claim", 0, 3, "CREATED", Y),
+        op("lookup", 4, 5, "OK", X),
+        op("lookup", 6, 7, "OK", Y),
+    )
+
+
 def test_a_value_nobody_wrote_is_caught() -> None:
     assert kinds(op("lookup", 0, 1, "OK", {**X, "owner_pop": 3})) == ["phantom"]
     # A claim still in flight when the look-up completed may be what it showed.
