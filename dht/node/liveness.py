@@ -93,15 +93,15 @@ class Liveness:
         cfg = self.config
         self.state.pmap = pmap
         self.state.self_index = pmap.index_of(cfg.node_id)
-        # Its primary may take a partition over without this node's promise: a term kept
-        # would let this node, primary again later, read a copy that missed the writes
-        # acknowledged meanwhile (docs/protocol.md#routing).
-        self.terms.forget_held(pmap.primaries != self.state.self_index)
         mine = replica_mask(pmap, self.state.self_index)
         # This node's part of the PoP-wide prefix quota (docs/protocol.md#capacity-and-quota).
-        least, led = 1.0 / pmap.num_partitions, pmap.partition_counts(0)[self.state.self_index]
-        led_share = max(float(led) / pmap.num_partitions, least)
-        self.replica.store.quota.set_shares(max(float(mine.mean()), least), led_share)
+        least = 1.0 / pmap.num_partitions
+        self.replica.store.quota.set_shares(
+            max(float(mine.mean()), least),
+            max(
+                float(pmap.partition_counts(0)[self.state.self_index]) / pmap.num_partitions, least
+            ),
+        )
         self.repair.forget(self.view.set_table(pmap, self.state.self_index))
         if self.extension is not None:
             self.extension.sized(self.view, len(pmap.members))
@@ -123,7 +123,7 @@ class Liveness:
             pmap.replication_factor,
             self.view.write_quorum,
             self.view.read_quorum,
-            led,
+            pmap.partition_counts(0)[self.state.self_index],
         )
 
     # ------------------------------------------------------------------ SWIM

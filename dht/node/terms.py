@@ -43,14 +43,10 @@ class Terms:
         self.held = np.zeros(num_partitions, dtype=np.uint64)
         self.led = np.zeros(num_partitions, dtype=np.uint64)
 
-    def forget_held(self, where: npt.NDArray[np.bool_] | None = None) -> None:
+    def forget_held(self) -> None:
         """Stop coordinating under any term (after a pause or at a resync: the terms may
-        have been taken over meanwhile), or in the partitions ``where`` says; the next
-        write takes them over again."""
-        if where is None:
-            self.held[:] = 0
-        else:
-            self.held[where] = 0
+        have been taken over meanwhile); the next write takes its partitions over again."""
+        self.held[:] = 0
 
     def next_term(self, parts: npt.NDArray[np.intp], now_hlc: int) -> int:
         """A term above every term this node has seen for ``parts``."""
