@@ -64,7 +64,7 @@ from dht.core.errors import DhtError
 from dht.core.membership import MemberState
 from dht.core.ops import BatchCall, Op
 from dht.core.placement import Member
-from dht.core.wire import ENTRY_SIZE, RESULT_DTYPE, ResultArray, key_hashes
+from dht.core.wire import ENTRY_SIZE, KEY_DTYPE, RESULT_DTYPE, ResultArray, key_hashes
 from dht.edge import convert
 from dht.edge.pop_grpc import partitions_field
 from dht.edge.status import grpc_status
@@ -146,6 +146,11 @@ class SimNode:
 
     def __repr__(self) -> str:
         return f"SimNode({self.node_id})"
+
+
+def held_by(sim: SimNode, raw: bytes) -> ResultArray:
+    """The copy ``sim``'s store holds of the flow ``raw`` (one 40-byte key)."""
+    return sim.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
 
 
 class _Reason:

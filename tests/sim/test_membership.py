@@ -14,12 +14,23 @@ from dht.core.ops import BatchCall, Op
 from dht.core.peers import replica_mask
 from dht.core.placement import Member, PartitionMap
 from dht.core.record import Status
-from dht.core.wire import KEY_DTYPE, KEY_SIZE, key_hashes
+from dht.core.wire import KEY_SIZE, key_hashes
 from dht.tools.bench.keys import synthetic_keys
 
-from .memnet import Network, SimNode
+from .memnet import Network, SimNode, held_by
 
 JOINER_PORT = 7990
+
+
+def joined(sim: SimNode) -> PartitionMap:
+    """The table ``sim``'s PoP will have once ams-4 joins it at JOINER_PORT."""
+    old = sim.node.table
+    return PartitionMap.build(
+        [*old.members, Member("ams-4", f"sim:{JOINER_PORT}")],
+        old.num_partitions,
+        old.replication_factor,
+        sim.config.vnodes,
+    )
 
 
 def holds_only_its_partitions(sim: SimNode, raw: bytes) -> bool:
@@ -39,13 +50,7 @@ async def test_writes_need_quorums_in_both_tables_while_a_join_settles() -> None
     async with Network(seed=5) as net:
         nodes = await net.start_pop(3, replication_factor=2)
         old = nodes[0].node.table
-        d_address = f"sim:{JOINER_PORT}"
-        new = PartitionMap.build(
-            [*old.members, Member("ams-4", d_address)],
-            old.num_partitions,
-            2,
-            nodes[0].config.vnodes,
-        )
+        new = joined(nodes[0])
         # K: replicas [P, Q] before the join, [P, D] after; W: another key of K's
         # partition, to take it over first.
         pool = synthetic_keys(4_000, seed=50)
@@ -95,7 +100,7 @@ async def test_writes_need_quorums_in_both_tables_while_a_join_settles() -> None
         await net.until(settled, what="the joint window to close")
         res = (await net.call(p.node_id, BatchCall(Op.CLAIM, raw, pop=1, no_forward=True)))[0]
         assert res["status"] == Status.CREATED, "a quorum of the new table is enough now"
-        copy = joiner.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
+        copy = held_by(joiner, raw)
         assert copy["status"][0] == Status.OK and copy["owner_pop"][0] == 1
 
 
@@ -189,13 +194,7 @@ async def test_a_primary_again_does_not_read_under_a_term_from_before() -> None:
         # No anti-entropy: X gets the claim from nowhere else.
         nodes = await net.start_pop(3, anti_entropy_interval_s=600.0)
         old = nodes[0].node.table
-        j_address = f"sim:{JOINER_PORT}"
-        new = PartitionMap.build(
-            [*old.members, Member("ams-4", j_address)],
-            old.num_partitions,
-            old.replication_factor,
-            nodes[0].config.vnodes,
-        )
+        new = joined(nodes[0])
         j = len(new.members) - 1
         pool = synthetic_keys(4_000, seed=70)
         parts = old.partitions_of(key_hashes(pool))
@@ -232,7 +231,7 @@ async def test_a_primary_again_does_not_read_under_a_term_from_before() -> None:
             0
         ]
         assert acked["status"] == Status.CREATED, acked
-        assert held_status(x, raw) == Status.NOT_FOUND, "X missed the claim"
+        assert held_by(x, raw)["status"][0] == Status.NOT_FOUND, "X missed the claim"
 
         await net.stop(joiner.node_id, leave=True)
         net.heal()
@@ -247,12 +246,7 @@ async def test_a_primary_again_does_not_read_under_a_term_from_before() -> None:
 
         await net.until(primary_again, what="X the primary again, every replica up")
         assert int(x.node.table.primaries[part]) == x.node.self_index
-        assert held_status(x, raw) == Status.NOT_FOUND, "X still lacks the claim"
+        assert held_by(x, raw)["status"][0] == Status.NOT_FOUND, "X still lacks the claim"
         seen = (await net.call(x.node_id, BatchCall(Op.LOOKUP, raw, no_forward=True)))[0]
         assert seen["status"] == Status.OK, "an acknowledged claim answered NOT_FOUND"
         assert seen["birth_hlc"] == acked["birth_hlc"]
-
-
-def held_status(sim: SimNode, raw: bytes) -> int:
-    got = sim.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
-    return int(got["status"][0])

@@ -15,13 +15,7 @@ from dht.core.record import State, Status
 from dht.core.wire import ENTRY_DTYPE, KEY_DTYPE, ResultArray, key_hashes
 from dht.tools.bench.keys import synthetic_keys
 
-from .memnet import Network, SimNode
-
-
-def held_by(sim: SimNode, raw: bytes) -> ResultArray:
-    """The copy ``sim``'s store holds of the flow ``raw`` (one 40-byte key)."""
-    return sim.node.store.copies(np.frombuffer(raw, dtype=KEY_DTYPE), key_hashes(raw))
-
+from .memnet import Network, SimNode, held_by
 
 # The messages of a coordinated write's life (not probes, not anti-entropy).
 WRITE_KINDS = ("Promise", "Replicate", "Undo", "ReadCopies")

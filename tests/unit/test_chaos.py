@@ -118,7 +118,7 @@ def test_a_look_up_beside_a_claim_may_show_its_first_attempt() -> None:
         )
         == []
     )
-    # Another owner, an acknowledged X, or a look-up after the call ended: still caught.
+    # Another owner, or a look-up after the call ended: still caught.
     other = {**X, "owner_pop": 2}
     assert "changed" in kinds(
         op("lookup", 0.5, 1, "OK", other),

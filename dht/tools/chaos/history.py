@@ -206,7 +206,7 @@ def _check_key(key: str, ops: list[Operation]) -> list[Violation]:
     for b in shown:
         for a in shown:
             moved = a.complete < b.invoke and a.claim != b.claim
-            if moved and _first_attempt(ops, acks, a, b):
+            if moved and _first_attempt(acks, a, b):
                 continue
             if moved and not _released_between(ops, a.complete, b.complete):
                 out.append(Violation("changed", key, f"{a.claim} then {b.claim}", (a, b)))
@@ -214,7 +214,7 @@ def _check_key(key: str, ops: list[Operation]) -> list[Violation]:
     return out
 
 
-def _first_attempt(ops: list[Operation], acks: list[Operation], a: Operation, b: Operation) -> bool:
+def _first_attempt(acks: list[Operation], a: Operation, b: Operation) -> bool:
     """Did ``a`` show an earlier attempt of the claim call acknowledged with what ``b``
     shows? ``a`` is a look-up whose claim was never acknowledged, with the owner of
     ``b``'s claim, and a call acknowledged ``b``'s claim after running beside ``a``. A
