@@ -75,7 +75,7 @@ from dht.pops.hints import Hints
 from dht.pops.link import EXCHANGE_BATCH, PeerPop
 from dht.pops.second import SecondChance
 from dht.pops.shipping import (
-    SHIPPED_KINDS,
+    IS_SHIPPED,
     DelayLine,
     Kind,
     birth_ms,
@@ -147,7 +147,7 @@ class Pops:
         none = int(np.count_nonzero(kinds == Kind.NONE))
         if none:
             self.skipped[op.value] = self.skipped.get(op.value, 0) + none
-        ship = np.isin(kinds, np.array(SHIPPED_KINDS, dtype=np.uint8))
+        ship = IS_SHIPPED[kinds]
         if ship.any():
             self._enqueue(entries[ship].tobytes(), kinds[ship])
 

@@ -115,7 +115,8 @@ class Hints:
 
     async def _affinity_on_confirm(self, call: BatchCall, out: ResultArray) -> None:
         pop = call.pop or self.node.pop_id
-        ok = np.isin(out["status"], (Status.OK, Status.CREATED)) & (out["owner_pop"] == pop)
+        status = out["status"]
+        ok = ((status == Status.OK) | (status == Status.CREATED)) & (out["owner_pop"] == pop)
         if not ok.any():
             return
         keys = np.frombuffer(call.payload, dtype=KEY_DTYPE)[ok]

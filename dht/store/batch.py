@@ -16,6 +16,9 @@ from dht.core.record import Record, State, Status
 from dht.core.wire import ResultArray, U64Array
 from dht.store.table import RECORD_FIELDS, FamilyTable, U8Array
 
+# Batches of at most this many keys read their rows key by key in pure Python.
+SMALL_BATCH = 4
+
 
 class FamilyBatch:
     """One family's share of one mutating call: existing rows read up front, new and
@@ -26,21 +29,33 @@ class FamilyBatch:
         self.hashes = hashes
         self.compact = compact
         self.protocols: list[int] = compact[:, 0].tolist()
-        rows = table.find(hashes, self.compact)
-        present = rows >= 0
-        self.stored: list[Record | None] = [None] * len(rows)
-        for j, rec in zip(
-            np.flatnonzero(present).tolist(), table.records(rows[present]), strict=True
-        ):
-            self.stored[j] = rec
-        self.rows: list[int] = rows.tolist()
+        self.stored: list[Record | None]
+        self.rows: list[int]
+        if len(hashes) <= SMALL_BATCH:
+            # Key by key in pure Python: the vectorised probe costs tens of numpy calls.
+            self.rows = [
+                table.find_one(h, c.tobytes())
+                for h, c in zip(hashes.tolist(), self.compact, strict=True)
+            ]
+            self.stored = [table.record_at(r) if r >= 0 else None for r in self.rows]
+            distinct = len(set(hashes.tolist()))
+        else:
+            rows = table.find(hashes, self.compact)
+            present = rows >= 0
+            self.stored = [None] * len(rows)
+            for j, rec in zip(
+                np.flatnonzero(present).tolist(), table.records(rows[present]), strict=True
+            ):
+                self.stored[j] = rec
+            self.rows = rows.tolist()
+            distinct = len(np.unique(hashes))
         self.prefixes = table.prefixes(self.compact)
         # Only a batch with a repeated hash can create a key and then meet it again.
-        self.fresh: dict[bytes, int] | None = {} if len(np.unique(hashes)) < len(hashes) else None
+        self.fresh: dict[bytes, int] | None = {} if distinct < len(hashes) else None
         self.new_rows: list[int] = []
         self.new_at: list[int] = []
         self.pending: dict[int, Record] = {}
-        table.reserve(len(rows))
+        table.reserve(len(self.rows))
 
     def existing(self, j: int) -> tuple[int, Record | None]:
         row = self.rows[j]

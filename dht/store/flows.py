@@ -50,7 +50,7 @@ from dht.store.batch import Answers, FamilyBatch
 from dht.store.digests import DigestCache
 from dht.store.merge import MergeStats, entry_copies, merge_copies
 from dht.store.quota import PrefixQuota
-from dht.store.table import EMPTY, MAPPED_KEY_PREFIX, RECORD_FIELDS, STATES, family_tables, split
+from dht.store.table import RECORD_FIELDS, STATES, family_tables, locate, split
 
 __all__ = ["FlowStore", "MergeStats"]
 
@@ -154,26 +154,12 @@ class FlowStore:
     def _find_one(self, key: bytes, key_hash: int) -> tuple[int, ...] | None:
         """The stored row of one key (birth, expiry, generation, owner, server, birth
         PoP, state), probing the index in pure Python; None when none is stored."""
-        if key[2:14] == MAPPED_KEY_PREFIX:
-            t = self._tables[0]
-            compact = key[1:2] + key[14:20] + key[32:38]
-        else:
-            t = self._tables[1]
-            compact = key[1:38]
-        index = t.index
-        mask = len(index) - 1
-        pos = key_hash & mask
-        entries = t.entries
-        for _ in range(len(index)):  # bounded: the index always has EMPTY slots
-            row = int(index[pos])
-            if row == EMPTY:
-                return None
-            if row >= 0:
-                h, birth, expiry, gen, owner, server, birth_pop, state, k = entries[row].item()
-                if h == key_hash and k == compact:
-                    return birth, expiry, gen, owner, server, birth_pop, state
-            pos = (pos + 1) & mask
-        return None
+        t, compact = locate(self._tables, key)
+        row = t.find_one(key_hash, compact)
+        if row < 0:
+            return None
+        _, birth, expiry, gen, owner, server, birth_pop, state, _ = t.entries[row].item()
+        return birth, expiry, gen, owner, server, birth_pop, state
 
     def get(self, key: bytes, now_ms: int | None = None) -> Record | None:
         """The stored copy of one 40-byte key, tombstones and expired copies included;

@@ -3,7 +3,10 @@
 Replication (copies from replicas, hints, anti-entropy, refill) goes through
 ``FlowStore.merge_in``/``merge_entries``, vectorised: the merge rule runs on columns for
 the first copy of each key in a batch (~0.4 ms per 1000 copies at 1M records); only the
-later copies of a key repeated in the batch are merged one by one. A copy is *dead* once
+later copies of a key repeated in the batch are merged one by one. A batch of at most
+``SMALL_MERGE`` copies (a replica's copy of one client call, a PoP link's shipment of a
+quiet moment) goes copy by copy in pure Python instead: the vectorised pass costs about a
+hundred numpy calls whatever the batch size. A copy is *dead* once
 expired for ``tombstone_extra_ms`` (the maximum clock offset): merge-in skips dead copies
 and replaces, rather than merges with, a dead stored one; purge removes only dead ones.
 """
@@ -11,6 +14,7 @@ and replaces, rather than merges with, a dead stored one; purge removes only dea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +30,12 @@ from dht.store.table import (
     FamilyTable,
     I64Array,
     U8Array,
+    locate,
     split,
 )
+
+# Batches of at most this many copies are merged copy by copy (module doc).
+SMALL_MERGE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +93,10 @@ def merge_copies(
     held yet get a row, the rest are refused (counted, not stored).
 
     Vectorised: the first copy of each key is merged in one pass; only later copies of
-    a key repeated in the batch are merged one by one."""
+    a key repeated in the batch are merged one by one. At most ``SMALL_MERGE`` copies:
+    copy by copy (:func:`_merge_few`), the same outcome."""
+    if len(keys) <= SMALL_MERGE:
+        return _merge_few(tables, keys, hashes, recs, dead_before=dead_before, room=room)
     expiry = recs["expiry_ms"].astype(np.int64)
     keep = np.flatnonzero(expiry > dead_before)
     if len(keep) < len(keys):
@@ -226,3 +237,45 @@ def entry_copies(
     if hashes is None:
         hashes = wire.key_hashes(keys.tobytes())
     return keys, hashes, recs
+
+
+def _merge_few(
+    tables: tuple[FamilyTable, FamilyTable],
+    keys: KeyArray,
+    hashes: U64Array,
+    recs: ResultArray,
+    *,
+    dead_before: int,
+    room: int,
+) -> MergeStats:
+    """:func:`merge_copies` copy by copy, in call order, in pure Python (a few copies)."""
+    cols = [recs[f].tolist() for f in RECORD_FIELDS]
+    raw = np.ascontiguousarray(keys).tobytes()
+    size = wire.KEY_SIZE
+    applied = refused = refused_embryonic = 0
+    for i, (h, (op, os, st, bh, bp, g, ex)) in enumerate(
+        zip(hashes.tolist(), zip(*cols, strict=True), strict=True)
+    ):
+        key = raw[i * size : (i + 1) * size]
+        if ex <= dead_before:
+            continue
+        rec = Record(op, os, STATES[st], bh, bp, g, ex)
+        t, compact = locate(tables, key)
+        row = t.find_one(h, compact)
+        if row < 0:
+            if room <= 0:
+                refused += 1
+                refused_embryonic += rec.state == State.EMBRYONIC
+                continue
+            room -= 1
+            t.add_one(h, compact, rec)
+            t.count_state(State.NONE, rec.state, partial(t.prefix_one, compact))
+            applied += 1
+            continue
+        old = t.record_at(row)
+        new = rec if old.expiry_ms <= dead_before else merge(old, rec)
+        if new != old:
+            t.write_one(row, new)
+            t.count_state(old.state, new.state, partial(t.prefix_one, compact))
+            applied += 1
+    return MergeStats(applied=applied, refused=refused, refused_embryonic=refused_embryonic)

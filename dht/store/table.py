@@ -209,6 +209,54 @@ class FamilyTable:
             round_ += 1
         return found
 
+    def find_one(self, key_hash: int, compact: bytes) -> int:
+        """:meth:`find` of one key (``compact``: its compact bytes), probing the index in
+        pure Python: a vectorised probe costs tens of numpy calls whatever the batch size.
+        The row, or -1."""
+        index = self.index
+        mask = len(index) - 1
+        pos = key_hash & mask
+        hash_col, key_col = self.entries["hash"], self.entries["key"]
+        for _ in range(len(index)):  # bounded: the index always has EMPTY slots
+            row = int(index[pos])
+            if row == EMPTY:
+                return -1
+            if row >= 0 and int(hash_col[row]) == key_hash and key_col[row].tobytes() == compact:
+                return row
+            pos = (pos + 1) & mask
+        return -1
+
+    def record_at(self, row: int) -> Record:
+        _, birth, expiry, gen, owner, server, birth_pop, state, _ = self.entries[row].item()
+        return Record(owner, server, STATES[state], birth, birth_pop, gen, expiry)
+
+    def write_one(self, row: int, rec: Record) -> None:
+        """:meth:`write` of one record; ``row`` is held (see :meth:`add_one`)."""
+        self._changed(self.written, np.array([row], dtype=np.int64))
+        e = self.entries
+        h, _, _, _, _, _, _, _, key = e[row].item()
+        e[row] = (
+            h, rec.birth_hlc, rec.expiry_ms, rec.generation, rec.owner_pop,
+            rec.owner_server, rec.birth_pop, int(rec.state), key,
+        )  # fmt: skip
+
+    def add_one(self, key_hash: int, compact: bytes, rec: Record) -> int:
+        """A new row for one key not held (its bookkeeping is the caller's)."""
+        self.reserve(1)
+        row = self.alloc()
+        self.entries[row] = (
+            key_hash, rec.birth_hlc, rec.expiry_ms, rec.generation, rec.owner_pop,
+            rec.owner_server, rec.birth_pop, int(rec.state), compact,
+        )  # fmt: skip
+        self._changed(self.written, np.array([row], dtype=np.int64))
+        self.index_add(np.array([row], dtype=np.int64), np.array([key_hash], dtype=np.uint64))
+        return row
+
+    def prefix_one(self, compact: bytes) -> bytes:
+        """:meth:`prefixes` of one compact key."""
+        addr = compact[1 : 1 + self.addr_len]
+        return bytes(a & m for a, m in zip(addr, self.prefix.tobytes(), strict=True))
+
     def gather(self, rows: I64Array) -> npt.NDArray[np.void]:
         return self.entries.view(self.row_void)[rows].view(self.dtype)
 
@@ -461,3 +509,11 @@ def split(
         else:
             at = np.flatnonzero(sel)
             yield table, at, table.compact(raw[at]), hashes[at]
+
+
+def locate(tables: tuple[FamilyTable, FamilyTable], key: bytes) -> tuple[FamilyTable, bytes]:
+    """The family table of one canonical 40-byte key and its compact bytes (what
+    :func:`split` does for a batch)."""
+    if key[2:14] == MAPPED_KEY_PREFIX:
+        return tables[0], key[1:2] + key[14:20] + key[32:38]
+    return tables[1], key[1:38]

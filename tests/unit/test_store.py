@@ -39,6 +39,7 @@ from dht.core.record import (
 )
 from dht.core.wire import EntryArray, KeyArray, ResultArray, U64Array
 from dht.store.flows import FlowStore, MergeStats
+from dht.store.merge import SMALL_MERGE
 from dht.store.quota import PrefixQuota
 
 T0 = 1_700_000_000_000
@@ -697,18 +698,26 @@ def _random_record(rng: np.random.Generator, now: int) -> Record:
     )
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_vectorised_merge_in_matches_copy_by_copy(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "most", "rounds", "pool_size"),
+    # Batches of up to 400 copies (the vectorised pass), and of at most SMALL_MERGE
+    # (copy by copy in pure Python, merge._merge_few) over a pool small enough that the
+    # hard ceiling and repeated keys come up there too.
+    [*((s, 400, 12, 300) for s in range(4)), *((s, SMALL_MERGE, 400, 40) for s in range(4))],
+)
+def test_vectorised_merge_in_matches_copy_by_copy(
+    seed: int, most: int, rounds: int, pool_size: int
+) -> None:
     rng = np.random.default_rng(seed)
-    raw = random_keys(rng, 300)
+    raw = random_keys(rng, pool_size)
     pool = [raw[i : i + 40] for i in range(0, len(raw), 40)]
-    hard = 250
+    hard = pool_size * 5 // 6
     env = Env(StoreLimits(max_records=hard, hard_max_records=hard))
     model: dict[bytes, Record] = {}
-    for _ in range(12):
+    for _ in range(rounds):
         env.now += int(rng.integers(0, 2 * GRACE))
         # Few distinct keys per batch, so most batches repeat keys several times.
-        picked = rng.choice(len(pool), int(rng.integers(1, 400)))
+        picked = rng.choice(len(pool), int(rng.integers(1, most + 1)))
         picked = picked % int(rng.integers(1, len(pool) + 1))
         batch = [(pool[i], _random_record(rng, env.now)) for i in picked]
         k, h = packed(b"".join(r for r, _ in batch))
