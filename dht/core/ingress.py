@@ -142,6 +142,8 @@ def check_entries(
         return Checked(code == 0, {})
 
     def fail(reason: str, rows: npt.NDArray[np.intp], bad: BoolArray) -> None:
+        if not bad.any():
+            return
         hit = rows[bad]
         hit = hit[code[hit] == 0]
         code[hit] = _CODE[reason]

@@ -431,8 +431,8 @@ class Node:
         self.replica.check_partitions(parts)
         return parts
 
-    def merge_entries(self, entries: EntryArray) -> MergeResult:
-        return self.replica.merge_entries(entries)
+    def merge_entries(self, entries: EntryArray, checked: bool = False) -> MergeResult:
+        return (self.replica.merge_checked if checked else self.replica.merge_entries)(entries)
 
     def check_entries(self, entries: EntryArray) -> Checked:
         """The ingress checks of copies from the network, counted (dht.core.ingress)."""

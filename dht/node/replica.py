@@ -153,12 +153,12 @@ class Replica:
             return MergeResult()
         checked = self.check(entries)
         if checked.all_ok:
-            return self._merge(entries)
-        merged = self._merge(entries[checked.ok])
+            return self.merge_checked(entries)
+        merged = self.merge_checked(entries[checked.ok])
         return replace(merged, refused=merged.refused + checked.n_refused)
 
-    def _merge(self, entries: EntryArray) -> MergeResult:
-        """Apply copies already checked."""
+    def merge_checked(self, entries: EntryArray) -> MergeResult:
+        """Apply copies that passed :meth:`check` already."""
         if len(entries) == 0:
             return MergeResult()
         now = self.clock.wall_ms()
@@ -310,7 +310,7 @@ class Replica:
         fenced, by = self.terms.fence(parts, terms)
         if fenced.size:
             return MergeResult(fenced=fenced, fenced_by=by, fenced_by_floor=by == self.terms.floor)
-        merged = self._merge(entries)
+        merged = self.merge_checked(entries)
         lost = self._superseded(entries, hashes)
         if lost.size:
             lost = self._in_place_of_failed(entries, hashes, terms, lost)

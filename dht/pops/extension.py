@@ -348,7 +348,8 @@ class Pops:
 
     async def _apply(self, entries: EntryArray) -> tuple[npt.NDArray[np.bool_], int]:
         """Merge ``entries`` into every replica of their partitions in this PoP; per entry,
-        whether the write quorum holds it, and the copies that changed a record here."""
+        whether the write quorum holds it, and the copies that changed a record here.
+        ``entries`` passed the ingress checks (:meth:`receive`)."""
         node = self.node
         view = node.view
         table = node.table
@@ -363,7 +364,8 @@ class Pops:
         for member in np.unique(reps).tolist():
             idx = np.flatnonzero((reps == member).any(axis=1))
             if member == node.self_index:
-                applied += node.merge_entries(entries[idx]).applied
+                # receive() ran the ingress checks on them: not twice.
+                applied += node.merge_entries(entries[idx], checked=True).applied
                 counts[idx] += 1
             else:
                 calls.append(self._replicate_to(table.members[member], entries, idx, counts))
