@@ -29,7 +29,7 @@ The checks, per entry:
 Also the bounds on terms (:func:`term_bound`): a term is an HLC stamp (plus one per
 take-over), so one further ahead than the clock offset allows is refused.
 
-Pure: numpy only, time is an argument.
+Pure: time is an argument.
 """
 
 from __future__ import annotations
@@ -42,13 +42,19 @@ import numpy as np
 import numpy.typing as npt
 
 from dht.core.config import NodeConfig
+from dht.core.errors import InvalidArgument
 from dht.core.record import State, Status, hlc_pack
 from dht.core.wire import (
+    ENTRY_DTYPE,
+    ENTRY_SIZE,
+    KEY_SIZE,
     KIND_AFFINITY,
     KIND_FLOW,
+    RESULT_STRUCT,
     BoolArray,
     EntryArray,
     affinity_key_faults,
+    check_key,
     key_faults,
 )
 
@@ -130,12 +136,73 @@ class Checked:
         return sum(self.refused.values())
 
 
+# Batches of at most this many entries try the scalar checks first (:func:`_all_ok`).
+SMALL_BATCH = 4
+
+
 def check_entries(
     entries: EntryArray, bounds: Bounds, now_ms: int, *, records_optional: bool = False
 ) -> Checked:
     """Check wire.ENTRY_DTYPE rows (see the module docstring). ``records_optional``: a
     row whose status is not OK carries no record (an undo's "before" of a key that was
-    not held) and only its key is checked."""
+    not held) and only its key is checked.
+
+    A batch of at most :data:`SMALL_BATCH` entries (a replica's copy of one client call,
+    a quiet moment's shipment) is first checked entry by entry in pure Python, at a
+    fraction of the column checks' fixed cost; any entry that fails there sends the
+    batch to the column checks, which name the reasons."""
+    # astype: the wire layout (big-endian) even if numpy made the rows native-order
+    # (np.concatenate of structured rows does); a no-op otherwise.
+    if 0 < len(entries) <= SMALL_BATCH and _all_ok(
+        entries.astype(ENTRY_DTYPE, copy=False).tobytes(), bounds, now_ms, records_optional
+    ):
+        return Checked(np.ones(len(entries), dtype=np.bool_), {})
+    return check_columns(entries, bounds, now_ms, records_optional=records_optional)
+
+
+def _all_ok(raw: bytes, bounds: Bounds, now_ms: int, records_optional: bool) -> bool:
+    """Does every entry of ``raw`` (packed wire.ENTRY_DTYPE rows) pass every check of
+    :func:`check_columns`? The same checks, one entry at a time."""
+    ahead_ms = now_ms + bounds.max_clock_offset_ms
+    far = max(0, ahead_ms + bounds.longest_ms)
+    pops = bounds.pops
+    for at in range(0, len(raw), ENTRY_SIZE):
+        key = raw[at : at + KEY_SIZE]
+        kind = key[0]
+        if kind == KIND_FLOW:
+            try:
+                check_key(key, 0, KIND_FLOW)
+            except InvalidArgument:
+                return False
+        elif kind == KIND_AFFINITY:
+            # affinity_key_faults: the prefix in caddr, every other field zero.
+            if key[1] != 0 or key[18:20] != b"\0\0" or any(key[20:40]):
+                return False
+        else:
+            return False
+        status, state, owner, _, birth_pop, gen, _, _, birth_hlc, expiry = (
+            RESULT_STRUCT.unpack_from(raw, at + KEY_SIZE)
+        )
+        if records_optional and status != Status.OK:
+            continue
+        is_flow = kind == KIND_FLOW
+        if state > State.RELEASED or (is_flow and state < State.EMBRYONIC):
+            return False
+        if owner not in pops or birth_pop not in pops:
+            return False
+        if gen > MAX_GENERATION or (is_flow and gen == 0):
+            return False
+        birth = birth_hlc >> 16
+        oldest = now_ms - (MAX_FLOW_AGE_MS if is_flow else bounds.longest_ms + ahead_ms - now_ms)
+        if birth > ahead_ms or birth < oldest or expiry > far:
+            return False
+    return True
+
+
+def check_columns(
+    entries: EntryArray, bounds: Bounds, now_ms: int, *, records_optional: bool = False
+) -> Checked:
+    """:func:`check_entries` on columns, for any batch size."""
     n = len(entries)
     code = np.zeros(n, dtype=np.uint8)
     if n == 0:

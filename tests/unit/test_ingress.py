@@ -15,7 +15,10 @@ from dht.core.ingress import (
     MAX_FLOW_AGE_MS,
     MAX_GENERATION,
     REASONS,
+    SMALL_BATCH,
     Bounds,
+    _all_ok,
+    check_columns,
     check_entries,
     term_bound,
 )
@@ -246,3 +249,58 @@ def test_key_checks_agree_with_decode_keys(raw: bytes) -> None:
         assert key_ok == api_ok
     else:
         assert not api_ok
+
+
+# Field values at and around every bound the checks draw (NOW, BOUNDS), and anywhere.
+_AHEAD = NOW + 500
+_FAR = _AHEAD + BOUNDS.longest_ms
+_EDGES = {
+    "status": st.sampled_from([Status.NOT_FOUND, 255]),
+    "state": st.integers(0, 5),
+    "owner_pop": st.sampled_from([0, 3, 4, 65535]),
+    "birth_pop": st.sampled_from([0, 3, 4]),
+    "generation": st.sampled_from([0, MAX_GENERATION, MAX_GENERATION + 1, 2**32 - 1]),
+    "birth_hlc": st.one_of(
+        st.sampled_from(
+            [
+                NOW - MAX_FLOW_AGE_MS - 1,
+                NOW - MAX_FLOW_AGE_MS,
+                NOW - BOUNDS.longest_ms - 501,
+                NOW - BOUNDS.longest_ms - 500,
+                _AHEAD,
+                _AHEAD + 1,
+            ]
+        ).map(lambda ms: hlc_pack(ms, 7)),
+        st.integers(0, 2**64 - 1),
+    ),
+    "expiry_ms": st.one_of(st.sampled_from([0, _FAR, _FAR + 1]), st.integers(0, 2**64 - 1)),
+}
+
+
+@st.composite
+def _entries(draw: st.DrawFn) -> np.ndarray:
+    """A good flow or affinity entry with at most two things changed: record fields set
+    to edge values, or one key byte (so most entries are good or a check or two away)."""
+    make = flow_entry if draw(st.booleans()) else affinity_entry
+    changes = draw(st.lists(st.sampled_from(["key", *_EDGES]), max_size=2, unique=True))
+    e = make(**{f: draw(_EDGES[f]) for f in changes if f != "key"})
+    if "key" in changes:
+        raw = bytearray(e.tobytes())
+        raw[draw(st.integers(0, 39))] = draw(st.sampled_from([0, 1, 2, 6, 17, 0xFF]))
+        e = np.frombuffer(bytes(raw), dtype=ENTRY_DTYPE).copy()
+    return e
+
+
+@settings(max_examples=400, deadline=None)
+@given(entries=st.lists(_entries(), min_size=1, max_size=SMALL_BATCH), optional=st.booleans())
+def test_the_scalar_checks_accept_exactly_what_the_column_checks_accept(
+    entries: list[np.ndarray], optional: bool
+) -> None:
+    """A batch of a few entries is accepted by the scalar checks only if the column
+    checks accept all of it (anything else goes to the column checks, which name it)."""
+    e = np.concatenate(entries)
+    columns = check_columns(e, BOUNDS, NOW, records_optional=optional)
+    raw = e.astype(ENTRY_DTYPE).tobytes()  # np.concatenate made the rows native-order
+    assert _all_ok(raw, BOUNDS, NOW, optional) == columns.all_ok
+    got = check_entries(e, BOUNDS, NOW, records_optional=optional)
+    assert (got.ok.tolist(), got.refused) == (columns.ok.tolist(), columns.refused)
