@@ -96,7 +96,7 @@ def merge_copies(
     a key repeated in the batch are merged one by one. At most ``SMALL_MERGE`` copies:
     copy by copy (:func:`_merge_few`), the same outcome."""
     if len(keys) <= SMALL_MERGE:
-        return _merge_few(tables, keys, hashes, recs, dead_before=dead_before, room=room)
+        return _merge_few(tables, keys, hashes, recs, dead_before, room)
     expiry = recs["expiry_ms"].astype(np.int64)
     keep = np.flatnonzero(expiry > dead_before)
     if len(keep) < len(keys):
@@ -240,15 +240,10 @@ def entry_copies(
 
 
 def _merge_few(
-    tables: tuple[FamilyTable, FamilyTable],
-    keys: KeyArray,
-    hashes: U64Array,
-    recs: ResultArray,
-    *,
-    dead_before: int,
-    room: int,
-) -> MergeStats:
-    """:func:`merge_copies` copy by copy, in call order, in pure Python (a few copies)."""
+    tables: tuple[FamilyTable, FamilyTable], keys: KeyArray, hashes: U64Array, recs: ResultArray,
+    dead_before: int, room: int,
+) -> MergeStats:  # fmt: skip
+    """:func:`merge_copies` (same arguments) copy by copy, in call order, in pure Python."""
     cols = [recs[f].tolist() for f in RECORD_FIELDS]
     raw = np.ascontiguousarray(keys).tobytes()
     size = wire.KEY_SIZE
